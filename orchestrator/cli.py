@@ -1,0 +1,230 @@
+"""The `kdflow` command: validate, run, cache, models, promote, submit, jobs.
+
+Results go to stdout (one JSON object with --json); everything else, Ray's and MLflow's chatter
+included, goes to stderr. A user mistake exits 2 with one message naming the key or resource.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from orchestrator.errors import UserError
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[Any]:
+    """While work runs, fd 1 points at stderr (libraries and Ray workers print); results use the saved fd."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(os.dup(saved), "w")
+    try:
+        yield out
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        out.flush()
+
+
+def emit(out: Any, result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        out.write(json.dumps(result, default=str) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kdflow: {result.get('workflow', '')}", show_header=False)
+    for section in ("teacher", "soft_targets", "search", "student", "registry", "mlflow"):
+        value = result.get(section)
+        if value:
+            table.add_row(section, json.dumps({k: v for k, v in value.items() if k not in ("gates", "trials")},
+                                              default=str))
+    Console(file=out, soft_wrap=True).print(table)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.spec import load_workflow
+
+    spec = load_workflow(args.file, args.set)
+    print(f"{args.file}: valid workflow {spec.name!r}"
+          + (f", search over {len(spec.search.space)} key(s), {spec.search.trials} trials" if spec.search else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.spec import load_workflow
+
+    spec = load_workflow(args.file, args.set)
+    with stdout_to_stderr() as out:
+        from orchestrator.pipeline import run_workflow
+
+        result = run_workflow(spec)
+        emit(out, result, args.json)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from orchestrator.spec import load_workflow
+    from orchestrator.stages import storage_for
+    from tasks.soft_targets import SoftTargetStore
+    from tasks.storage import Storage
+
+    storage = storage_for(load_workflow(args.workflow)) if args.workflow else Storage(args.root)
+    store = SoftTargetStore(storage)
+    if args.action == "list":
+        entries = store.entries()
+        if args.json:
+            print(json.dumps(entries))
+        for e in entries if not args.json else []:
+            print(f"{e['key']}  {'complete' if e['complete'] else 'INCOMPLETE'}  {e.get('format', '-')}/"
+                  f"{e.get('dtype', '-')}  rows {e.get('rows', '-')}  bytes {e.get('bytes', '-')}  {e['uri']}")
+        return 0
+    if not args.key:
+        raise UserError(f"cache {args.action} needs a KEY (see `kdflow cache list`)")
+    if args.action == "show":
+        m = store.manifest(args.key)
+        if m is None:
+            raise UserError("no complete soft-target entry with this key", where=store.uri(args.key))
+        print(json.dumps(m, indent=1))
+        return 0
+    if not store.remove(args.key):
+        raise UserError("no soft-target entry with this key", where=store.uri(args.key))
+    print(f"removed {store.uri(args.key)}")
+    return 0
+
+
+def _client(uri: str | None) -> Any:
+    import mlflow
+    from mlflow import MlflowClient
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    return MlflowClient()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    client = _client(args.tracking_uri)
+    if args.action == "list":
+        for m in client.search_registered_models():
+            aliases = " ".join(f"@{a}=v{v}" for a, v in (m.aliases or {}).items())
+            latest = max((int(v.version) for v in m.latest_versions), default=0)
+            print(f"{m.name}  latest v{latest}  {aliases}")
+        return 0
+    if not args.name:
+        raise UserError("models show needs a NAME")
+    versions = client.search_model_versions(f"name='{args.name}'")
+    if not versions:
+        raise UserError("no such registered model", where=args.name)
+    rows = [{"version": int(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
+             "tags": dict(v.tags)} for v in sorted(versions, key=lambda v: int(v.version))]
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    import mlflow
+
+    client = _client(args.tracking_uri)
+    try:
+        client.get_model_version(args.name, str(args.version))
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no version {args.version}", where=args.name) from None
+    client.set_registered_model_alias(args.name, args.alias, str(args.version))
+    print(f"{args.name}@{args.alias} -> v{args.version}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.jobs import submit
+
+    return submit(args)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from orchestrator.jobs import jobs
+
+    return jobs(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdflow", description="Knowledge distillation workflows on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_sets(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("file", help="workflow YAML")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a workflow key (value parsed as YAML), e.g. distill.temperature=8")
+
+    sp = sub.add_parser("validate", help="check a workflow without running it")
+    with_sets(sp)
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("run", help="run a workflow here (local Ray, or the cluster in RAY_ADDRESS)")
+    with_sets(sp)
+    sp.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("cache", help="list, show or remove stored soft targets")
+    sp.add_argument("action", choices=["list", "show", "rm"])
+    sp.add_argument("key", nargs="?")
+    sp.add_argument("--root", default=".kdflow", help="storage root (default .kdflow)")
+    sp.add_argument("--workflow", help="take the storage root (and S3 options) from this workflow")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_cache)
+
+    sp = sub.add_parser("models", help="registered models (MLflow registry)")
+    sp.add_argument("action", choices=["list", "show"])
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--tracking-uri", default=None)
+    sp.set_defaults(fn=cmd_models)
+
+    sp = sub.add_parser("promote", help="point an alias at a registered model version")
+    sp.add_argument("name")
+    sp.add_argument("--version", type=int, required=True)
+    sp.add_argument("--alias", default="champion")
+    sp.add_argument("--tracking-uri", default=None)
+    sp.set_defaults(fn=cmd_promote)
+
+    sp = sub.add_parser("submit", help="submit a workflow to a Ray cluster (Ray Jobs API)")
+    with_sets(sp)
+    sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
+    sp.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's status")
+    sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
+    sp.add_argument("action", choices=["list", "status", "logs", "stop"])
+    sp.add_argument("job_id", nargs="?")
+    sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
+    sp.set_defaults(fn=cmd_jobs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except UserError as exc:
+        print(f"kdflow: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kdflow: interrupted; finished shards, checkpoints and trials are kept: rerun to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from orchestrator.stages import StageFailed
+
+        if isinstance(exc, StageFailed):
+            print(f"kdflow: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Runs a workflow's stages in order inside one MLflow run and builds the result object of DESIGN.md."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from orchestrator import progress, stages, tracking
+from orchestrator.registry import log_student, register
+from orchestrator.spec import Workflow
+from orchestrator.runtime import ensure_ray
+from tasks.models import num_params
+
+
+def flat_params(spec: Workflow) -> dict[str, str]:
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node and not prefix.endswith("params"):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(node)[:500]
+
+    walk("", spec.model_dump(mode="json", exclude={"search"}))
+    return out
+
+
+def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
+    import mlflow
+
+    for h in history:
+        step = int(h["epoch"])
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in h.items() if k != "epoch"}, step=step)
+
+
+def run_workflow(spec: Workflow) -> dict[str, Any]:
+    import mlflow
+
+    t_start = time.perf_counter()
+    storage = stages.storage_for(spec)
+    storage.check()
+    uri = tracking.connect(spec, storage)
+    with progress.stage("ray", "starting or joining"):
+        ensure_ray()
+
+    data = stages.load_data(spec, storage)
+    with mlflow.start_run(run_name=spec.name) as run:
+        mlflow.log_params(flat_params(spec))
+        mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.data_fingerprint": data.fingerprint})
+        teachers = stages.load_teachers(spec, data, storage)
+        for i, t in enumerate(teachers):
+            log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")
+        manifest = stages.soft_targets(spec, data, teachers, storage)
+        mlflow.log_params({"soft_targets.key": manifest["key"]})
+
+        search_summary = None
+        chosen = spec
+        if spec.search is not None:
+            from orchestrator.search import run_search
+
+            outcome = run_search(spec, manifest, storage)
+            search_summary, chosen, fit_result = outcome.summary, outcome.spec, outcome.result
+        else:
+            with progress.stage("student", f"{spec.student.model} {spec.student.params}, "
+                                           f"{spec.train.workers} worker(s)"):
+                fit_result = stages.train_student(spec, manifest, storage, run_name=f"student-{run.info.run_id}")
+        log_history(fit_result.history)
+
+        with progress.stage("evaluate", "test split"):
+            model = stages.student_model(chosen, manifest, fit_result)
+            student = stages.evaluate_test(model, manifest, storage)
+            teacher_acc = stages.teacher_test_accuracy(manifest, storage)
+            student["retention"] = student["test_accuracy"] / teacher_acc if teacher_acc else 0.0
+            student["samples_per_s"] = fit_result.samples_per_s
+            student["epochs"] = len(fit_result.history)
+            student["stop_reason"] = fit_result.stop_reason
+            student["resumed_from"] = fit_result.resumed_from
+            teacher = {"test_accuracy": teacher_acc, "num_params": sum(num_params(t.model) for t in teachers),
+                       "trained": any(t.trained for t in teachers), "count": len(teachers)}
+            mlflow.log_metrics({"test_accuracy": student["test_accuracy"], "retention": student["retention"],
+                                "teacher_test_accuracy": teacher_acc, "num_params": student["num_params"],
+                                "latency_ms": student["latency_ms"],
+                                "teacher_agreement": student["teacher_agreement"]})
+            progress.info(f"  teacher {teacher_acc:.4f}, student {student['test_accuracy']:.4f} "
+                          f"(retention {student['retention']:.3f}, {student['num_params']} params)")
+
+        with progress.stage("register", spec.registered_model):
+            model_uri = log_student(model, np.asarray(manifest["mean"], np.float32),
+                                    np.asarray(manifest["std"], np.float32))
+            lineage = {"kdflow.workflow": spec.name, "kdflow.soft_targets.key": manifest["key"],
+                       "kdflow.soft_targets.uri": stages.SoftTargetStore(storage).uri(manifest["key"]),
+                       "kdflow.data_fingerprint": manifest["data_fingerprint"],
+                       "kdflow.teachers": ",".join(t.digest[:16] for t in teachers),
+                       "kdflow.student": f"{chosen.student.model} {chosen.student.params}",
+                       "kdflow.distill": f"{chosen.distill.loss} T={chosen.distill.temperature} "
+                                         f"alpha={chosen.distill.alpha}"}
+            if search_summary:
+                lineage["kdflow.search.study"] = search_summary["study"]
+                lineage["kdflow.search.trial"] = str(search_summary["best_trial"])
+            registry = register(chosen, model_uri, run.info.run_id, student, manifest, storage, lineage)
+
+    return {
+        "workflow": spec.name,
+        "status": "succeeded",
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "teacher": teacher,
+        "soft_targets": {"uri": stages.SoftTargetStore(storage).uri(manifest["key"]), "cache_key": manifest["key"],
+                         "reused": manifest["reused"], "computed_shards": manifest["computed_shards"],
+                         "teacher_forward_rows": manifest["forward_rows"], "rows": manifest["rows"],
+                         "bytes": manifest["bytes"], "format": manifest["format"], "dtype": manifest["dtype"]},
+        "search": search_summary,
+        "student": student,
+        "registry": registry,
+        "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run.info.run_id},
+    }

@@ -1,0 +1,27 @@
+"""Progress on stderr: stages with their timings, shards, trials. Results never go here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def info(msg: str) -> None:
+    console.print(msg)
+
+
+@contextmanager
+def stage(name: str, detail: str = "") -> Iterator[None]:
+    t0 = time.perf_counter()
+    console.print(f"[bold cyan]▶ {name}[/]" + (f" [dim]{detail}[/]" if detail else ""))
+    try:
+        yield
+    except BaseException:
+        console.print(f"[bold red]✗ {name}[/] after {time.perf_counter() - t0:.1f}s")
+        raise
+    console.print(f"[green]✓ {name}[/] [dim]{time.perf_counter() - t0:.1f}s[/]")

@@ -1,0 +1,392 @@
+"""The workflow spec: pydantic models for every key of the workflow YAML, and how a file becomes one.
+
+Every model forbids unknown keys, so a typo is an error that names its YAML path, never a silent default.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class S3Options(Strict):
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+class StorageSpec(Strict):
+    root: str = ".kdflow"
+    s3: S3Options | None = None
+
+
+class TrackingSpec(Strict):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class SplitSpec(Strict):
+    val: float = Field(0.15, ge=0.0, lt=1.0)
+    test: float = Field(0.15, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> SplitSpec:
+        if self.val + self.test >= 0.9:
+            raise ValueError("val + test must leave at least 10% of the rows for training")
+        return self
+
+
+class DataSpec(Strict):
+    source: str = "sklearn:digits"
+    features: list[str] | str | None = None
+    label: str = "label"
+    split: SplitSpec = SplitSpec()
+    transfer: int | str | None = None
+    limit: int | None = Field(None, ge=10, description="use only the first N rows (quick tries)")
+
+    @field_validator("transfer")
+    @classmethod
+    def _positive_rows(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a transfer row count must be >= 1")
+        return v
+
+
+class TeacherTrainSpec(Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ModelSpec(Strict):
+    model: str = "mlp"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherSpec(ModelSpec):
+    train: TeacherTrainSpec = TeacherTrainSpec()
+    checkpoint: str | None = None
+
+
+class SoftTargetSpec(Strict):
+    shards: int = Field(4, ge=1)
+    format: Literal["logits", "topk"] = "logits"
+    top_k: int | None = Field(None, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    ensemble: Literal["mean_probs", "mean_logits"] = "mean_probs"
+    max_retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _topk_needs_k(self) -> SoftTargetSpec:
+        if self.format == "topk" and self.top_k is None:
+            raise ValueError("format 'topk' needs top_k (the number of classes kept per row)")
+        return self
+
+
+class DistillSpec(Strict):
+    loss: str = "kl"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)
+    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD mixture weight (loss: jsd)")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from tasks.losses import LOSSES
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss {v!r}; known: {', '.join(sorted(LOSSES))}")
+        return v
+
+
+class OptimizerSpec(Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class EarlyStoppingSpec(Strict):
+    metric: str = "val_accuracy"
+    patience: int = Field(5, ge=1)
+    mode: Literal["max", "min"] | None = None
+
+    @property
+    def direction(self) -> str:
+        if self.mode:
+            return self.mode
+        return "min" if "loss" in self.metric else "max"
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_failures: int = Field(0, ge=0)
+    checkpoint_every: int | None = Field(None, ge=1, description="epochs between checkpoints; default by time")
+    checkpoint_interval_s: float = Field(30.0, ge=0)
+    early_stopping: EarlyStoppingSpec | None = None
+
+
+class FloatParam(Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatParam:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+class IntParam(Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntParam:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+class CategoricalParam(Strict):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+SearchParam = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
+
+
+class Objective(Strict):
+    metric: str = "val_accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class SearchSpec(Strict):
+    trials: int = Field(12, ge=1)
+    concurrency: int = Field(1, ge=1)
+    sampler: Literal["tpe", "random", "cmaes", "nsga2"] = "tpe"
+    pruner: Literal["none", "median", "asha", "hyperband"] = "median"
+    storage: str | None = None
+    study: str | None = None
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
+    select: str = "best"
+    space: dict[str, SearchParam] = Field(min_length=1)
+
+    @field_validator("select")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        from orchestrator.selection import parse_select_rule
+
+        parse_select_rule(v)
+        return v
+
+
+GATE_RE = re.compile(r"^\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
+GATE_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+
+
+class Gate(str):
+    """A comparison such as '>= 0.95'."""
+
+    def holds(self, value: float) -> bool:
+        m = GATE_RE.match(self)
+        assert m
+        return GATE_OPS[m.group(1)](value, float(m.group(2)))
+
+
+def _gate(v: Any) -> Gate:
+    if isinstance(v, (int, float)):
+        v = f">= {v}"
+    if not isinstance(v, str) or not GATE_RE.match(v):
+        raise ValueError(f"a gate is a comparison like '>= 0.95' or '<= 20000', got {v!r}")
+    return Gate(v)
+
+
+class GatesSpec(Strict):
+    retention: str | None = None
+    num_params: str | None = None
+    test_accuracy: str | None = None
+    latency_ms: str | None = None
+    beats_alias: str | None = None
+
+    @field_validator("retention", "num_params", "test_accuracy", "latency_ms")
+    @classmethod
+    def _comparison(cls, v: Any) -> Gate | None:
+        return None if v is None else _gate(v)
+
+
+class PromoteSpec(Strict):
+    alias: str = "champion"
+    gates: GatesSpec = GatesSpec()
+
+
+class RegistrySpec(Strict):
+    model: str | None = None
+    promote: PromoteSpec | None = None
+
+
+class Workflow(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    storage: StorageSpec = StorageSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    data: DataSpec = DataSpec()
+    teacher: TeacherSpec | list[TeacherSpec] = TeacherSpec(params={"hidden": [256, 256]})
+    soft_targets: SoftTargetSpec = SoftTargetSpec()
+    student: ModelSpec = ModelSpec(params={"hidden": [32]})
+    distill: DistillSpec = DistillSpec()
+    train: TrainSpec = TrainSpec()
+    search: SearchSpec | None = None
+    registry: RegistrySpec = RegistrySpec()
+
+    @property
+    def teachers(self) -> list[TeacherSpec]:
+        return self.teacher if isinstance(self.teacher, list) else [self.teacher]
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model(self) -> str:
+        return self.registry.model or f"{self.name}-student"
+
+    @model_validator(mode="after")
+    def _search_keys_exist(self) -> Workflow:
+        if self.search is None:
+            return self
+        if isinstance(self.teacher, list) and not self.teacher:
+            raise ValueError("teacher: the list of teachers is empty")
+        base = self.model_dump(mode="json", exclude={"search"})
+        for key, param in self.search.space.items():
+            if key.split(".")[0] in ("search", "name", "storage", "tracking", "registry", "teacher", "data",
+                                     "soft_targets"):
+                raise ValueError(f"search.space.{key}: only student, distill and train keys can be searched "
+                                 "(the teacher and soft targets are computed once per search)")
+            sample = param.choices[0] if isinstance(param, CategoricalParam) else param.low
+            trial = copy.deepcopy(base)
+            try:
+                set_dotted(trial, key, sample, must_exist=not key.startswith("student.params."))
+                Workflow.model_validate(trial)
+            except (KeyError, ValidationError) as exc:
+                raise ValueError(f"search.space.{key}: not a valid workflow key for this value ({_short(exc)})")
+        return self
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+    return str(exc).strip("'\"")
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in str(part) or str(part).endswith("Spec"):
+            continue  # pydantic's names for union members and validators, not YAML keys
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any, must_exist: bool = False) -> None:
+    """Set d['a']['b'] = value for key 'a.b', creating mappings on the way."""
+    parts = key.split(".")
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part) if isinstance(node, dict) else None
+        if nxt is None:
+            if must_exist:
+                raise KeyError(f"no key {'.'.join(parts[: i + 1])}")
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise KeyError(f"{'.'.join(parts[: i + 1])} is not a mapping")
+        node = nxt
+    if must_exist and parts[-1] not in node:
+        raise KeyError(f"no key {key}")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """'--set a.b=VALUE' items, VALUE parsed as YAML ('8' -> 8, '{hidden: [64]}' -> dict, 'null' -> None)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"expected dotted.key=value, got {item!r}", where="--set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"value of {key} is not valid YAML: {exc}", where="--set") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("workflow file not found", where=str(path))
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"not valid YAML: {exc}", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise UserError("a workflow is a YAML mapping (name:, data:, teacher:, ...)", where=str(path))
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "workflow") -> Workflow:
+    """Validate a raw mapping; every problem is reported with its YAML path, all at once."""
+    try:
+        return Workflow.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _loc(err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against workflow-reference.yaml)"
+            lines.append(f"  {loc}: {msg}")
+        raise UserError(f"{source}: invalid workflow\n" + "\n".join(lines)) from None
+
+
+def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:
+    raw = load_raw(path)
+    for key, value in parse_overrides(overrides or []):
+        try:
+            set_dotted(raw, key, value)
+        except KeyError as exc:
+            raise UserError(f"cannot set {key}: {_short(exc)}", where="--set") from None
+    return validate(raw, source=str(path))

@@ -1,0 +1,197 @@
+"""Model families, found by name from the spec, and user factories reached as 'package.module:factory'.
+
+Every family takes (num_features, num_classes, **params) and returns an nn.Module mapping [B, F] float
+features to [B, C] logits. Register your own with `@register_model("name")`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import io
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from orchestrator.errors import UserError
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def _widths(hidden: int | list[int] | None, width: int | None, depth: int | None) -> list[int]:
+    if width is not None or depth is not None:
+        return [int(width or 64)] * int(depth if depth is not None else 1)
+    if hidden is None:
+        return [64]
+    return [int(hidden)] if isinstance(hidden, int) else [int(h) for h in hidden]
+
+
+@register_model("mlp")
+def mlp(num_features: int, num_classes: int, hidden: int | list[int] | None = None, width: int | None = None,
+        depth: int | None = None, dropout: float = 0.0, activation: str = "relu") -> nn.Module:
+    """Fully connected net: `hidden: [256, 256]`, or `width` x `depth`."""
+    act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[activation]
+    layers: list[nn.Module] = []
+    prev = num_features
+    for w in _widths(hidden, width, depth):
+        layers += [nn.Linear(prev, w), act()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        prev = w
+    layers.append(nn.Linear(prev, num_classes))
+    return nn.Sequential(*layers)
+
+
+class CNN1d(nn.Module):
+    def __init__(self, num_features: int, num_classes: int, channels: list[int], kernel_size: int,
+                 stride: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        convs: list[nn.Module] = []
+        prev = 1
+        for c in channels:
+            convs += [nn.Conv1d(prev, c, kernel_size, stride=stride, padding=kernel_size // 2), nn.ReLU()]
+            prev = c
+        self.features = nn.Sequential(*convs)
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, 1, num_features)).numel()
+        head: list[nn.Module] = [nn.Flatten()]
+        if hidden:
+            head += [nn.Linear(flat, hidden), nn.ReLU()]
+            flat = hidden
+        if dropout:
+            head.append(nn.Dropout(dropout))
+        head.append(nn.Linear(flat, num_classes))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.unsqueeze(1)))
+
+
+@register_model("cnn1d")
+def cnn1d(num_features: int, num_classes: int, channels: int | list[int] | None = None, depth: int | None = None,
+          kernel_size: int = 5, stride: int = 2, hidden: int = 0, dropout: float = 0.0) -> nn.Module:
+    """1-d convolutions over the feature vector: `channels: [32, 32]` (or `channels: 32, depth: 3`)."""
+    if isinstance(channels, int) or channels is None:
+        chans = [int(channels or 16)] * int(depth or 2)
+    else:
+        chans = [int(c) for c in channels]
+    return CNN1d(num_features, num_classes, chans, kernel_size, stride, hidden, dropout)
+
+
+class TinyTransformer(nn.Module):
+    """Splits the feature vector into patches, one token each, then a Transformer encoder + mean pool."""
+
+    def __init__(self, num_features: int, num_classes: int, patch: int, width: int, layers: int,
+                 heads: int, dropout: float) -> None:
+        super().__init__()
+        self.patch = patch
+        self.tokens = math.ceil(num_features / patch)
+        self.pad = self.tokens * patch - num_features
+        self.embed = nn.Linear(patch, width)
+        self.pos = nn.Parameter(torch.zeros(1, self.tokens, width))
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = nn.functional.pad(x, (0, self.pad))
+        h = self.embed(x.view(x.shape[0], self.tokens, self.patch)) + self.pos
+        return self.head(self.encoder(h).mean(dim=1))
+
+
+@register_model("transformer")
+def transformer(num_features: int, num_classes: int, patch: int = 8, width: int = 32, layers: int = 2,
+                heads: int = 4, dropout: float = 0.0) -> nn.Module:
+    """A small Transformer encoder: `layers`, `width`, `heads`, `patch` features per token."""
+    if width % heads:
+        raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+    return TinyTransformer(num_features, num_classes, patch, width, layers, heads, dropout)
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    """A built-in family name or 'package.module:factory'."""
+    if name in MODELS:
+        return MODELS[name]
+    if ":" not in name:
+        raise UserError(f"unknown model {name!r}; built-in families: {', '.join(sorted(MODELS))}, "
+                        "or 'package.module:factory'")
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import {module_name!r}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"{module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def build_model(name: str, params: dict[str, Any], num_features: int, num_classes: int) -> nn.Module:
+    """Build a model; user factories get `params` as keyword arguments (plus the shape ones they accept)."""
+    fn = resolve_factory(name)
+    kwargs = dict(params)
+    sig = inspect.signature(fn)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for k, v in (("num_features", num_features), ("num_classes", num_classes)):
+        if k in sig.parameters or accepts_any:
+            kwargs.setdefault(k, v)
+    try:
+        model = fn(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{name}: bad params {sorted(params)}: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def state_dict_bytes(model: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Content hash of the weights (names, shapes, dtypes, values), independent of pickling details."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Standardized(nn.Module):
+    """Wraps a model with the preprocessing it was trained with, so a registered model takes raw features."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
