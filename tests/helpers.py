@@ -1,0 +1,38 @@
+"""Small workflows for tests: digits, tiny models, few epochs, so a whole run takes seconds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.spec import set_dotted
+
+SMALL: dict[str, Any] = {
+    "name": "test-digits",
+    "seed": 0,
+    "storage": {"root": ".kdflow"},
+    "data": {"source": "sklearn:digits", "split": {"val": 0.15, "test": 0.15}},
+    "teacher": {"model": "mlp", "params": {"hidden": [64]}, "train": {"epochs": 8, "batch_size": 64, "lr": 0.003}},
+    "soft_targets": {"shards": 3, "format": "logits", "dtype": "float16"},
+    "student": {"model": "mlp", "params": {"hidden": [16]}},
+    "distill": {"loss": "kl", "temperature": 4.0, "alpha": 0.7},
+    "train": {"epochs": 6, "batch_size": 64, "optimizer": {"name": "adamw", "lr": 0.01}, "workers": 1},
+    "registry": {"model": "test-digits-student"},
+}
+
+
+def workflow(**overrides: Any) -> dict[str, Any]:
+    """SMALL with dotted-key overrides: workflow(**{"distill.alpha": 0.5})."""
+    spec = copy.deepcopy(SMALL)
+    for key, value in overrides.items():
+        set_dotted(spec, key, value)
+    return spec
+
+
+def write_workflow(folder: Path, name: str = "wf.yaml", **overrides: Any) -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(workflow(**overrides), sort_keys=False))
+    return path
