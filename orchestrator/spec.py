@@ -293,13 +293,15 @@ class Workflow(Strict):
                                      "soft_targets"):
                 raise ValueError(f"search.space.{key}: only student, distill and train keys can be searched "
                                  "(the teacher and soft targets are computed once per search)")
-            sample = param.choices[0] if isinstance(param, CategoricalParam) else param.low
-            trial = copy.deepcopy(base)
-            try:
-                set_dotted(trial, key, sample, must_exist=not key.startswith("student.params."))
-                Workflow.model_validate(trial)
-            except (KeyError, ValidationError) as exc:
-                raise ValueError(f"search.space.{key}: not a valid workflow key for this value ({_short(exc)})")
+            samples = param.choices if isinstance(param, CategoricalParam) else [param.low, param.high]
+            for sample in samples:  # both ends of a range, every choice: a trial must never be invalid
+                trial = copy.deepcopy(base)
+                try:
+                    set_dotted(trial, key, sample, must_exist=not key.startswith("student.params."))
+                    Workflow.model_validate(trial)
+                except (KeyError, ValidationError) as exc:
+                    raise ValueError(f"search.space.{key}: not a valid workflow key for value {sample!r} "
+                                     f"({_short(exc)})") from None
         return self
 
 

@@ -1,0 +1,130 @@
+"""The workflow spec: the reference format is accepted as written; every bad input names its YAML path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.spec import Gate, load_workflow, parse_overrides, validate
+from tests.conftest import kdflow
+from tests.helpers import workflow, write_workflow
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "workflow-reference.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(UserError) as exc:
+        validate(raw)
+    return str(exc.value)
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="shared/workflow-reference.yaml is not beside the repo")
+def test_reference_workflow_is_accepted_as_written() -> None:
+    spec = load_workflow(REFERENCE)
+    assert spec.name == "digits-distill"
+    assert spec.search is not None and spec.search.space["student.params.hidden"].choices == [[16], [32], [64]]
+    assert spec.registry.promote.gates.num_params == "<= 20000"
+    assert spec.train.early_stopping.patience == 5
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_workflows_validate(path: Path) -> None:
+    assert load_workflow(path).name
+
+
+@pytest.mark.parametrize(("key", "value", "named", "says"), [
+    ("distill.temperature", 0, "distill.temperature", "greater than 0"),
+    ("distill.temperature", -2.0, "distill.temperature", "greater than 0"),
+    ("distill.alpha", 1.5, "distill.alpha", "less than or equal to 1"),
+    ("distill.alpha", -0.1, "distill.alpha", "greater than or equal to 0"),
+    ("soft_targets.shards", 0, "soft_targets.shards", "greater than or equal to 1"),
+    ("train.epochs", 0, "train.epochs", "greater than or equal to 1"),
+    ("teacher.train.epochs", 0, "teacher.train.epochs", "greater than or equal to 1"),
+    ("train.batch_size", "big", "train.batch_size", "integer"),
+    ("distill.loss", "kld", "distill.loss", "unknown loss"),
+    ("soft_targets.format", "probs", "soft_targets.format", "'logits' or 'topk'"),
+    ("distill.temprature", 4, "distill.temprature", "unknown key"),
+    ("studnet", {}, "studnet", "unknown key"),
+    ("registry.promote.gates.retention", "about 0.9", "registry.promote.gates.retention", "comparison"),
+    ("data.split.test", 1.0, "data.split.test", "less than 1"),
+    ("data.split.val", 0.8, "data.split", "at least 10% of the rows"),
+])
+def test_bad_values_name_their_yaml_path(key: str, value: object, named: str, says: str) -> None:
+    message = error_of(workflow(**{key: value}))
+    assert named in message and says in message
+
+
+def test_topk_format_needs_k() -> None:
+    assert "top_k" in error_of(workflow(**{"soft_targets.format": "topk"}))
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    message = error_of(workflow(**{"distill.alpha": 2, "train.epochs": 0}))
+    assert "distill.alpha" in message and "train.epochs" in message
+
+
+@pytest.mark.parametrize(("space", "named", "says"), [
+    ({"distill.temperatur": {"type": "float", "low": 1, "high": 8}}, "search.space.distill.temperatur", "not a valid"),
+    ({"distill.temperature": {"type": "float", "low": 8, "high": 1}}, "search.space", "low (8.0) > high (1.0)"),
+    ({"student.params.hidden": {"type": "categorical", "choices": []}}, "search.space", "at least 1 item"),
+    ({"distill.alpha": {"type": "float", "low": 0.5, "high": 2.0}}, "search.space.distill.alpha", "not a valid"),
+    ({"teacher.params.hidden": {"type": "categorical", "choices": [[8]]}}, "search.space.teacher.params.hidden",
+     "only student, distill and train"),
+])
+def test_bad_search_space_names_the_key(space: dict, named: str, says: str) -> None:
+    message = error_of(workflow(search={"trials": 2, "space": space}))
+    assert named in message and says in message
+
+
+def test_unknown_sampler_names_the_key() -> None:
+    message = error_of(workflow(search={"trials": 2, "sampler": "grid",
+                                        "space": {"distill.alpha": {"type": "float", "low": 0, "high": 1}}}))
+    assert "search.sampler" in message
+
+
+def test_set_values_are_parsed_as_yaml() -> None:
+    parsed = dict(parse_overrides(["a.b=8", "student.params={hidden: [64]}", "search=null", "x=[1, 2]", "s=abc"]))
+    assert parsed == {"a.b": 8, "student.params": {"hidden": [64]}, "search": None, "x": [1, 2], "s": "abc"}
+
+
+def test_set_overrides_apply_and_validate(tmp_path: Path) -> None:
+    path = write_workflow(tmp_path, search={"trials": 2, "space": {
+        "distill.alpha": {"type": "float", "low": 0.1, "high": 0.9}}})
+    spec = load_workflow(path, ["distill.temperature=8", "student.params={hidden: [64, 32]}", "search=null"])
+    assert spec.distill.temperature == 8.0
+    assert spec.student.params == {"hidden": [64, 32]}
+    assert spec.search is None
+    with pytest.raises(UserError, match="distill.alpha"):
+        load_workflow(path, ["distill.alpha=3"])
+    with pytest.raises(UserError, match="--set"):
+        load_workflow(path, ["distill.alpha"])
+
+
+def test_gates_compare() -> None:
+    assert Gate(">= 0.95").holds(0.96) and not Gate(">= 0.95").holds(0.9)
+    assert Gate("<= 20000").holds(20000) and not Gate("< 20000").holds(20000)
+
+
+def test_cli_bad_input_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = write_workflow(tmp_path, **{"distill.alpha": 1.7})
+    for command in ("validate", "run"):
+        proc = kdflow(command, str(path), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "distill.alpha" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stdout == ""
+    assert not (tmp_path / ".kdflow").exists()  # nothing was started for a bad spec
+
+
+def test_cli_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    proc = kdflow("validate", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "nope.yaml" in proc.stderr and "not found" in proc.stderr
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    proc = kdflow("run", "bad.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
+    proc = kdflow("validate", "list.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "mapping" in proc.stderr
