@@ -36,10 +36,28 @@ def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
         mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in h.items() if k != "epoch"}, step=step)
 
 
+def preflight(spec: Workflow) -> None:
+    """Fail before any work on what can be checked up front: model factories that do not import."""
+    from orchestrator.errors import UserError
+    from tasks.models import resolve_factory
+
+    named = [("student.model", spec.student.model)]
+    for i, t in enumerate(spec.teachers):
+        where = f"teacher[{i}].model" if isinstance(spec.teacher, list) else "teacher.model"
+        if not (t.checkpoint or t.model.startswith("models:/") or t.model.endswith((".pt", ".pth"))):
+            named.append((where, t.model))
+    for where, name in named:
+        try:
+            resolve_factory(name)
+        except UserError as exc:
+            raise UserError(str(exc), where=where) from None
+
+
 def run_workflow(spec: Workflow) -> dict[str, Any]:
     import mlflow
 
     t_start = time.perf_counter()
+    preflight(spec)
     storage = stages.storage_for(spec)
     storage.check()
     uri = tracking.connect(spec, storage)

@@ -1,0 +1,116 @@
+"""Whole workflows through the real `kdflow` command: local Ray, MLflow (embedded and server), registry gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import kdflow
+from tests.helpers import write_workflow
+
+pytestmark = pytest.mark.slow
+
+
+def result_of(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, f"stdout must hold only the result line, got: {proc.stdout[:2000]}"
+    return json.loads(lines[0])
+
+
+def test_digits_runs_end_to_end_and_reruns_with_a_changed_value(workdir: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    path = write_workflow(workdir)
+    first = result_of(kdflow("run", str(path), "--json", cwd=workdir))
+    assert first["status"] == "succeeded"
+    assert first["student"]["test_accuracy"] > 0.6  # chance is 0.1 on 10 classes
+    assert first["teacher"]["test_accuracy"] > 0.8
+    assert first["student"]["retention"] == pytest.approx(
+        first["student"]["test_accuracy"] / first["teacher"]["test_accuracy"])
+    assert first["student"]["num_params"] < first["teacher"]["num_params"]
+    assert first["soft_targets"]["reused"] is False
+    assert first["soft_targets"]["teacher_forward_rows"] == first["soft_targets"]["rows"] == 1797
+    assert first["registry"]["version"] == 1
+
+    second = result_of(kdflow("run", str(path), "--json", "--set", "distill.temperature=8",
+                              "--set", "student.params={hidden: [24]}", cwd=workdir))
+    assert second["soft_targets"]["reused"] is True
+    assert second["soft_targets"]["teacher_forward_rows"] == 0
+    assert second["soft_targets"]["cache_key"] == first["soft_targets"]["cache_key"]
+    assert second["registry"]["version"] == 2
+    assert second["student"]["num_params"] != first["student"]["num_params"]
+
+    mlflow.set_tracking_uri(first["mlflow"]["tracking_uri"])
+    client = MlflowClient()
+    versions = client.search_model_versions("name='test-digits-student'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    run = client.get_run(second["mlflow"]["run_id"])
+    assert run.data.params["distill.temperature"] == "8.0"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert len(history) >= 2 and [m.step for m in history] == sorted(m.step for m in history)
+    assert {"train_kd", "train_ce", "val_agreement", "samples_per_s"} <= set(run.data.metrics)
+    v2 = client.get_model_version("test-digits-student", "2")
+    assert v2.tags["kdflow.soft_targets.key"] == first["soft_targets"]["cache_key"]
+    model = mlflow.pytorch.load_model("models:/test-digits-student/2")
+    from sklearn.datasets import load_digits
+    import torch
+
+    d = load_digits()
+    with torch.no_grad():
+        pred = model(torch.tensor(d.data[:300], dtype=torch.float32)).argmax(-1).numpy()
+    assert (pred == d.target[:300]).mean() > 0.6  # the registered model takes raw features
+
+
+def test_registry_gates_decide_the_alias_on_a_tracking_server(workdir: Path, mlflow_server: str) -> None:
+    from mlflow import MlflowClient
+    import mlflow
+
+    gates = {"retention": ">= 0.5", "num_params": "<= 20000", "beats_alias": "champion"}
+    path = write_workflow(workdir, **{"tracking.uri": mlflow_server, "registry.model": "gated-student",
+                                      "registry.promote": {"alias": "champion", "gates": gates}})
+    first = result_of(kdflow("run", str(path), "--json", cwd=workdir))
+    assert first["registry"]["promoted"] is True and first["registry"]["aliases"] == ["champion"]
+    assert first["mlflow"]["tracking_uri"] == mlflow_server
+
+    # a student over the size gate is registered but the alias stays where it was
+    second = result_of(kdflow("run", str(path), "--json", "--set", "registry.promote.gates.num_params=<= 100",
+                              cwd=workdir))
+    assert second["registry"]["version"] == 2
+    assert second["registry"]["promoted"] is False
+    assert second["registry"]["gates"]["num_params"]["passed"] is False
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("gated-student", "champion").version == "1"
+    assert client.get_model_version("gated-student", "2").tags["kdflow.gate.num_params"].startswith("FAIL")
+
+    listed = kdflow("models", "show", "gated-student", "--tracking-uri", mlflow_server, cwd=workdir)
+    assert listed.returncode == 0 and [v["version"] for v in json.loads(listed.stdout)] == [1, 2]
+    moved = kdflow("promote", "gated-student", "--version", "2", "--tracking-uri", mlflow_server, cwd=workdir)
+    assert moved.returncode == 0
+    assert client.get_model_version_by_alias("gated-student", "champion").version == "2"
+
+
+def test_unreachable_tracking_server_exits_2_before_any_work(workdir: Path) -> None:
+    path = write_workflow(workdir, **{"tracking.uri": "http://127.0.0.1:9"})
+    proc = kdflow("run", str(path), cwd=workdir, timeout=120)
+    assert proc.returncode == 2
+    assert "tracking.uri" in proc.stderr and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (workdir / ".kdflow" / "soft_targets").exists()
+
+
+def test_user_model_factory_and_missing_factory(workdir: Path) -> None:
+    (workdir / "mymodels.py").write_text(
+        "import torch\n"
+        "def student(num_features, num_classes, width=8):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(num_features, width), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(width, num_classes))\n")
+    path = write_workflow(workdir, **{"student.model": "mymodels:student", "student.params": {"width": 12},
+                                      "train.epochs": 3})
+    out = result_of(kdflow("run", str(path), "--json", cwd=workdir))
+    assert out["student"]["num_params"] == 64 * 12 + 12 + 12 * 10 + 10
+    proc = kdflow("run", str(path), "--set", "student.model=nomodule:make", cwd=workdir)
+    assert proc.returncode == 2 and "nomodule" in proc.stderr and "Traceback" not in proc.stderr
