@@ -34,8 +34,11 @@ def submit(args: argparse.Namespace) -> int:
         raise UserError("the workflow must be inside the current directory (it is shipped as the job's "
                         "working_dir)", where=args.file)
     entry = ["kdflow", "run", rel, "--json", *[f"--set={s}" for s in args.set]]
-    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
+    # Only variables the user names travel: a laptop's 127.0.0.1 endpoints would be wrong on the cluster.
+    missing = [k for k in args.forward_env if k not in os.environ]
+    if missing:
+        raise UserError(f"not set in this shell: {', '.join(missing)}", where="--forward-env")
+    env = {k: os.environ[k] for k in args.forward_env}
     job_id = c.submit_job(
         entrypoint=shlex.join(entry),
         runtime_env={"working_dir": os.getcwd(), "env_vars": env,

@@ -26,5 +26,6 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    ray.init(num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True, configure_logging=True, logging_level="WARNING",
-             runtime_env={"env_vars": env})
+    # address="local": never attach to a cluster a `ray start` left on this machine by accident
+    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
+             configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})

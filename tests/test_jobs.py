@@ -1,0 +1,62 @@
+"""Submitting a workflow to a real Ray cluster (`ray start --head` on loopback) through the Jobs API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, free_port, kdflow, wait_for_http
+from tests.helpers import write_workflow
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    temp = tmp_path_factory.mktemp("rayhead")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=8", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_http(f"{address}/api/version", timeout=120)
+        yield address
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_submit_waits_for_the_job_and_prints_its_result(workdir: Path, ray_head: str) -> None:
+    path = write_workflow(workdir, **{"storage.root": str(workdir / "store"), "train.epochs": 3})
+    proc = kdflow("submit", path.name, "--address", ray_head, "--wait", "--set", "distill.alpha=0.5", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    job_id, result = lines[0], json.loads(lines[-1])
+    assert result["status"] == "succeeded" and result["student"]["test_accuracy"] > 0.3
+    assert (workdir / "store" / "soft_targets" / result["soft_targets"]["cache_key"] / "manifest.json").exists()
+
+    listed = kdflow("jobs", "list", "--address", ray_head, cwd=workdir)
+    assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = kdflow("jobs", "status", job_id, "--address", ray_head, cwd=workdir)
+    assert status.stdout.strip() == "SUCCEEDED"
+    logs = kdflow("jobs", "logs", job_id, "--address", ray_head, cwd=workdir)
+    assert "soft targets" in logs.stdout
+
+
+def test_submit_rejects_a_bad_workflow_before_sending(workdir: Path) -> None:
+    path = write_workflow(workdir, **{"distill.temperature": -1})
+    proc = kdflow("submit", path.name, "--address", "http://127.0.0.1:9", cwd=workdir)
+    assert proc.returncode == 2 and "distill.temperature" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_cluster_exits_2(workdir: Path) -> None:
+    path = write_workflow(workdir)
+    proc = kdflow("submit", path.name, "--address", "http://127.0.0.1:9", cwd=workdir, timeout=120)
+    assert proc.returncode == 2 and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
