@@ -72,7 +72,9 @@ class EpochHook(Protocol):
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    # not print(): Ray Train patches print() to tee into its logger, which shows every line twice
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
