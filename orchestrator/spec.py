@@ -9,7 +9,7 @@ import copy
 import operator
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -183,12 +183,24 @@ class CategoricalParam(Strict):
     choices: list[Any] = Field(min_length=1)
 
 
-SearchParam = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
+SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+# What a trial can be judged on: the train loop's per-epoch metrics (read at the best epoch) and the size.
+OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "val_agreement", "train_loss", "train_kd", "train_ce",
+                     "samples_per_s", "num_params")
 
 
 class Objective(Strict):
     metric: str = "val_accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in OBJECTIVE_METRICS:
+            raise ValueError(f"unknown metric {v!r}; known: {', '.join(OBJECTIVE_METRICS)}")
+        return v
 
 
 class SearchSpec(Strict):
@@ -209,6 +221,18 @@ class SearchSpec(Strict):
 
         parse_select_rule(v)
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpec:
+        from orchestrator.selection import check_rule
+
+        metrics = [o.metric for o in self.objectives]
+        if len(set(metrics)) < len(metrics):
+            raise ValueError(f"objectives: a metric appears twice ({', '.join(metrics)})")
+        if self.sampler == "cmaes" and len(metrics) > 1:
+            raise ValueError("sampler: cmaes optimises one objective; use nsga2 or tpe for several")
+        check_rule(self.select, [(o.metric, o.direction) for o in self.objectives])
+        return self
 
 
 GATE_RE = re.compile(r"^\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
@@ -293,6 +317,8 @@ class Workflow(Strict):
                                      "soft_targets"):
                 raise ValueError(f"search.space.{key}: only student, distill and train keys can be searched "
                                  "(the teacher and soft targets are computed once per search)")
+            if key.startswith("student.params.") and (unknown := _unknown_model_param(self.student.model, key)):
+                raise ValueError(f"search.space.{key}: {unknown}")
             samples = param.choices if isinstance(param, CategoricalParam) else [param.low, param.high]
             for sample in samples:  # both ends of a range, every choice: a trial must never be invalid
                 trial = copy.deepcopy(base)
@@ -303,6 +329,22 @@ class Workflow(Strict):
                     raise ValueError(f"search.space.{key}: not a valid workflow key for value {sample!r} "
                                      f"({_short(exc)})") from None
         return self
+
+
+def _unknown_model_param(model: str, key: str) -> str | None:
+    """For a built-in family: why student.params.NAME is not one of its parameters (None if it is)."""
+    import inspect
+
+    from tasks.models import MODELS
+
+    name = key.split(".")[2]
+    if model not in MODELS:
+        return None  # a user factory: checked when it is built
+    params = inspect.signature(MODELS[model]).parameters
+    if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    known = [p for p in params if p not in ("num_features", "num_classes")]
+    return f"{model} has no parameter {name!r} (it takes {', '.join(known)})"
 
 
 def _short(exc: Exception) -> str:
