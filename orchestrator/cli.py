@@ -77,6 +77,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from tasks.storage import Storage
 
     storage = storage_for(load_workflow(args.workflow)) if args.workflow else Storage(args.root)
+    storage.check(create=False)
     store = SoftTargetStore(storage)
     if args.action == "list":
         entries = store.entries()
@@ -84,7 +85,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(json.dumps(entries))
         for e in entries if not args.json else []:
             print(f"{e['key']}  {'complete' if e['complete'] else 'INCOMPLETE'}  {e.get('format', '-')}/"
-                  f"{e.get('dtype', '-')}  rows {e.get('rows', '-')}  bytes {e.get('bytes', '-')}  {e['uri']}")
+                  f"{e.get('dtype', '-')}  rows {e.get('rows', '-')}  bytes {e.get('bytes', '-')}  {e['uri']}"
+                  + (f"\n  {e['error']}" if e.get("error") else ""))
         return 0
     if not args.key:
         raise UserError(f"cache {args.action} needs a KEY (see `kdflow cache list`)")
@@ -93,6 +95,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if m is None:
             raise UserError("no complete soft-target entry with this key", where=store.uri(args.key))
         print(json.dumps(m, indent=1))
+        return 0
+    if args.action == "verify":
+        store.verify(store.require(args.key))
+        print(f"ok: every shard of {store.uri(args.key)} matches its checksum")
         return 0
     if not store.remove(args.key):
         raise UserError("no soft-target entry with this key", where=store.uri(args.key))
@@ -171,8 +177,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
     sp.set_defaults(fn=cmd_run)
 
-    sp = sub.add_parser("cache", help="list, show or remove stored soft targets")
-    sp.add_argument("action", choices=["list", "show", "rm"])
+    sp = sub.add_parser("cache", help="list, show, verify (checksums) or remove stored soft targets")
+    sp.add_argument("action", choices=["list", "show", "verify", "rm"])
     sp.add_argument("key", nargs="?")
     sp.add_argument("--root", default=".kdflow", help="storage root (default .kdflow)")
     sp.add_argument("--workflow", help="take the storage root (and S3 options) from this workflow")

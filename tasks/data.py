@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import UserError
-from tasks.storage import Storage, filesystem_for
+from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 BUILTINS = ("sklearn:digits", "mnist1d")
 PREPROCESSING = "standardize-v1"
@@ -70,56 +70,71 @@ def _mnist1d(extra_rows: int = 0, seed: int = 42) -> tuple[np.ndarray, np.ndarra
 
 def read_parquet_table(source: str, storage: Storage | None, where: str) -> Any:
     """Read a Parquet file, folder or glob (local or s3://) into one pyarrow Table."""
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
     opts = storage.s3_options() if storage is not None else {}
     fs = filesystem_for(source, opts)
-    path = source[len("s3://"):] if source.startswith("s3://") else source
+    path = source.removeprefix("s3://")
     try:
         if any(c in path for c in "*?["):
             files = sorted(fs.glob(path))
             if not files:
+                _missing_bucket(fs, source, where)
                 raise UserError(f"no files match {source!r}", where=where)
             dataset = ds.dataset(files, format="parquet", filesystem=fs)
         else:
             if not fs.exists(path):
+                _missing_bucket(fs, source, where)
                 raise UserError(f"no such file or folder: {source}", where=where)
             dataset = ds.dataset(path, format="parquet", filesystem=fs)
         return dataset.to_table()
-    except UserError:
-        raise
-    except Exception as exc:
-        from tasks.storage import describe_s3_error
-
+    except (*S3_ERRORS, pa.ArrowException) as exc:
         raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None
 
 
-def table_features(table: Any, features: list[str] | str | None, label: str | None, where: str) -> np.ndarray:
+def _missing_bucket(fs: Any, source: str, where: str) -> None:
+    if source.startswith("s3://"):
+        bucket = source.removeprefix("s3://").split("/")[0]
+        if not fs.exists(bucket):
+            raise UserError(f"bucket {bucket!r} does not exist ({source})", where=where)
+
+
+def feature_columns(table: Any, features: list[str] | str | None, label: str | None, where: str) -> list[str] | str:
+    """The feature column(s) of `table`: one list/array column, or numeric columns (default: all but label)."""
     import pyarrow as pa
 
     names = table.column_names
     if isinstance(features, str):
         if features not in names:
             raise UserError(f"column {features!r} not in the table (columns: {names})", where=f"{where}.features")
-        col = table.column(features).combine_chunks()
-        if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)
-                or pa.types.is_large_list(col.type)):
-            raise UserError(f"column {features!r} is {col.type}, not a list/array column",
-                            where=f"{where}.features")
-        try:
-            return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
-        except ValueError:
-            raise UserError(f"column {features!r} has rows of different lengths", where=f"{where}.features") from None
+        return features
     if features is None:
         cols = [n for n in names if n != label and (pa.types.is_integer(table.schema.field(n).type)
                                                      or pa.types.is_floating(table.schema.field(n).type))]
         if not cols:
             raise UserError("the table has no numeric feature columns", where=f"{where}.features")
-    else:
-        missing = [c for c in features if c not in names]
-        if missing:
-            raise UserError(f"columns not in the table: {missing} (columns: {names})", where=f"{where}.features")
-        cols = list(features)
+        return cols
+    missing = [c for c in features if c not in names]
+    if missing:
+        raise UserError(f"columns not in the table: {missing} (columns: {names})", where=f"{where}.features")
+    return list(features)
+
+
+def table_features(table: Any, features: list[str] | str | None, label: str | None, where: str) -> np.ndarray:
+    """Float32 [N, F] features from the columns `feature_columns` picks."""
+    import pyarrow as pa
+
+    cols = feature_columns(table, features, label, where)
+    if isinstance(cols, str):
+        col = table.column(cols).combine_chunks()
+        if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)
+                or pa.types.is_large_list(col.type)):
+            raise UserError(f"column {cols!r} is {col.type}, not a list/array column", where=f"{where}.features")
+        try:
+            return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
+        except ValueError:
+            raise UserError(f"column {cols!r} has rows of different lengths", where=f"{where}.features") from None
     out = []
     for c in cols:
         t = table.schema.field(c).type
@@ -135,7 +150,8 @@ def _parquet(source: str, features: list[str] | str | None, label: str, transfer
     if label not in table.column_names:
         raise UserError(f"label column {label!r} not in the table (columns: {table.column_names})",
                         where="data.label")
-    x = table_features(table, features, label, "data")
+    columns = feature_columns(table, features, label, "data")
+    x = table_features(table, columns, label, "data")
     raw = table.column(label).to_numpy(zero_copy_only=False)
     if any(v is None for v in raw) or (raw.dtype.kind == "f" and np.isnan(raw).any()):
         raise UserError(f"label column {label!r} has missing values", where="data.label")
@@ -145,10 +161,9 @@ def _parquet(source: str, features: list[str] | str | None, label: str, transfer
         if not isinstance(transfer, str):
             raise UserError("for a Parquet source, transfer is a Parquet source too (a path or glob)",
                             where="data.transfer")
-        tt = read_parquet_table(transfer, storage, "data.transfer")
-        extra = table_features(tt, features if features is not None else
-                               [c for c in table.column_names if c != label and c in tt.column_names] or None,
-                               None, "data")
+        # the same feature columns as the labeled rows, in the same order; a label column is ignored
+        extra = table_features(read_parquet_table(transfer, storage, "data.transfer"), columns, None,
+                               "data.transfer")
         if extra.shape[1] != x.shape[1]:
             raise UserError(f"transfer rows have {extra.shape[1]} features, the data has {x.shape[1]}",
                             where="data.transfer")
@@ -186,7 +201,7 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
 
     n = len(y)
     perm = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = int(round(n * test)), int(round(n * val))
+    n_test, n_val = round(n * test), round(n * val)
     if n - n_test - n_val < 2 or n_test < 1:
         raise UserError(f"{n} rows are too few for this split", where="data.split")
     idx = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}

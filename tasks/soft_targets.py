@@ -8,18 +8,27 @@ Layout under the storage root:
 The key hashes everything the targets depend on (teacher weights, data fingerprint and split,
 preprocessing, format, dtype, top_k, ensemble rule), so a rerun with the same inputs finds the shards
 and runs no teacher forward, and any change lands under a new key. Shards are written whole (see
-`Storage.write_bytes`), so after an interruption only the missing shards are computed.
+`Storage.write_bytes`), so after an interruption only the missing shards are computed. Every row carries
+its `row_id` (0..N-1 over train, val, test in that order), which readers check against the manifest.
 Temperature is never baked in: the shards hold logits at T=1 (or top-k logits + tail log-mass).
+
+A manifest is trusted only when it is whole: right version and key, and per split shards that tile
+[0, rows) with a size and checksum each. Anything else is an error naming the object; nothing is
+deleted on the way (`kdflow cache rm KEY` is the one way to drop an entry).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,10 +37,15 @@ import torch
 
 from orchestrator.errors import UserError
 from tasks.storage import Storage, sha256_bytes
-from tasks.target_formats import decode_topk, encode_topk
+from tasks.target_formats import FORMATS, TORCH_DTYPES, decode_topk, encode_topk
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
+FLOAT16_MAX = 65504.0
+# a stored entry must agree with the run on these, or the run refuses to use it
+MATCHED_KEYS = ("format", "dtype", "top_k", "data_fingerprint", "num_classes", "num_features")
+
+log = logging.getLogger(__name__)
 
 
 class ShardFailed(RuntimeError):
@@ -40,7 +54,8 @@ class ShardFailed(RuntimeError):
 
 def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dtype: str, top_k: int | None,
               ensemble: str) -> str:
-    payload = json.dumps({"v": MANIFEST_VERSION, "teachers": teacher_digests, "data": data_fingerprint,
+    """The entry's name: a hash of everything the stored rows depend on (teacher order does not matter)."""
+    payload = json.dumps({"v": MANIFEST_VERSION, "teachers": sorted(teacher_digests), "data": data_fingerprint,
                           "format": format, "dtype": dtype, "top_k": top_k if format == "topk" else None,
                           "ensemble": ensemble if len(teacher_digests) > 1 else None}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
@@ -49,7 +64,7 @@ def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dt
 def shard_ranges(rows: int, shards: int) -> list[tuple[int, int]]:
     shards = max(1, min(shards, rows))
     bounds = np.linspace(0, rows, shards + 1).astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -60,7 +75,7 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def _fixed_list(arr: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    n, width = arr.shape
+    width = arr.shape[1]
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), type=value_type), width)
 
 
@@ -68,8 +83,25 @@ def _store_array(t: torch.Tensor, dtype: str) -> pa.Array:
     """float32/float16 as Arrow floats; bfloat16 as its raw 16 bits (Arrow has no bfloat16)."""
     if dtype == "bfloat16":
         return _fixed_list(t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), pa.uint16())
-    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
-    return _fixed_list(t.float().numpy().astype(np_dtype), pa.from_numpy_dtype(np_dtype))
+    if dtype == "float16":  # an overflow would be inf, and softmax of inf is NaN
+        return _fixed_list(t.float().clamp(-FLOAT16_MAX, FLOAT16_MAX).numpy().astype(np.float16), pa.float16())
+    return _fixed_list(t.float().numpy().astype(np.float32), pa.float32())
+
+
+def _value_type(dtype: str) -> pa.DataType:
+    return {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}[dtype]
+
+
+def shard_schema_problem(schema: pa.Schema, format: str, dtype: str) -> str | None:
+    """Why a shard's columns do not hold `format` in `dtype`, or None when they do."""
+    target = "logits" if format == "logits" else "topk_values"
+    want = {"row_id", "x", "label"} | ({"logits"} if format == "logits"
+                                        else {"topk_values", "topk_indices", "tail_logmass"})
+    if set(schema.names) != want:
+        return f"columns {sorted(schema.names)}, expected {sorted(want)} for format {format!r}"
+    if schema.field(target).type.value_type != _value_type(dtype):
+        return f"{target} holds {schema.field(target).type.value_type}, expected {dtype}"
+    return None
 
 
 def _load_array(col: pa.ChunkedArray, dtype: str) -> torch.Tensor:
@@ -79,6 +111,10 @@ def _load_array(col: pa.ChunkedArray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(flat.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(np.array(flat, copy=True))
+
+
+def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
+    return np.array(table.column(name).to_numpy(), copy=True)
 
 
 def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch.Tensor, format: str,
@@ -138,11 +174,11 @@ def decode_rows(data: bytes, dtype: str) -> TargetBatch:
     else:
         targets["topk_values"] = _load_array(table.column("topk_values"), dtype)
         targets["topk_indices"] = _load_array(table.column("topk_indices"), "int32")
-        targets["tail_logmass"] = torch.from_numpy(table.column("tail_logmass").to_numpy())
+        targets["tail_logmass"] = torch.from_numpy(_column_numpy(table, "tail_logmass"))
     return TargetBatch(
-        row_id=torch.from_numpy(table.column("row_id").to_numpy()),
+        row_id=torch.from_numpy(_column_numpy(table, "row_id")),
         x=_load_array(table.column("x"), "float32"),
-        y=torch.from_numpy(table.column("label").to_numpy()),
+        y=torch.from_numpy(_column_numpy(table, "label")),
         targets=targets,
     )
 
@@ -162,6 +198,7 @@ def ensemble_logits(teachers: list[torch.nn.Module], x: torch.Tensor, rule: str)
 
 
 def teacher_forward(teachers: list[torch.nn.Module], x: np.ndarray, rule: str, batch: int = 4096) -> torch.Tensor:
+    """Ensemble logits [N, C] at T=1, in batches, without autograd."""
     for t in teachers:
         t.eval()
     outs = []
@@ -189,7 +226,7 @@ def compute_shard(storage: Storage, path: str, teachers: list[torch.nn.Module], 
 
 
 class SoftTargetStore:
-    """Reads, lists and removes stored soft targets; `precompute` fills it."""
+    """Reads, lists, verifies and removes stored soft targets; `precompute` fills it."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
@@ -200,21 +237,27 @@ class SoftTargetStore:
     def uri(self, key: str) -> str:
         return self.storage.uri("soft_targets", key)
 
+    def _shard_path(self, key: str, rel: str) -> str:
+        return f"{self.dir(key)}/{rel}"
+
     def manifest(self, key: str) -> dict[str, Any] | None:
-        """The manifest of a complete entry, or None when the entry is missing or incomplete."""
+        """The manifest of a complete entry, None when there is none; an error when it is not whole."""
         path = f"{self.dir(key)}/manifest.json"
         if not self.storage.exists(path):
             return None
+        where = self.storage._display(path)
         try:
             m = json.loads(self.storage.read_bytes(path))
-        except json.JSONDecodeError:
-            raise UserError("manifest is not valid JSON", where=self.storage._display(path)) from None
-        if m.get("version") != MANIFEST_VERSION or m.get("key") != key:
-            raise UserError(f"manifest is for {m.get('key')!r} version {m.get('version')}, expected {key!r} "
-                            f"version {MANIFEST_VERSION}", where=self.storage._display(path))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError("manifest is not valid JSON (remove the entry with `kdflow cache rm "
+                            f"{key}` to recompute)", where=where) from None
+        problem = manifest_problem(m, key)
+        if problem:
+            raise UserError(f"manifest is not a complete kdflow soft-target manifest: {problem}", where=where)
         return m
 
     def require(self, key: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The manifest, which must exist and agree with `expect`; readers start here."""
         m = self.manifest(key)
         if m is None:
             raise UserError("no complete manifest: these soft targets were never finished (rerun the workflow)",
@@ -222,17 +265,22 @@ class SoftTargetStore:
         for k, v in (expect or {}).items():
             if m.get(k) != v:
                 raise UserError(f"manifest says {k}={m.get(k)!r} but the run expects {v!r}; refusing to mix",
-                                where=self.uri(key))
+                                where=self.storage._display(f"{self.dir(key)}/manifest.json"))
         return m
 
     def entries(self) -> list[dict[str, Any]]:
         out = []
         for path in self.storage.ls(self.storage.path("soft_targets")):
             key = path.rstrip("/").split("/")[-1]
-            m = self.manifest(key)
+            try:
+                m = self.manifest(key)
+                error = None
+            except UserError as exc:
+                m, error = None, str(exc)
             out.append({"key": key, "uri": self.uri(key), "complete": m is not None,
-                        **({k: m[k] for k in ("format", "dtype", "top_k", "rows", "bytes", "created_at",
-                                              "num_classes")} if m else {})})
+                        **({"error": error} if error else {}),
+                        **({k: m.get(k) for k in ("format", "dtype", "top_k", "rows", "bytes", "created_at",
+                                                  "num_classes", "teachers")} if m else {})})
         return out
 
     def remove(self, key: str) -> bool:
@@ -240,6 +288,28 @@ class SoftTargetStore:
             return False
         self.storage.rm(self.dir(key))
         return True
+
+    def verify(self, manifest: dict[str, Any], threads: int = 8) -> None:
+        """Read every shard and check its size and checksum; the first bad one is an error naming it."""
+        shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+
+        def check(shard: dict[str, Any]) -> None:
+            self._checked_bytes(manifest["key"], shard)
+
+        with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+            list(pool.map(check, shards))
+
+    def _checked_bytes(self, key: str, shard: dict[str, Any]) -> bytes:
+        path = self._shard_path(key, shard["path"])
+        data = self.storage.read_bytes(path)
+        if len(data) != shard["bytes"]:
+            problem = f"size mismatch ({len(data)} bytes, the manifest says {shard['bytes']})"
+        elif sha256_bytes(data) != shard["sha256"]:
+            problem = "checksum mismatch (its sha256 is not the manifest's)"
+        else:
+            return data
+        raise UserError(f"{problem}: the shard is corrupted; nothing was deleted (`kdflow cache rm {key}` drops "
+                        "the entry so the next run recomputes it)", where=self.storage._display(path))
 
     def read(self, manifest: dict[str, Any], split: str, start: int = 0, stop: int | None = None,
              verify: bool = True) -> TargetBatch:
@@ -251,67 +321,104 @@ class SoftTargetStore:
             a, b = shard["row_start"], shard["row_stop"]
             if b <= start or a >= stop:
                 continue
-            path = f"{self.dir(manifest['key'])}/{shard['path']}"
-            data = self.storage.read_bytes(path)
-            if verify and sha256_bytes(data) != shard["sha256"]:
-                raise UserError("checksum mismatch: the shard is corrupted (remove the entry with "
-                                f"`kdflow cache rm {manifest['key']}` to recompute)", where=self.storage._display(path))
+            path = self._shard_path(manifest["key"], shard["path"])
+            data = self._checked_bytes(manifest["key"], shard) if verify else self.storage.read_bytes(path)
             batch = decode_rows(data, manifest["dtype"])
+            expected = torch.arange(shard["row_id_offset"] + a, shard["row_id_offset"] + b)
+            if not torch.equal(batch.row_id, expected):
+                raise UserError(f"shard holds rows other than {a}..{b - 1} of split {split}",
+                                where=self.storage._display(path))
             parts.append(batch.take(slice(max(start, a) - a, min(stop, b) - a)))
         if not parts:
             raise UserError(f"no rows in [{start}, {stop}) of split {split}", where=self.uri(manifest["key"]))
         return TargetBatch.concat(parts)
 
+    def _reusable_shard(self, path: str, entry: dict[str, Any], format: str, dtype: str) -> bytes | None:
+        """The bytes of a shard a killed run left behind, if they hold exactly this entry's rows."""
+        data = self.storage.read_bytes(path)
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError):
+            return None
+        if shard_schema_problem(table.schema, format, dtype):
+            return None
+        start = entry["row_id_offset"] + entry["row_start"]
+        row_ids = table.column("row_id").to_numpy()
+        if not np.array_equal(row_ids, np.arange(start, start + entry["rows"])):
+            return None
+        return data
+
     def precompute(self, key: str, teachers: list[torch.nn.Module], splits: dict[str, tuple[np.ndarray, np.ndarray]],
                    *, shards: int, format: str, dtype: str, top_k: int | None, ensemble: str,
-                   meta: dict[str, Any], max_retries: int = 3,
+                   meta: dict[str, Any], max_retries: int = 3, workers: int | None = None,
                    on_shard: Callable[[str, int, int, bool], None] | None = None) -> dict[str, Any]:
-        """Compute the missing shards with Ray tasks and write the manifest last. Returns the manifest."""
+        """Compute the missing shards with Ray tasks (at most `workers` at a time) and write the manifest last.
+
+        A complete entry is checked against this request and every shard's checksum, then reused with no
+        teacher forward. Returns the manifest plus `reused`, `computed_shards` and `forward_rows`.
+        """
         import ray
 
+        request = {"format": format, "dtype": dtype, "top_k": top_k if format == "topk" else None,
+                   **{k: meta[k] for k in MATCHED_KEYS if k in meta}}
+        if len(teachers) > 1:
+            request["ensemble"] = ensemble
         existing = self.manifest(key)
         if existing is not None:
+            self.require(key, request)
+            if "teachers" in meta and sorted(t["digest"] for t in existing.get("teachers", [])) != sorted(
+                    t["digest"] for t in meta["teachers"]):
+                raise UserError("manifest lists other teachers than this run's; refusing to mix",
+                                where=self.storage._display(f"{self.dir(key)}/manifest.json"))
+            self.verify(existing)
             return {**existing, "reused": True, "computed_shards": 0, "forward_rows": 0}
 
-        remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shard)
-        teachers_ref = ray.put(teachers)
         plan: dict[str, list[dict[str, Any]]] = {}
-        pending: dict[Any, tuple[str, int]] = {}
-        total = 0
+        todo: list[tuple[str, int, tuple[Any, ...]]] = []
         offset = 0
         for split in SPLITS:
             x, y = splits[split]
             n_shards = shards if split == "train" else max(1, min(shards, int(np.ceil(len(y) / 50_000))))
-            ranges = shard_ranges(len(y), n_shards)
+            ranges = shard_ranges(len(y), n_shards) if len(y) else []
             plan[split] = []
-            x_ref, y_ref = ray.put(x), ray.put(y)
+            refs = (ray.put(x), ray.put(y)) if ranges else None
             for i, (a, b) in enumerate(ranges):
                 rel = shard_name(split, i, len(ranges))
                 entry = {"path": rel, "row_start": a, "row_stop": b, "rows": b - a, "row_id_offset": offset}
                 plan[split].append(entry)
-                total += 1
-                path = f"{self.dir(key)}/{rel}"
-                if self.storage.exists(path):
-                    data = self.storage.read_bytes(path)
+                path = self._shard_path(key, rel)
+                data = self._reusable_shard(path, entry, format, dtype) if self.storage.exists(path) else None
+                if data is not None:
                     entry.update(bytes=len(data), sha256=sha256_bytes(data))
                     if on_shard:
                         on_shard(split, i, len(ranges), True)
                     continue
-                ref = remote.remote(self.storage, path, teachers_ref, x_ref, y_ref, a, b, offset, format, dtype,
-                                    top_k, ensemble)
-                pending[ref] = (split, i)
+                if self.storage.exists(path):
+                    log.warning("recomputing %s: it does not hold this entry's rows", self.storage._display(path))
+                todo.append((split, i, (self.storage, path, refs[0], refs[1], a, b, offset)))
             offset += len(y)
 
+        total = sum(len(v) for v in plan.values())
+        remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shard)
+        teachers_ref = ray.put(teachers)
+        pending: dict[Any, tuple[str, int]] = {}
         computed, forward_rows, failures = 0, 0, []
-        while pending:
+        while todo or pending:
+            while todo and (workers is None or len(pending) < workers):
+                split, i, (storage, path, x_ref, y_ref, a, b, off) = todo.pop(0)
+                ref = remote.remote(storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k,
+                                    ensemble)
+                pending[ref] = (split, i)
             done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            split, i = pending.pop(ref)
+            split, i = pending.pop(done[0])
             try:
-                out = ray.get(ref)
-            except Exception as exc:  # keep collecting: finished shards must still be written
-                failures.append(f"{shard_name(split, i, len(plan[split]))}: {type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+                out = ray.get(done[0])
+            except ray.exceptions.RayError as exc:  # keep collecting: finished shards must be written
+                entry = plan[split][i]
+                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
+                                f"{entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
+                                f"{type(exc).__name__}: {reason}")
                 continue
             plan[split][i].update(bytes=out["bytes"], sha256=out["sha256"])
             computed += 1
@@ -319,18 +426,52 @@ class SoftTargetStore:
             if on_shard:
                 on_shard(split, i, len(plan[split]), False)
         if failures:
-            raise ShardFailed(f"{len(failures)} of {total} soft-target shards failed after {max_retries} retries "
-                              f"(the {total - len(failures)} written stay under {self.uri(key)}):\n  "
+            raise ShardFailed(f"{len(failures)} of {total} soft-target shards failed after {max_retries} "
+                              f"retries; the {total - len(failures)} others are written and stay under "
+                              f"{self.uri(key)}, and a rerun computes only the missing ones:\n  "
                               + "\n  ".join(failures))
 
         manifest = {
             "version": MANIFEST_VERSION, "key": key, "format": format, "dtype": dtype,
-            "top_k": top_k if format == "topk" else None, "ensemble": ensemble,
-            "splits": {s: {"rows": int(len(splits[s][1])), "shards": plan[s]} for s in SPLITS},
-            "rows": int(sum(len(splits[s][1]) for s in SPLITS)),
+            "top_k": top_k if format == "topk" else None, "ensemble": ensemble, "shards": shards,
+            "splits": {s: {"rows": len(splits[s][1]), "shards": plan[s]} for s in SPLITS},
+            "rows": sum(len(splits[s][1]) for s in SPLITS),
             "bytes": int(sum(e["bytes"] for s in SPLITS for e in plan[s])),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **meta,
         }
         self.storage.write_bytes(f"{self.dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
+        self.storage.remove_stale_temps(self.dir(key))  # left by writers killed mid-shard
         return {**manifest, "reused": False, "computed_shards": computed, "forward_rows": forward_rows}
+
+
+def manifest_problem(m: Any, key: str) -> str | None:
+    """Why `m` is not a whole manifest for `key` (shards tiling every split, sizes, checksums), or None."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    if m.get("version") != MANIFEST_VERSION or m.get("key") != key:
+        return (f"it is for key {m.get('key')!r} version {m.get('version')!r}, expected {key!r} version "
+                f"{MANIFEST_VERSION}")
+    if m.get("format") not in FORMATS or m.get("dtype") not in TORCH_DTYPES:
+        return f"unknown format/dtype {m.get('format')!r}/{m.get('dtype')!r}"
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        return f"splits {sorted(splits) if isinstance(splits, dict) else splits!r}, expected {list(SPLITS)}"
+    offset = 0
+    for split in SPLITS:
+        info = splits[split]
+        rows, row = info.get("rows"), 0
+        for shard in info.get("shards", []):
+            if any(k not in shard for k in ("path", "row_start", "row_stop", "rows", "row_id_offset", "bytes",
+                                            "sha256")):
+                return f"a shard of split {split} lacks its path, rows, size or checksum"
+            if (shard["row_start"] != row or shard["rows"] != shard["row_stop"] - shard["row_start"]
+                    or shard["rows"] <= 0 or shard["row_id_offset"] != offset):
+                return f"the shards of split {split} do not tile its rows (at {shard['path']})"
+            row = shard["row_stop"]
+        if row != rows:
+            return f"the shards of split {split} cover {row} of its {rows} rows"
+        offset += rows
+    if m.get("rows") != offset:
+        return f"rows {m.get('rows')!r}, but the splits add up to {offset}"
+    return None

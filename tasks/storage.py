@@ -3,19 +3,30 @@
 A `Storage` is a small picklable value (root + S3 options); Ray tasks and train workers rebuild the
 filesystem from it. Writes are atomic: a local file is written under a temporary name and renamed, an
 S3 object is put whole, so a reader never sees half a file.
+
+The S3 endpoint is pinned when the value is made (from `storage.s3.endpoint_url`, else the driver's
+AWS_ENDPOINT_URL): a worker whose environment lacks it must still talk to the same server, never to AWS.
+Credentials are not pinned: each process takes its own from its environment or instance role.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+from botocore.exceptions import BotoCoreError, ClientError
 
 from orchestrator.errors import UserError
+
+# what reaching S3 can raise besides FileNotFoundError: s3fs maps most replies to OSError subclasses,
+# botocore raises its own for missing credentials and unreachable endpoints
+S3_ERRORS = (OSError, BotoCoreError, ClientError)
+TEMP_MARK = ".tmp-"  # a local write in progress: <name>.tmp-<random>, renamed to <name> when whole
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,8 @@ class Storage:
     def __post_init__(self) -> None:
         if not self.root.startswith("s3://"):  # workers run elsewhere: pin the folder now
             object.__setattr__(self, "root", os.path.abspath(os.path.expanduser(self.root)))
+        elif self.endpoint_url is None:
+            object.__setattr__(self, "endpoint_url", env_endpoint())
 
     @property
     def is_s3(self) -> bool:
@@ -49,8 +62,7 @@ class Storage:
 
     def s3_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
-        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL")
+        endpoint = self.endpoint_url or env_endpoint()
         if endpoint:
             opts["endpoint_url"] = endpoint
         if self.region:
@@ -75,13 +87,27 @@ class Storage:
         return f"s3://{p}" if self.is_s3 else p
 
     def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+        try:
+            return self.fs.exists(path)
+        except S3_ERRORS as exc:  # missing credentials, denied access: name the object, not the stack
+            raise UserError(f"cannot check: {describe_s3_error(exc)}", where=self._display(path)) from None
 
     def read_bytes(self, path: str) -> bytes:
         try:
             return self.fs.cat_file(path)
         except FileNotFoundError:
             raise UserError("no such object", where=self._display(path)) from None
+        except S3_ERRORS as exc:
+            raise UserError(f"cannot read: {describe_s3_error(exc)}", where=self._display(path)) from None
+
+    def size(self, path: str) -> int | None:
+        """Size in bytes, or None when there is no such object."""
+        try:
+            return int(self.fs.size(path))
+        except FileNotFoundError:
+            return None
+        except S3_ERRORS as exc:
+            raise UserError(f"cannot check: {describe_s3_error(exc)}", where=self._display(path)) from None
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole object atomically (temp + rename locally; one PUT on S3)."""
@@ -89,7 +115,7 @@ class Storage:
             self.fs.pipe_file(path, data)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -98,9 +124,25 @@ class Storage:
 
     def ls(self, path: str) -> list[str]:
         try:
-            return sorted(self.fs.ls(path, detail=False))
+            return sorted(p.rstrip("/") for p in self.fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
+        except S3_ERRORS as exc:
+            raise UserError(f"cannot list: {describe_s3_error(exc)}", where=self._display(path)) from None
+
+    def remove_stale_temps(self, folder: str, older_than_s: float = 0.0) -> int:
+        """Delete the temp files that killed writers left in a local folder; returns how many."""
+        if self.is_s3 or not os.path.isdir(folder):
+            return 0
+        removed = 0
+        now = time.time()
+        for dirpath, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if TEMP_MARK in name and now - os.path.getmtime(path) >= older_than_s:
+                    os.remove(path)
+                    removed += 1
+        return removed
 
     def rm(self, path: str) -> None:
         if self.fs.exists(path):
@@ -114,9 +156,11 @@ class Storage:
             return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
-    def check(self) -> None:
-        """Fail early, naming the bucket or folder, if the root cannot be written."""
+    def check(self, create: bool = True) -> None:
+        """Fail early, naming the bucket or folder, if the root cannot be reached (or, locally, created)."""
         if not self.is_s3:
+            if not create:
+                return
             try:
                 os.makedirs(self.base, exist_ok=True)
             except OSError as exc:
@@ -127,12 +171,16 @@ class Storage:
             self.fs.ls(bucket, refresh=True)
         except FileNotFoundError:
             raise UserError(f"bucket {bucket!r} does not exist", where="storage.root") from None
-        except Exception as exc:  # botocore raises many types; name the cause, not the stack
+        except S3_ERRORS as exc:  # name the cause, not the stack
             raise UserError(f"cannot reach bucket {bucket!r}: {describe_s3_error(exc)}",
                             where="storage.root") from None
 
     def _display(self, path: str) -> str:
         return f"s3://{path}" if self.is_s3 and not path.startswith("s3://") else path
+
+
+def env_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def describe_s3_error(exc: BaseException) -> str:
@@ -150,7 +198,8 @@ def filesystem_for(url: str, s3_options: dict[str, Any] | None = None) -> fsspec
         import s3fs
 
         opts = dict(s3_options or {})
-        return s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+        # no listings cache: objects that Ray workers write must be visible to the driver at once
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **opts)
     return fsspec.filesystem("file", auto_mkdir=True)
 
 
