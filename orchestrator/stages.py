@@ -162,10 +162,16 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
 # ---------------------------------------------------------------- soft targets
 
 
+def soft_target_key(spec: Workflow, data: Dataset, teachers: list[Teacher]) -> str:
+    """Teacher weights x data (rows, split, preprocessing) x format, dtype, top_k, ensemble; never temperature."""
+    st = spec.soft_targets
+    return cache_key([t.digest for t in teachers], data.fingerprint, st.format, st.dtype, st.top_k, st.ensemble)
+
+
 def soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher], storage: Storage) -> dict[str, Any]:
     """The store entry for (teachers x data x format); computed by Ray tasks only when missing."""
     st = spec.soft_targets
-    key = cache_key([t.digest for t in teachers], data.fingerprint, st.format, st.dtype, st.top_k, st.ensemble)
+    key = soft_target_key(spec, data, teachers)
     store = SoftTargetStore(storage)
     with progress.stage("soft targets", f"{st.format}/{st.dtype} key {key}"):
         train_x, train_y = data.x["train"], data.y["train"]
