@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
@@ -14,13 +15,25 @@ from orchestrator.errors import UserError
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def auth_headers() -> dict[str, str]:
+    """Ray's token auth (on by default since 2.5x): RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=auth_headers())
     except Exception as exc:
-        raise UserError(f"cannot reach the Ray Jobs API: {str(exc).splitlines()[0]}", where=address) from None
+        hint = " (set RAY_AUTH_TOKEN to the cluster's token)" if "uthentication" in str(exc) else ""
+        raise UserError(f"cannot reach the Ray Jobs API: {str(exc).splitlines()[0]}{hint}", where=address) from None
 
 
 def submit(args: argparse.Namespace) -> int:
