@@ -30,6 +30,9 @@ def connect(spec: Workflow, storage: Storage) -> str:
     import mlflow
 
     uri = tracking_uri(spec, storage)
+    endpoint = storage.s3_options().get("endpoint_url")
+    if storage.is_s3 and endpoint:  # MLflow's own S3 client reads its endpoint from this variable
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
     if uri.startswith(("http://", "https://")):
         import requests
 
