@@ -135,7 +135,7 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
                 continue
             build_model(t.model, t.params, data.num_features, data.num_classes)  # fail fast on bad params
             key = digest({"model": t.model, "params": t.params, "train": t.train.model_dump(),
-                          "data": data.fingerprint, "seed": spec.seed})
+                          "data": data.labeled_fingerprint, "seed": spec.seed})
             path = storage.path("teachers", key, "model.pt")
             if storage.exists(path):
                 saved = torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)

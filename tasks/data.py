@@ -1,7 +1,9 @@
 """Datasets: built-in generators and the user's Parquet tables, split deterministically and fingerprinted.
 
-Features are standardized with the training split's mean and std; the fingerprint covers the raw rows,
-the split and the preprocessing, so any change to them is a new soft-target cache key.
+Features are standardized with the training split's mean and std; the fingerprint covers the rows, the
+split and the preprocessing, so any change to them is a new soft-target cache key. The transfer rows (extra
+unlabeled rows only the teacher labels) are in `fingerprint` but not in `labeled_fingerprint`: a teacher
+trained by the workflow sees only the labeled training split, so adding a transfer set does not retrain it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Dataset:
     num_classes: int
     mean: np.ndarray
     std: np.ndarray
-    fingerprint: str
+    fingerprint: str  # every row the soft targets hold, transfer rows included
+    labeled_fingerprint: str  # train, val and test only: what a teacher trained here depends on
     classes: list[Any] = field(default_factory=list)
 
     @property
@@ -216,9 +219,13 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
 
     h = hashlib.sha256()
     h.update(f"{PREPROCESSING}|seed={seed}|val={val}|test={test}|n={n}|".encode())
-    for k in sorted(xs):
+    for k in ("test", "train", "val"):
         h.update(k.encode())
         h.update(np.ascontiguousarray(xs[k]).tobytes())
         h.update(np.ascontiguousarray(ys[k]).tobytes())
+    labeled = h.hexdigest()
+    if "transfer" in xs:
+        h.update(b"transfer")
+        h.update(np.ascontiguousarray(xs["transfer"]).tobytes())
     return Dataset(x=xs, y=ys, num_classes=len(classes), mean=mean.astype(np.float32), std=std,
-                   fingerprint=h.hexdigest(), classes=classes)
+                   fingerprint=h.hexdigest(), labeled_fingerprint=labeled, classes=classes)
