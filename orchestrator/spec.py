@@ -210,6 +210,7 @@ class SearchSpec(Strict):
     pruner: Literal["none", "median", "asha", "hyperband"] = "median"
     storage: str | None = None
     study: str | None = None
+    seed: int | None = Field(None, description="the sampler's seed; default: the workflow's seed")
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
     select: str = "best"
     space: dict[str, SearchParam] = Field(min_length=1)
