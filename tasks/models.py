@@ -10,7 +10,8 @@ import importlib
 import inspect
 import io
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,7 +156,24 @@ def build_model(name: str, params: dict[str, Any], num_features: int, num_classe
         raise UserError(f"{name}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    check_output_shape(model, name, num_features, num_classes)
     return model
+
+
+def check_output_shape(model: nn.Module, name: str, num_features: int, num_classes: int) -> None:
+    """A model must map [B, num_features] to [B, num_classes]: say so now, not mid-training on a worker."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, num_features))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"{name}: forward on a [2, {num_features}] batch failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{name}: a [2, {num_features}] batch gave {shape}, expected logits [2, {num_classes}]")
 
 
 def num_params(model: nn.Module) -> int:

@@ -1,0 +1,273 @@
+"""The one train loop through Ray Train: losses x target formats, 1 vs 2 workers, early stopping, mixed
+precision, checkpoints, and a worker killed for real mid-training.
+
+Every fit here is a real `TorchTrainer` run on the session's Ray (or, for the kill test, a `kdflow run`
+with its own Ray), reading soft targets from a real store on digits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from orchestrator import stages
+from orchestrator.spec import Workflow
+from tasks.data import load_dataset
+from tasks.models import build_model
+from tasks.soft_targets import SoftTargetStore
+from tasks.storage import Storage
+from tasks.train import FitResult, ShardSource, evaluate, loss_step, place_share, train_epoch
+from tests.conftest import BIN
+from tests.helpers import workflow
+
+LOSSES = ("kl", "reverse_kl", "jsd", "mse")
+
+
+def quick_teacher(x: np.ndarray, y: np.ndarray, hidden: int = 64, steps: int = 150) -> torch.nn.Module:
+    """A teacher trained full-batch in-process in about a second: soft targets worth distilling."""
+    torch.manual_seed(0)
+    model = build_model("mlp", {"hidden": [hidden]}, x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Digits soft targets in both formats (dense float16 logits, top-3), 3 train shards each."""
+    data = load_dataset("sklearn:digits")
+    teacher = quick_teacher(data.x["train"], data.y["train"])
+    storage = Storage(str(tmp_path_factory.mktemp("train-store")))
+    splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
+    meta = {"num_classes": data.num_classes, "num_features": data.num_features}
+    store = SoftTargetStore(storage)
+    manifests = {
+        "logits": store.precompute("digits-logits", [teacher], splits, shards=3, format="logits", dtype="float16",
+                                   top_k=None, ensemble="mean_probs", meta=meta),
+        "topk": store.precompute("digits-top3", [teacher], splits, shards=3, format="topk", dtype="float16",
+                                 top_k=3, ensemble="mean_probs", meta=meta),
+    }
+    return SimpleNamespace(storage=storage, manifests=manifests, data=data, fits={}, run_names={})
+
+
+def train(digits: SimpleNamespace, fmt: str = "logits", **overrides: Any) -> FitResult:
+    """The student stage (`stages.train_student`) on the digits store; identical calls share one fit."""
+    key = json.dumps([fmt, overrides], sort_keys=True)
+    if key not in digits.fits:
+        spec = Workflow.model_validate(workflow(**{"train.epochs": 3, "student.params": {"hidden": [32]},
+                                                   **overrides}))
+        run = f"t{len(digits.fits)}-{time.time_ns() % 10**9}"
+        digits.fits[key] = stages.train_student(spec, digits.manifests[fmt], digits.storage, run_name=run)
+        digits.run_names[id(digits.fits[key])] = run
+    return digits.fits[key]
+
+
+def accuracy_on_test(digits: SimpleNamespace, result: FitResult, fmt: str = "logits") -> float:
+    model = build_model("mlp", {"hidden": [32]}, digits.data.num_features, digits.data.num_classes)
+    model.load_state_dict(result.state_dict)
+    test = SoftTargetStore(digits.storage).read(digits.manifests[fmt], "test")
+    return evaluate(model, test, digits.data.num_classes, torch.device("cpu"))["accuracy"]
+
+
+@pytest.mark.parametrize("fmt", ["logits", "topk"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_trains_with_both_target_formats(digits: SimpleNamespace, loss: str, fmt: str) -> None:
+    alpha = 0.7
+    r = train(digits, fmt, **{"distill.loss": loss, "distill.alpha": alpha})
+    assert [h["epoch"] for h in r.history] == [1, 2, 3]
+    for h in r.history:  # each component logged separately, and the total is the mix of them
+        assert math.isfinite(h["train_kd"]) and h["train_kd"] > 0
+        assert h["train_loss"] == pytest.approx(alpha * h["train_kd"] + (1 - alpha) * h["train_ce"], rel=1e-4)
+        assert 0.0 <= h["val_agreement"] <= 1.0
+    assert r.history[-1]["train_kd"] < r.history[0]["train_kd"]  # it learns from the teacher
+    assert r.history[-1]["val_accuracy"] >= 0.75
+    assert r.history[-1]["val_agreement"] >= 0.75
+    assert r.samples_per_s > 0 and r.stop_reason == "completed"
+    assert r.checkpoints == 0  # the default policy is time-based (30 s): only the final checkpoint here
+
+
+def test_two_workers_reach_the_one_worker_accuracy_band(digits: SimpleNamespace) -> None:
+    runs = {w: train(digits, **{"train.workers": w, "train.epochs": 10, "train.checkpoint_every": 4})
+            for w in (1, 2)}
+    assert runs[1].workers == 1 and runs[2].workers == 2
+    acc = {w: accuracy_on_test(digits, r) for w, r in runs.items()}
+    assert acc[1] >= 0.88 and acc[2] >= 0.88, acc
+    assert abs(acc[1] - acc[2]) <= 0.05, acc
+    # the 2-worker run is a different run (half the steps per epoch, global batch 2 x 64), not a copy
+    assert runs[1].history[-1]["train_loss"] != runs[2].history[-1]["train_loss"]
+    for r in runs.values():  # checkpoint_every 4 of 10 epochs: after epochs 4 and 8, then the final one
+        assert r.checkpoints == 2
+        run_dir = Path(digits.storage.path("checkpoints")) / digits.run_names[id(r)]
+        assert len(list(run_dir.glob("checkpoint_*/state.pt"))) == 2  # Ray keeps the newest two
+
+
+def test_a_worker_reads_only_the_shards_its_share_overlaps(digits: SimpleNamespace,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = digits.manifests["logits"]
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) == 3
+    read: list[str] = []
+    real = Storage.read_bytes
+    monkeypatch.setattr(Storage, "read_bytes", lambda self, path: read.append(path) or real(self, path))
+    source = ShardSource(digits.storage, manifest, "train")
+    rows = source.load(0, shards[0]["row_stop"] - 5)  # rank 0 of 2..3 workers: within the first shard
+    assert len(rows) == shards[0]["row_stop"] - 5
+    assert [p.rsplit("/", 1)[-1] for p in read] == [shards[0]["path"].rsplit("/", 1)[-1]]
+
+
+def test_early_stopping_stops_before_the_last_epoch_on_a_plateau(digits: SimpleNamespace) -> None:
+    # a learning rate this small leaves val accuracy flat: a plateau from the first epoch
+    r = train(digits, **{"train.epochs": 30, "train.optimizer.lr": 1e-9,
+                         "train.early_stopping": {"metric": "val_accuracy", "patience": 2}})
+    assert r.stop_reason == "early_stopped"
+    assert len(r.history) == 3  # of 30: best at epoch 1, then 2 epochs without improvement
+    assert r.best_epoch == 1
+
+
+def test_bf16_autocast_trains_through_the_loop_on_cpu(digits: SimpleNamespace) -> None:
+    fp32 = train(digits, **{"distill.loss": "kl", "distill.alpha": 0.7})
+    bf16 = train(digits, **{"distill.loss": "kl", "distill.alpha": 0.7, "train.precision": "bf16"})
+    # same seed, data and order: only the bf16 forward can make the losses differ
+    assert [h["train_loss"] for h in bf16.history] != [h["train_loss"] for h in fp32.history]
+    assert bf16.history[-1]["train_loss"] == pytest.approx(fp32.history[-1]["train_loss"], rel=0.1)
+    assert bf16.history[-1]["val_accuracy"] >= 0.75
+    assert all(t.dtype == torch.float32 for t in bf16.state_dict.values())  # autocast leaves weights fp32
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                             ("fp32", torch.float32)])
+def test_autocast_and_grad_scaler_in_the_step(digits: SimpleNamespace, precision: str, dtype: torch.dtype) -> None:
+    """The step itself: the forward runs in the asked dtype, and fp16 goes through a live GradScaler."""
+    rows = SoftTargetStore(digits.storage).read(digits.manifests["topk"], "train")
+    share = place_share(rows, digits.data.num_classes, torch.device("cpu"))
+    assert share.teacher is not None and share.teacher.dtype == torch.float32  # top-k decoded once
+    torch.manual_seed(0)
+    model = build_model("mlp", {"hidden": [32]}, digits.data.num_features, digits.data.num_classes)
+    seen: list[torch.dtype] = []
+    model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    cfg = {"kind": "kl", "temperature": 4.0, "alpha": 0.7}
+    loss, parts = loss_step(model, *share.batch(torch.arange(64)), cfg, precision)
+    assert seen == [dtype] and loss.dtype == torch.float32 and parts.shape == (3,)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    order = torch.randperm(len(share), generator=torch.Generator().manual_seed(0))
+    first = train_epoch(model, opt, scaler, share, order, 64, cfg, precision)
+    for _ in range(2):
+        last = train_epoch(model, opt, scaler, share, order, 64, cfg, precision)
+    assert torch.isfinite(last).all() and last[1] < first[1]  # the KD term fell: the optimizer stepped
+    assert scaler.is_enabled() == (precision == "fp16")
+    if precision == "fp16":
+        assert math.isfinite(scaler.get_scale()) and scaler.get_scale() > 1
+
+
+# ---------------------------------------------------------------- a worker killed for real
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every process below `pid`, from /proc (Linux)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                try:
+                    found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                frontier.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def newest_checkpoint_epoch(root: Path) -> int:
+    """The highest epoch among the complete student checkpoints written under `root` (0 if none)."""
+    best = 0
+    for state in root.glob("student-*/checkpoint_*/state.pt"):
+        try:
+            saved = torch.load(state, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError):  # still being written, or removed by Ray's num_to_keep
+            saved = {"epoch": 0}
+        best = max(best, int(saved["epoch"]))
+    return best
+
+
+def test_a_killed_worker_is_survived_and_the_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    data = load_dataset("sklearn:digits")
+    teacher = quick_teacher(data.x["train"] * data.std + data.mean, data.y["train"])  # raw features
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    epochs = 60
+    spec = workflow(**{"teacher": {"model": "mlp", "params": {"hidden": [64]}, "checkpoint": str(tmp_path / "teacher.pt")},
+                       "student.params": {"hidden": [256, 256]}, "train.batch_size": 16, "train.epochs": epochs,
+                       "train.checkpoint_every": 1, "train.max_failures": 1})
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
+    with open(tmp_path / "out.json", "w") as out, open(tmp_path / "err.log", "w") as err:
+        # its own session and its own Ray: the kill below can only reach this run's worker
+        proc = subprocess.Popen([str(BIN / "kdflow"), "run", "wf.yaml", "--json"], cwd=tmp_path, stdout=out,
+                                stderr=err, start_new_session=True, env={**os.environ})
+        try:
+            ckpt_root = tmp_path / ".kdflow" / "checkpoints"
+            deadline = time.monotonic() + 300
+            while (seen := newest_checkpoint_epoch(ckpt_root)) < 4:
+                assert proc.poll() is None, (tmp_path / "err.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint of epoch 4 within 300 s"
+                time.sleep(0.02)
+            workers = [pid for pid, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd]
+            assert len(workers) == 1, descendants(proc.pid)
+            os.kill(workers[0], signal.SIGKILL)
+            killed_at = time.monotonic()
+            seen_after = newest_checkpoint_epoch(ckpt_root)
+            assert seen_after < epochs, "the run had finished before the kill"
+            assert proc.wait(timeout=300) == 0, (tmp_path / "err.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert not alive(workers[0])
+    student = json.loads((tmp_path / "out.json").read_text())["student"]
+    resumed = student["resumed_from"]
+    # It resumed from a checkpoint, not from scratch: at most two behind the newest written at the kill
+    # (reports go out in the background, one in flight; see docs/training.md).
+    assert resumed is not None and 2 <= resumed <= seen_after, (resumed, seen, seen_after)
+    assert resumed >= seen - 2, (resumed, seen)
+    assert student["epochs"] == epochs and student["stop_reason"] == "completed"
+    log = (tmp_path / "err.log").read_text()
+    assert f"resumed from the checkpoint after epoch {resumed}" in log
+    assert time.monotonic() - killed_at < 300
+
+    # every epoch's metrics reached MLflow once, with step = epoch, across the restart
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / '.kdflow' / 'mlflow.db'}")
+    run_id = json.loads((tmp_path / "out.json").read_text())["mlflow"]["run_id"]
+    for name in ("train_loss", "train_kd", "train_ce", "val_accuracy", "val_agreement", "samples_per_s"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, name))
+        assert steps == list(range(1, epochs + 1)), name
