@@ -1,0 +1,135 @@
+"""Soft-target precompute throughput: the Ray-task path against a plain in-process loop.
+
+The same teacher and the same rows go through
+  - a plain ``torch.no_grad()`` loop in this process (batches of 4096, torch's default threads, then 1),
+  - the same loop plus what the store adds per shard (Parquet encode + zstd + atomic write), in-process,
+  - ``SoftTargetStore.precompute``: one Ray task per shard, at most W tasks at once (W = 1, 2), each task
+    with 1 torch thread, writing Parquet shards and the manifest to a local folder.
+Rows/s is rows / wall time of the whole call; the Ray columns include ray.put of the rows, scheduling,
+the shard writes and the manifest, on a Ray that is already started with warm workers (a first call is
+made and discarded). Median of REPEATS.
+
+Run from the repository root: ``python benchmarks/bench_precompute.py [--rows N] [--repeats R]``
+(a markdown table on stdout, progress on stderr; ~2 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.models import build_model, num_params
+from tasks.soft_targets import SPLITS, SoftTargetStore, encode_rows, shard_name, shard_ranges, teacher_forward
+from tasks.storage import Storage
+
+TEACHERS = {
+    "cnn1d 28k (mnist1d-transfer teacher)": ("cnn1d", {"channels": [36, 36, 36], "kernel_size": 5, "stride": 1}),
+    "mlp 40-256-256-10": ("mlp", {"hidden": [256, 256]}),
+}
+FEATURES, CLASSES, SHARDS = 40, 10, 8
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median_time(repeats: int, fn: Callable[..., object], *args: object) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def plain_loop(teacher: torch.nn.Module, x: np.ndarray, batch: int = 4096) -> None:
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            teacher(torch.from_numpy(x[i:i + batch]))
+
+
+def plain_loop_with_writes(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, folder: str) -> None:
+    storage = Storage(folder)
+    for i, (a, b) in enumerate(shard_ranges(len(y), SHARDS)):
+        logits = teacher_forward([teacher], x[a:b], "mean_probs")
+        storage.write_bytes(storage.path(shard_name("train", i, SHARDS)),
+                            encode_rows(np.arange(a, b), x[a:b], y[a:b], logits, "logits", "float16", None))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_path(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, folder: str, workers: int) -> dict:
+    empty = (np.zeros((0, FEATURES), np.float32), np.zeros(0, np.int64))
+    splits = {s: empty for s in SPLITS} | {"train": (x, y)}
+    out = SoftTargetStore(Storage(folder)).precompute(
+        "bench", [teacher], splits, shards=SHARDS, format="logits", dtype="float16", top_k=None,
+        ensemble="mean_probs", meta={}, workers=workers)
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=50_000)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    import ray
+
+    from orchestrator.runtime import ensure_ray
+
+    ensure_ray()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.rows, FEATURES)).astype(np.float32)  # standardized features, as the store sees them
+    y = rng.integers(0, CLASSES, args.rows)
+    tmp = tempfile.mkdtemp(prefix="bench-precompute-")
+    rows = []
+    default_threads = torch.get_num_threads()
+    for name, (family, params) in TEACHERS.items():
+        torch.manual_seed(0)
+        teacher = build_model(family, params, FEATURES, CLASSES).eval()
+        log(f"{name}: {num_params(teacher)} params, {args.rows} rows")
+        result = {"teacher": name, "params": num_params(teacher)}
+        torch.set_num_threads(default_threads)
+        result[f"plain loop ({default_threads} threads)"] = median_time(args.repeats, plain_loop, teacher, x)
+        torch.set_num_threads(1)
+        result["plain loop (1 thread)"] = median_time(args.repeats, plain_loop, teacher, x)
+        result["plain loop + shard writes (1 thread)"] = median_time(
+            args.repeats, plain_loop_with_writes, teacher, x, y, os.path.join(tmp, "plain"))
+        torch.set_num_threads(default_threads)
+        for workers in (1, 2):
+            ray_path(teacher, x, y, os.path.join(tmp, "warm"), workers)  # start and warm the workers
+            result[f"Ray tasks, {workers} worker(s)"] = median_time(
+                args.repeats, ray_path, teacher, x, y, os.path.join(tmp, "ray"), workers)
+        rows.append(result)
+        log(json.dumps(result))
+    shutil.rmtree(tmp, ignore_errors=True)
+    ray.shutdown()
+
+    base = f"plain loop ({default_threads} threads)"
+    columns = [base, "plain loop (1 thread)", "plain loop + shard writes (1 thread)", "Ray tasks, 1 worker(s)",
+               "Ray tasks, 2 worker(s)"]
+    print(f"rows: {args.rows}, shards: {SHARDS}, repeats: {args.repeats} (median), cpus: {os.cpu_count()}, "
+          f"load average at the end: {os.getloadavg()[0]:.1f}\n")
+    print("| teacher | params | path | rows/s | / plain loop |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        for c in columns:
+            print(f"| {r['teacher']} | {r['params']:,} | {c} | {args.rows / r[c]:,.0f} | {r[base] / r[c]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

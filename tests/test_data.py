@@ -1,0 +1,116 @@
+"""Datasets: built-ins with generated transfer rows, the user's Parquet tables, fingerprints, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.errors import UserError
+from tasks.data import load_dataset
+from tests.conftest import kdflow
+from tests.helpers import write_workflow
+
+
+def test_mnist1d_transfer_rows_are_new_unlabeled_rows_that_leave_the_labeled_splits_alone() -> None:
+    plain = load_dataset("mnist1d", val=0.1, test=0.2)
+    extra = load_dataset("mnist1d", val=0.1, test=0.2, transfer=300)
+
+    assert {k: plain.rows(k) for k in plain.y} == {"train": 3500, "val": 500, "test": 1000}
+    assert extra.rows("transfer") == 300 and (extra.y["transfer"] == -1).all()
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(extra.x[split], plain.x[split])
+        np.testing.assert_array_equal(extra.y[split], plain.y[split])
+    np.testing.assert_array_equal(extra.mean, plain.mean)  # standardized with the labeled train rows only
+    labeled = np.concatenate([plain.x[s] for s in ("train", "val", "test")])
+    assert not (extra.x["transfer"][:, None, :] == labeled[None, :, :]).all(-1).any()  # no row is a copy
+    assert len(np.unique(extra.x["transfer"], axis=0)) == 300
+
+    # the soft targets depend on the transfer rows; a teacher trained here does not
+    assert extra.fingerprint != plain.fingerprint
+    assert extra.labeled_fingerprint == plain.labeled_fingerprint == plain.fingerprint
+    again = load_dataset("mnist1d", val=0.1, test=0.2, transfer=300)
+    assert again.fingerprint == extra.fingerprint
+    assert load_dataset("mnist1d", val=0.1, test=0.2, transfer=301).fingerprint != extra.fingerprint
+
+
+def test_split_seed_and_limit_change_the_fingerprint() -> None:
+    base = load_dataset("sklearn:digits")
+    assert load_dataset("sklearn:digits").fingerprint == base.fingerprint
+    assert len({base.fingerprint, load_dataset("sklearn:digits", seed=1).fingerprint,
+                load_dataset("sklearn:digits", val=0.2).fingerprint,
+                load_dataset("sklearn:digits", limit=1000).fingerprint}) == 4
+
+
+def write_table(path: Path, rows: int, seed: int = 0, label: bool = True, order: list[str] | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    cols = {"f0": rng.normal(size=rows), "f1": rng.normal(size=rows).astype(np.float32),
+            "f2": rng.integers(0, 5, rows), "name": [f"r{i}" for i in range(rows)]}
+    if label:
+        cols["label"] = rng.choice(["cat", "dog", "eel"], rows)
+    table = pa.table(cols)
+    pq.write_table(table.select(order) if order else table, path)
+
+
+def test_parquet_transfer_rows_use_the_labeled_tables_feature_columns(tmp_path: Path) -> None:
+    write_table(tmp_path / "part-0.parquet", 120, seed=0)
+    write_table(tmp_path / "part-1.parquet", 80, seed=1)
+    # the transfer table: other column order, no label, the string column still there
+    write_table(tmp_path / "unlabeled.parquet", 50, seed=2, label=False, order=["name", "f2", "f1", "f0"])
+
+    d = load_dataset(str(tmp_path / "part-*.parquet"), transfer=str(tmp_path / "unlabeled.parquet"))
+    assert d.num_features == 3 and d.classes == ["cat", "dog", "eel"] and d.num_classes == 3
+    assert sum(d.rows(s) for s in ("train", "val", "test")) == 200 and d.rows("transfer") == 50
+    raw = pq.read_table(tmp_path / "unlabeled.parquet")
+    want = np.stack([raw.column(c).to_numpy().astype(np.float32) for c in ("f0", "f1", "f2")], axis=1)
+    np.testing.assert_allclose(d.x["transfer"], (want - d.mean) / d.std, rtol=1e-6, atol=1e-6)
+
+    listed = load_dataset(str(tmp_path / "part-*.parquet"), features=["f2", "f0"])
+    assert listed.num_features == 2
+
+
+def test_parquet_array_column_features(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 7)).astype(np.float32)
+    pq.write_table(pa.table({"pixels": list(x), "label": rng.integers(0, 3, 60)}), tmp_path / "t.parquet")
+    d = load_dataset(str(tmp_path / "t.parquet"), features="pixels")
+    assert d.num_features == 7
+    restored = np.concatenate([d.x[s] for s in ("train", "val", "test")]) * d.std + d.mean
+    np.testing.assert_allclose(np.sort(restored, axis=0), np.sort(x, axis=0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,where,message", [
+    ({"source": "PARQUET", "label": "kind"}, "data.label", "label column 'kind' not in the table"),
+    ({"source": "PARQUET", "features": ["f0", "nope"]}, "data.features", "columns not in the table: ['nope']"),
+    ({"source": "PARQUET", "features": ["f0", "name"]}, "data.features", "column 'name' is string, not numeric"),
+    ({"source": "PARQUET", "features": "f0"}, "data.features", "not a list/array column"),
+    ({"source": "PARQUET", "transfer": 100}, "data.transfer", "transfer is a Parquet source too"),
+    ({"source": "PARQUET", "transfer": "NARROW"}, "data.transfer", "lack the feature columns ['f1', 'f2']"),
+    ({"source": "DIR/none-*.parquet"}, "data.source", "no files match"),
+    ({"source": "DIR/missing.parquet"}, "data.source", "no such file or folder"),
+    ({"source": "DIR/not-parquet.parquet"}, "data.source", "cannot read Parquet"),
+    ({"source": "sklearn:digits", "transfer": 100}, "data.transfer", "no generator for transfer rows"),
+    ({"source": "mnist1d", "transfer": "x.parquet"}, "data.transfer", "a number of extra generated rows"),
+    ({"source": "imagenet"}, "data.source", "unknown source 'imagenet'"),
+])
+def test_bad_data_input_names_the_key(tmp_path: Path, kwargs: dict, where: str, message: str) -> None:
+    write_table(tmp_path / "t.parquet", 40)
+    pq.write_table(pa.table({"f0": [1.0] * 40, "label": [0, 1] * 20}), tmp_path / "narrow.parquet")
+    (tmp_path / "not-parquet.parquet").write_text("hello")
+    paths = {"PARQUET": str(tmp_path / "t.parquet"), "NARROW": str(tmp_path / "narrow.parquet")}
+    kwargs = {k: paths.get(v, v.replace("DIR", str(tmp_path))) if isinstance(v, str) else v
+              for k, v in kwargs.items()}
+    with pytest.raises(UserError) as err:
+        load_dataset(**kwargs)
+    assert err.value.where == where and message in str(err.value)
+
+
+def test_missing_parquet_source_exits_2_through_the_cli(workdir: Path) -> None:
+    wf = write_workflow(workdir, **{"data.source": str(workdir / "nowhere" / "*.parquet")})
+    proc = kdflow("run", str(wf), cwd=workdir)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert f"data.source: no files match '{workdir}/nowhere/*.parquet'" in proc.stderr

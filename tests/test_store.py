@@ -1,0 +1,519 @@
+"""The soft-target store: content-addressed, resumable, checked on every read, on a real local Ray.
+
+Teachers that count, fail or crawl are classes defined inside the tests, so Ray ships them by value
+and no production code carries a test hook. The killed-precompute test kills a real process group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import pytest
+import torch
+
+from orchestrator import stages
+from orchestrator.errors import UserError
+from orchestrator.spec import Workflow
+from tasks import data as data_module
+from tasks.data import load_dataset
+from tasks.models import weights_digest
+from tasks.soft_targets import SPLITS, ShardFailed, SoftTargetStore, cache_key, teacher_logits
+from tasks.storage import Storage
+from tests.conftest import REPO, kdflow
+from tests.helpers import workflow, write_workflow
+
+# Ray ships the test-only teachers below by value: workers need not import this module
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def digits_splits(val: float = 0.15) -> tuple[Any, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    d = load_dataset("sklearn:digits", val=val)
+    return d, {s: (d.x[s], d.y[s]) for s in SPLITS}
+
+
+def linear_teacher(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(64, 10)
+
+
+def shard_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.parquet") if ".tmp-" not in p.name)
+
+
+def all_row_ids(store: SoftTargetStore, manifest: dict[str, Any]) -> np.ndarray:
+    return np.concatenate([store.read(manifest, s).row_id.numpy() for s in SPLITS if manifest["splits"][s]["rows"]])
+
+
+# ---------------------------------------------------------------- formats and row ids
+
+
+@pytest.mark.parametrize("format,dtype,top_k,val,atol", [
+    ("logits", "float32", None, 0.15, 1e-6),
+    ("logits", "float16", None, 0.15, 5e-3),
+    ("logits", "bfloat16", None, 0.0, 3e-2),  # an empty val split too
+    ("topk", "float16", 3, 0.15, 5e-3),
+])
+def test_each_format_round_trips_raw_logits_with_every_row_once(ray_session: None, workdir: Path, format: str,
+                                                                 dtype: str, top_k: int | None, val: float,
+                                                                 atol: float) -> None:
+    _, splits = digits_splits(val)
+    teacher = linear_teacher()
+    store = SoftTargetStore(Storage(".kdflow"))
+    m = store.precompute("k1", [teacher], splits, shards=3, format=format, dtype=dtype, top_k=top_k,
+                         ensemble="mean_probs", meta={"num_classes": 10})
+
+    assert m["reused"] is False and m["computed_shards"] == len(shard_files(workdir)) == 3 + (val > 0) + 1
+    assert m["forward_rows"] == m["rows"] == 1797
+    np.testing.assert_array_equal(np.sort(all_row_ids(store, m)), np.arange(1797))
+    assert len(np.unique(all_row_ids(store, m))) == 1797
+    for split in SPLITS:
+        for shard in m["splits"][split]["shards"]:
+            path = workdir / ".kdflow" / "soft_targets" / "k1" / shard["path"]
+            assert path.stat().st_size == shard["bytes"] and shard["rows"] == shard["row_stop"] - shard["row_start"]
+        if not len(splits[split][1]):
+            assert m["splits"][split] == {"rows": 0, "shards": []}
+            continue
+        batch = store.read(m, split)
+        np.testing.assert_array_equal(batch.x.numpy(), splits[split][0])
+        np.testing.assert_array_equal(batch.y.numpy(), splits[split][1])
+        with torch.no_grad():
+            want = teacher(torch.from_numpy(splits[split][0]))  # T=1: no temperature in the store
+        got = teacher_logits(batch.targets, 10)
+        if format == "logits":
+            torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+        else:
+            top = want.topk(top_k).values
+            torch.testing.assert_close(got.topk(top_k).values, top, atol=atol, rtol=atol)
+            torch.testing.assert_close(torch.logsumexp(got, -1), torch.logsumexp(want, -1), atol=1e-2, rtol=1e-3)
+    # a slice in the middle reads only what it asks for, in order
+    part = store.read(m, "train", 100, 900)
+    np.testing.assert_array_equal(part.row_id.numpy(), np.arange(100, 900))
+
+
+# ---------------------------------------------------------------- cache key, reuse, ensemble (the stage)
+
+
+class Counting(torch.nn.Module):
+    """Appends the size of every forward batch to a file: counts teacher forwards across Ray workers."""
+
+    def __init__(self, log: str, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Linear(64, 10)
+        self.log = log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with open(self.log, "a") as f:
+            f.write(f"{x.shape[0]}\n")
+        return self.net(x)
+
+
+def forwarded_rows(log: Path) -> int:
+    return sum(int(n) for n in log.read_text().split()) if log.exists() else 0
+
+
+def stage_teachers(models: list[torch.nn.Module]) -> list[stages.Teacher]:
+    return [stages.Teacher(m, f"test:{i}", weights_digest(m)) for i, m in enumerate(models)]
+
+
+def test_rerun_reuses_soft_targets_with_no_teacher_forward(ray_session: None, workdir: Path) -> None:
+    spec = Workflow.model_validate(workflow())
+    storage = stages.storage_for(spec)
+    data = stages.load_data(spec, storage)
+    log = workdir / "forwards.log"
+    teachers = stage_teachers([Counting(str(log))])
+
+    first = stages.soft_targets(spec, data, teachers, storage)
+    assert first["reused"] is False and forwarded_rows(log) == first["forward_rows"] == 1797
+    second = stages.soft_targets(spec, data, teachers, storage)
+    assert second["reused"] is True and second["forward_rows"] == 0 and second["computed_shards"] == 0
+    assert forwarded_rows(log) == 1797  # the teacher never ran again
+    assert second["key"] == first["key"]
+    # a search over temperature or alpha reuses the same targets
+    hot = Workflow.model_validate(workflow(**{"distill.temperature": 9.0, "distill.alpha": 0.2}))
+    assert stages.soft_target_key(hot, data, teachers) == first["key"]
+
+
+def test_each_input_of_the_soft_targets_changes_the_key(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def key(teachers: list[torch.nn.Module] | None = None, **overrides: Any) -> str:
+        spec = Workflow.model_validate(workflow(**overrides))
+        data = stages.load_data(spec, stages.storage_for(spec))
+        return stages.soft_target_key(spec, data, stage_teachers(teachers or [linear_teacher()]))
+
+    base = key()
+    assert key() == base  # deterministic: a fresh load, a fresh teacher object
+    changed = {
+        "format": key(**{"soft_targets.format": "topk", "soft_targets.top_k": 3}),
+        "top_k": key(**{"soft_targets.format": "topk", "soft_targets.top_k": 4}),
+        "dtype": key(**{"soft_targets.dtype": "float32"}),
+        "split": key(**{"data.split.val": 0.2}),
+        "seed (row order of the split)": key(seed=1),
+        "rows": key(**{"data.limit": 1500}),
+        "teacher weights": key([linear_teacher(seed=1)]),
+        "a second teacher": key([linear_teacher(), linear_teacher(seed=1)]),
+        "ensemble rule": key([linear_teacher(), linear_teacher(seed=1)], **{"soft_targets.ensemble": "mean_logits"}),
+    }
+    monkeypatch.setattr(data_module, "PREPROCESSING", "standardize-v2")
+    changed["preprocessing"] = key()
+    assert len(set(changed.values()) | {base}) == len(changed) + 1, changed
+    # teacher order is not an input: a mean does not care
+    assert cache_key(["a", "b"], "d", "logits", "float16", None, "mean_probs") == cache_key(
+        ["b", "a"], "d", "logits", "float16", None, "mean_probs")
+
+
+@pytest.mark.parametrize("rule", ["mean_probs", "mean_logits"])
+def test_multi_teacher_entry_stores_the_ensemble_and_records_every_teacher(ray_session: None, workdir: Path,
+                                                                          rule: str) -> None:
+    spec = Workflow.model_validate(workflow(**{"soft_targets.ensemble": rule, "soft_targets.dtype": "float32"}))
+    storage = stages.storage_for(spec)
+    data = stages.load_data(spec, storage)
+    models = [linear_teacher(0), linear_teacher(1), linear_teacher(2)]
+    m = stages.soft_targets(spec, data, stage_teachers(models), storage)
+
+    assert [t["digest"] for t in m["teachers"]] == [weights_digest(t) for t in models]
+    assert m["ensemble"] == rule
+    test = SoftTargetStore(storage).read(m, "test")
+    with torch.no_grad():
+        outs = torch.stack([t(test.x) for t in models])
+    got = teacher_logits(test.targets, 10)
+    if rule == "mean_logits":
+        torch.testing.assert_close(got, outs.mean(0), atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got.softmax(-1), outs.softmax(-1).mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_transfer_rows_are_labeled_by_the_teacher_in_the_same_precompute(ray_session: None, workdir: Path) -> None:
+    spec = Workflow.model_validate(workflow(**{"data.source": "mnist1d", "data.transfer": 300, "data.split.val": 0.1,
+                                               "data.split.test": 0.2, "soft_targets.dtype": "float32"}))
+    storage = stages.storage_for(spec)
+    data = stages.load_data(spec, storage)
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(40, 10)
+    m = stages.soft_targets(spec, data, stage_teachers([teacher]), storage)
+
+    assert m["transfer_rows"] == 300 and m["splits"]["train"]["rows"] == 3500 + 300
+    assert m["forward_rows"] == m["rows"] == 5300  # one precompute labels the transfer rows too
+    train = SoftTargetStore(storage).read(m, "train")
+    np.testing.assert_array_equal(train.y[:3500].numpy(), data.y["train"])
+    assert (train.y[3500:] == -1).all()  # unlabeled: the student gets only the distillation term on them
+    np.testing.assert_array_equal(train.x[3500:].numpy(), data.x["transfer"])
+    with torch.no_grad():
+        want = teacher(torch.from_numpy(data.x["transfer"]))
+    torch.testing.assert_close(teacher_logits(train.targets, 10)[3500:], want)
+
+
+# ---------------------------------------------------------------- task failures
+
+
+class Flaky(torch.nn.Module):
+    """Fails the first forward of every shard (once per distinct first row), then works."""
+
+    def __init__(self, marks: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(64, 10)
+        self.marks = marks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mark = Path(self.marks) / hashlib.sha256(x[0].numpy().tobytes()).hexdigest()
+        if not mark.exists():
+            mark.touch()
+            raise RuntimeError("flaky teacher: first try fails")
+        return self.net(x)
+
+
+class FailsOnSentinel(torch.nn.Module):
+    """Raises on any batch holding the sentinel feature value while the switch file exists."""
+
+    SENTINEL = 12345.0
+
+    def __init__(self, switch: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(64, 10)
+        self.switch = switch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if os.path.exists(self.switch) and bool((x == self.SENTINEL).any()):
+            raise RuntimeError("teacher cannot take this row")
+        return self.net(x)
+
+
+def test_failed_shard_tasks_are_retried(ray_session: None, workdir: Path) -> None:
+    _, splits = digits_splits()
+    (workdir / "marks").mkdir()
+    store = SoftTargetStore(Storage(".kdflow"))
+    m = store.precompute("flaky", [Flaky(str(workdir / "marks"))], splits, shards=3, format="logits",
+                         dtype="float16", top_k=None, ensemble="mean_probs", meta={}, max_retries=2)
+    assert m["computed_shards"] == 5 and len(list((workdir / "marks").iterdir())) == 5  # each failed once
+    np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
+
+
+def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ray_session: None,
+                                                                            workdir: Path) -> None:
+    _, splits = digits_splits()
+    x = splits["train"][0].copy()
+    x[700, 5] = FailsOnSentinel.SENTINEL  # row 700 of 1257: the second of three train shards
+    splits["train"] = (x, splits["train"][1])
+    switch = workdir / "failing"
+    switch.touch()
+    store = SoftTargetStore(Storage(".kdflow"))
+    teacher = FailsOnSentinel(str(switch))
+    args: dict[str, Any] = {"shards": 3, "format": "logits", "dtype": "float16", "top_k": None,
+                            "ensemble": "mean_probs", "meta": {}, "max_retries": 1}
+
+    with pytest.raises(ShardFailed) as failed:
+        store.precompute("sticky", [teacher], splits, **args)
+    message = str(failed.value)
+    assert "train/part-00001-of-00003.parquet" in message and "rows 419..837 of train" in message
+    assert "teacher cannot take this row" in message and "1 of 5" in message
+    written = shard_files(workdir)
+    assert len(written) == 4 and not any("train/part-00001" in str(p) for p in written)
+    assert store.manifest("sticky") is None
+    with pytest.raises(UserError, match="no complete manifest"):
+        store.require("sticky")
+
+    before = {p: p.stat().st_mtime_ns for p in written}
+    switch.unlink()  # the cause is fixed: the rerun computes the one missing shard
+    m = store.precompute("sticky", [teacher], splits, **args)
+    assert m["computed_shards"] == 1 and m["forward_rows"] == 838 - 419
+    assert {p: p.stat().st_mtime_ns for p in written} == before
+    np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
+
+
+# ---------------------------------------------------------------- a precompute killed for real
+
+class Slow(torch.nn.Module):
+    """One forward at a time (a file lock), each taking a while: shards land one by one, apart enough to kill."""
+
+    def __init__(self, lock: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(64, 10)
+        self.lock = lock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import fcntl
+
+        with open(self.lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            time.sleep(0.8)
+            return self.net(x)
+
+
+PRECOMPUTE_ARGS: dict[str, Any] = {"shards": 6, "format": "logits", "dtype": "float16", "top_k": None,
+                                   "ensemble": "mean_probs", "meta": {}}
+
+# the job a user's run would be: its own process, its own local Ray (no dashboard: quicker to start), the
+# same teacher and data
+PRECOMPUTE_JOB = """
+import os
+
+import ray
+
+from tasks.data import load_dataset
+from tasks.soft_targets import SPLITS, SoftTargetStore
+from tasks.storage import Storage
+from tests.test_store import PRECOMPUTE_ARGS, Slow
+
+ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+d = load_dataset("sklearn:digits")
+SoftTargetStore(Storage(".kdflow")).precompute("killed", [Slow(os.path.abspath("teacher.lock"))],
+                                               {s: (d.x[s], d.y[s]) for s in SPLITS}, **PRECOMPUTE_ARGS)
+"""
+
+
+def session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], check=False, capture_output=True, text=True).stdout
+    return [int(p) for p, s, stat in (line.split()[:3] for line in out.splitlines()) if int(s) == sid
+            and not stat.startswith("Z")]
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and everything it started (Ray puts workers in their own process groups)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    assert not session_pids(proc.pid)
+
+
+def test_killed_precompute_resumes_computing_only_the_missing_shards(ray_session: None, workdir: Path) -> None:
+    (workdir / "job.py").write_text(PRECOMPUTE_JOB)
+    entry = workdir / ".kdflow" / "soft_targets" / "killed"
+    with open(workdir / "job.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "job.py"], cwd=workdir, stdout=log, stderr=log,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while len(shard_files(entry)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, (workdir / "job.log").read_text()[-3000:]
+        finally:
+            kill_session(proc)
+    kept = {p: p.stat().st_mtime_ns for p in shard_files(entry)}
+    assert 3 <= len(kept) < 8 and not (entry / "manifest.json").exists()
+
+    _, splits = digits_splits()
+    store = SoftTargetStore(Storage(".kdflow"))
+    result = store.precompute("killed", [Slow(str(workdir / "teacher.lock"))], splits, **PRECOMPUTE_ARGS)
+    assert result["reused"] is False and result["computed_shards"] == 8 - len(kept)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the finished shards were not recomputed
+    assert result["forward_rows"] == sum(s["rows"] for sp in SPLITS for s in result["splits"][sp]["shards"]
+                                         if entry / s["path"] not in kept)
+    assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]  # a killed writer's temp file is gone
+    np.testing.assert_array_equal(all_row_ids(store, store.require("killed")), np.arange(1797))  # each row once
+
+
+# ---------------------------------------------------------------- bad input, through the real CLI
+
+
+def checkpoint_workflow(workdir: Path, **overrides: Any) -> Path:
+    """A workflow whose teacher is a checkpoint file, so no training is needed to reach the store."""
+    torch.manual_seed(0)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(64, 10)).state_dict(), workdir / "teacher.pt")
+    return write_workflow(workdir, **{"teacher": {"model": "mlp", "params": {"hidden": []},
+                                                  "checkpoint": str(workdir / "teacher.pt")},
+                                      "train.epochs": 1, **overrides})
+
+
+def stored_entry(wf: Path) -> tuple[dict[str, Any], Path]:
+    """Fill the store in-process exactly as `kdflow run wf` would."""
+    from orchestrator.spec import load_workflow
+
+    spec = load_workflow(wf)
+    storage = stages.storage_for(spec)
+    data = stages.load_data(spec, storage)
+    m = stages.soft_targets(spec, data, stages.load_teachers(spec, data, storage), storage)
+    return m, Path(stages.SoftTargetStore(storage).dir(m["key"]))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+def test_corrupted_shard_or_foreign_manifest_exits_2_naming_it_and_deletes_nothing(ray_session: None,
+                                                                                 workdir: Path) -> None:
+    wf = checkpoint_workflow(workdir)
+    m, entry = stored_entry(wf)
+    shard = entry / m["splits"]["train"]["shards"][1]["path"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = snapshot(entry)
+
+    proc = kdflow("run", str(wf), "--json", cwd=workdir)
+    assert_user_error(proc, str(shard), "checksum mismatch", f"kdflow cache rm {m['key']}")
+    assert proc.stdout == "" and snapshot(entry) == before
+
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({**manifest, "format": "topk", "top_k": 3}))
+    before = snapshot(entry)
+    proc = kdflow("run", str(wf), "--json", cwd=workdir)
+    assert_user_error(proc, str(entry / "manifest.json"), "format='topk'", "'logits'")
+    assert snapshot(entry) == before
+
+
+def test_cache_commands_list_show_verify_and_remove_entries(ray_session: None, workdir: Path) -> None:
+    wf = checkpoint_workflow(workdir)
+    m, entry = stored_entry(wf)
+
+    listed = kdflow("cache", "list", "--json", "--workflow", str(wf), cwd=workdir)
+    assert listed.returncode == 0, listed.stderr
+    [e] = json.loads(listed.stdout)
+    assert (e["key"], e["complete"], e["rows"], e["format"]) == (m["key"], True, 1797, "logits")
+    assert len(e["teachers"]) == 1
+
+    shown = kdflow("cache", "show", m["key"], cwd=workdir)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["splits"] == m["splits"]
+    assert "matches its checksum" in kdflow("cache", "verify", m["key"], cwd=workdir).stdout
+
+    # a manifest cut short (say, copied by hand) is refused, and the entry is left alone
+    full = (entry / "manifest.json").read_text()
+    (entry / "manifest.json").write_text(full[: len(full) // 2])
+    before = snapshot(entry)
+    assert_user_error(kdflow("cache", "show", m["key"], cwd=workdir), str(entry / "manifest.json"), "not valid JSON")
+    broken = json.loads(full)
+    broken["splits"]["train"]["shards"].pop(1)
+    (entry / "manifest.json").write_text(json.dumps(broken))
+    assert_user_error(kdflow("cache", "verify", m["key"], cwd=workdir), "do not tile")
+    listed = kdflow("cache", "list", cwd=workdir)
+    assert listed.returncode == 0 and "INCOMPLETE" in listed.stdout and "do not tile" in listed.stdout
+    assert {k for k in snapshot(entry)} == set(before)
+
+    removed = kdflow("cache", "rm", m["key"], cwd=workdir)
+    assert removed.returncode == 0 and not entry.exists()
+    assert_user_error(kdflow("cache", "rm", m["key"], cwd=workdir), "no soft-target entry", m["key"])
+
+
+def test_readers_refuse_an_entry_without_a_whole_manifest(ray_session: None, workdir: Path) -> None:
+    _, splits = digits_splits()
+    store = SoftTargetStore(Storage(".kdflow"))
+    m = store.precompute("whole", [linear_teacher()], splits, shards=3, format="logits", dtype="float16",
+                         top_k=None, ensemble="mean_probs", meta={"num_classes": 10})
+    path = workdir / ".kdflow" / "soft_targets" / "whole" / "manifest.json"
+    good = path.read_text()
+    cases = {
+        "version": {**m, "version": 99},
+        "key": {**m, "key": "other"},
+        "cover": {**m, "splits": {**m["splits"], "test": {**m["splits"]["test"], "rows": 300}}},
+        "checksum": {**m, "splits": {**m["splits"], "val": {"rows": m["splits"]["val"]["rows"], "shards": [
+            {k: v for k, v in m["splits"]["val"]["shards"][0].items() if k != "sha256"}]}}},
+    }
+    for needle, bad in cases.items():
+        path.write_text(json.dumps({k: v for k, v in bad.items()
+                                    if k not in ("reused", "computed_shards", "forward_rows")}))
+        with pytest.raises(UserError, match=needle) as err:
+            store.require("whole")
+        assert str(path) in str(err.value)
+    path.write_text(good)
+    assert store.require("whole")["rows"] == 1797
+    # asking a stored entry for another format is refused rather than mixed
+    with pytest.raises(UserError, match="format='logits' but the run expects 'topk'"):
+        store.precompute("whole", [linear_teacher()], splits, shards=3, format="topk", dtype="float16", top_k=3,
+                         ensemble="mean_probs", meta={})
+
+
+def test_leftover_shard_with_foreign_rows_is_recomputed_not_trusted(ray_session: None, workdir: Path) -> None:
+    _, splits = digits_splits()
+    store = SoftTargetStore(Storage(".kdflow"))
+    args: dict[str, Any] = {"shards": 3, "format": "logits", "dtype": "float16", "top_k": None,
+                            "ensemble": "mean_probs", "meta": {}}
+    store.precompute("a", [linear_teacher()], splits, **args)
+    src = workdir / ".kdflow" / "soft_targets" / "a"
+    dst = workdir / ".kdflow" / "soft_targets" / "b"
+    # an interrupted entry whose train shard 0 holds shard 1's rows (a hand copy gone wrong)
+    (dst / "train").mkdir(parents=True)
+    (dst / "train" / "part-00000-of-00003.parquet").write_bytes(
+        (src / "train" / "part-00001-of-00003.parquet").read_bytes())
+    (dst / "train" / "part-00002-of-00003.parquet").write_bytes(
+        (src / "train" / "part-00002-of-00003.parquet").read_bytes())
+    m = store.precompute("b", [linear_teacher()], splits, **args)
+    assert m["computed_shards"] == 4  # shard 2 was kept; shard 0 (foreign rows) and the rest were computed
+    np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
+
