@@ -369,6 +369,9 @@ def test_killed_precompute_resumes_computing_only_the_missing_shards(ray_session
             kill_session(proc)
     kept = {p: p.stat().st_mtime_ns for p in shard_files(entry)}
     assert 3 <= len(kept) < 8 and not (entry / "manifest.json").exists()
+    # what a writer killed mid-shard leaves (whether or not this kill caught one): never taken for a shard
+    (entry / "test").mkdir(exist_ok=True)
+    (entry / "test" / "part-00000-of-00001.parquet.tmp-0badf00d").write_bytes(b"half a shard")
 
     _, splits = digits_splits()
     store = SoftTargetStore(Storage(".kdflow"))
@@ -377,7 +380,7 @@ def test_killed_precompute_resumes_computing_only_the_missing_shards(ray_session
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the finished shards were not recomputed
     assert result["forward_rows"] == sum(s["rows"] for sp in SPLITS for s in result["splits"][sp]["shards"]
                                          if entry / s["path"] not in kept)
-    assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]  # a killed writer's temp file is gone
+    assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]  # the killed writers' temp files are gone
     np.testing.assert_array_equal(all_row_ids(store, store.require("killed")), np.arange(1797))  # each row once
 
 
