@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.models import build_model, num_params
-from tasks.soft_targets import SPLITS, SoftTargetStore, encode_rows, shard_name, shard_ranges, teacher_forward
+from tasks.shards import encode_rows
+from tasks.soft_targets import SPLITS, SoftTargetStore, shard_name, shard_ranges, teacher_forward
 from tasks.storage import Storage
 
 TEACHERS = {

@@ -1,0 +1,120 @@
+"""One shard's bytes: a block of rows (row ids, features, labels, teacher outputs) <-> a Parquet file.
+
+Teacher outputs keep their storage dtype until used: float32/float16 as Arrow floats, bfloat16 as its raw
+16 bits (Arrow has no bfloat16); top-k as values + int32 class ids + float32 tail log-mass.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tasks.target_formats import encode_topk
+
+FLOAT16_MAX = 65504.0
+
+
+def _fixed_list(arr: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    width = arr.shape[1]
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), type=value_type), width)
+
+
+def _store_array(t: torch.Tensor, dtype: str) -> pa.Array:
+    """float32/float16 as Arrow floats; bfloat16 as its raw 16 bits (Arrow has no bfloat16)."""
+    if dtype == "bfloat16":
+        return _fixed_list(t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), pa.uint16())
+    if dtype == "float16":  # an overflow would be inf, and softmax of inf is NaN
+        return _fixed_list(t.float().clamp(-FLOAT16_MAX, FLOAT16_MAX).numpy().astype(np.float16), pa.float16())
+    return _fixed_list(t.float().numpy().astype(np.float32), pa.float32())
+
+
+def _value_type(dtype: str) -> pa.DataType:
+    return {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}[dtype]
+
+
+def shard_schema_problem(schema: pa.Schema, format: str, dtype: str) -> str | None:
+    """Why a shard's columns do not hold `format` in `dtype`, or None when they do."""
+    target = "logits" if format == "logits" else "topk_values"
+    want = {"row_id", "x", "label"} | ({"logits"} if format == "logits"
+                                        else {"topk_values", "topk_indices", "tail_logmass"})
+    if set(schema.names) != want:
+        return f"columns {sorted(schema.names)}, expected {sorted(want)} for format {format!r}"
+    if schema.field(target).type.value_type != _value_type(dtype):
+        return f"{target} holds {schema.field(target).type.value_type}, expected {dtype}"
+    return None
+
+
+def _load_array(col: pa.ChunkedArray, dtype: str) -> torch.Tensor:
+    arr = col.combine_chunks()
+    width = arr.type.list_size
+    flat = arr.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+    if dtype == "bfloat16":
+        return torch.from_numpy(flat.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(flat, copy=True))
+
+
+def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
+    return np.array(table.column(name).to_numpy(), copy=True)
+
+
+def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch.Tensor, format: str,
+                dtype: str, top_k: int | None) -> bytes:
+    cols: dict[str, pa.Array] = {
+        "row_id": pa.array(row_ids, type=pa.int64()),
+        "x": _fixed_list(x.astype(np.float32), pa.float32()),
+        "label": pa.array(y, type=pa.int64()),
+    }
+    if format == "logits":
+        cols["logits"] = _store_array(logits, dtype)
+    else:
+        values, indices, tail = encode_topk(logits.float(), int(top_k or 1))
+        cols["topk_values"] = _store_array(values, dtype)
+        cols["topk_indices"] = _fixed_list(indices.numpy().astype(np.int32), pa.int32())
+        cols["tail_logmass"] = pa.array(tail.numpy().astype(np.float32), type=pa.float32())
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf, compression="zstd")
+    return buf.getvalue()
+
+
+@dataclass
+class TargetBatch:
+    """A split's rows as tensors, teacher targets kept in their stored dtype until used."""
+
+    row_id: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    targets: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def take(self, idx: torch.Tensor | slice) -> TargetBatch:
+        return TargetBatch(self.row_id[idx], self.x[idx], self.y[idx], {k: v[idx] for k, v in self.targets.items()})
+
+    @staticmethod
+    def concat(parts: list[TargetBatch]) -> TargetBatch:
+        return TargetBatch(torch.cat([p.row_id for p in parts]), torch.cat([p.x for p in parts]),
+                           torch.cat([p.y for p in parts]),
+                           {k: torch.cat([p.targets[k] for p in parts]) for k in parts[0].targets})
+
+
+def decode_rows(data: bytes, dtype: str) -> TargetBatch:
+    table = pq.read_table(io.BytesIO(data))
+    targets: dict[str, torch.Tensor] = {}
+    if "logits" in table.column_names:
+        targets["logits"] = _load_array(table.column("logits"), dtype)
+    else:
+        targets["topk_values"] = _load_array(table.column("topk_values"), dtype)
+        targets["topk_indices"] = _load_array(table.column("topk_indices"), "int32")
+        targets["tail_logmass"] = torch.from_numpy(_column_numpy(table, "tail_logmass"))
+    return TargetBatch(
+        row_id=torch.from_numpy(_column_numpy(table, "row_id")),
+        x=_load_array(table.column("x"), "float32"),
+        y=torch.from_numpy(_column_numpy(table, "label")),
+        targets=targets,
+    )
