@@ -285,13 +285,13 @@ class SoftTargetStore:
                 entry = {"path": rel, "row_start": a, "row_stop": b, "rows": b - a, "row_id_offset": offset}
                 plan[split].append(entry)
                 path = self._shard_path(key, rel)
-                data = self._reusable_shard(path, entry, format, dtype) if self.storage.exists(path) else None
-                if data is not None:
-                    entry.update(bytes=len(data), sha256=sha256_bytes(data))
-                    if on_shard:
-                        on_shard(split, i, len(ranges), True)
-                    continue
-                if self.storage.exists(path):
+                if self.storage.exists(path):  # left by an interrupted run
+                    data = self._reusable_shard(path, entry, format, dtype)
+                    if data is not None:
+                        entry.update(bytes=len(data), sha256=sha256_bytes(data))
+                        if on_shard:
+                            on_shard(split, i, len(ranges), True)
+                        continue
                     log.warning("recomputing %s: it does not hold this entry's rows", self.storage._display(path))
                 todo.append((split, i, (self.storage, path, refs[0], refs[1], a, b, offset)))
             offset += len(y)
