@@ -10,6 +10,7 @@ says why the loop looks the way it does and what each choice costs.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -275,10 +276,22 @@ class Reporter:
 # ---------------------------------------------------------------- the loop
 
 
+def quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every report at INFO (all metrics, one long line) on a logger named after its
+    file, which LoggingConfig(log_level) does not reach; keep it to warnings."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every worker. Every rank reports at every checkpoint; rank 0 attaches the checkpoint."""
     import ray.train
     import ray.train.torch
+
+    quiet_report_lines()
 
     # ---- setup: device, this worker's rows, model, optimizer, and the checkpoint to resume from
     ctx = ray.train.get_context()
@@ -311,7 +324,8 @@ def train_loop(config: dict[str, Any]) -> None:
             saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
         core.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
+        if scaler.is_enabled() and saved.get("scaler"):  # absent or empty when saved without fp16
+            scaler.load_state_dict(saved["scaler"])
         state.update({k: saved[k] for k in state if k in saved})
         state["resumed_from"] = saved["epoch"]
         if rank == 0:

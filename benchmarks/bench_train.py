@@ -1,0 +1,252 @@
+"""Student training throughput: kdflow's train stage against a plain PyTorch loop, side by side.
+
+MNIST-1D (generated offline, 4000 training rows), a 40-100-100-10 MLP student, batch 128 per worker,
+KD (kl, T=4, alpha=0.7) against float16 teacher logits read from a soft-target store, AdamW, one torch
+thread per process. Rows, measured in one run, in this order:
+
+- plain loop: one process, every tensor in memory, randperm + index per batch, the same objective.
+- kdflow `train_epoch` (the worker's own epoch function, on the worker's `Share`) and the plain loop,
+  epochs taken in turn in one process: first in the driver, then inside a Ray Train worker.
+- kdflow, N workers: `tasks.train.fit` through Ray Train, reading the store's shards; the number is
+  FitResult.samples_per_s (median epoch after the first, training steps only: no start-up, no
+  validation, no checkpoint), the figure the result JSON's student block carries.
+- plain DDP, 2 processes: torch.distributed (gloo) on two spawned processes, no Ray.
+
+Each `fit` row is compared with a plain-loop measurement taken right before and right after it
+(their mean), so that load from other processes on the machine hits both sides alike. A last run
+checkpoints every epoch to measure what a checkpoint costs the loop.
+
+Run from the repository root: ``python benchmarks/bench_train.py`` (table on stdout, progress on stderr).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tasks.data import load_dataset
+from tasks.losses import distillation_objective
+from tasks.models import build_model
+from tasks.soft_targets import SoftTargetStore, teacher_logits
+from tasks.storage import Storage
+from tasks.train import ShardSource, fit, place_share, steady_samples_per_s, train_epoch
+
+EPOCHS = 30
+BATCH = 128
+STUDENT = {"hidden": [100, 100]}
+LOSS = {"kind": "kl", "temperature": 4.0, "alpha": 0.7, "beta": 0.5}
+OPTIMIZER = {"name": "adamw", "lr": 3e-3}
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_store(root: str) -> tuple[Storage, dict[str, Any]]:
+    """MNIST-1D split 80/10/10 (4000 training rows), a teacher trained in-process, logits in 4 shards."""
+    data = load_dataset("mnist1d", val=0.1, test=0.1)
+    torch.manual_seed(0)
+    teacher = build_model("mlp", {"hidden": [256, 256]}, data.num_features, data.num_classes)
+    opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
+    x, y = torch.from_numpy(data.x["train"]), torch.from_numpy(data.y["train"])
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(teacher(x), y).backward()
+        opt.step()
+    storage = Storage(root)
+    splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
+    manifest = SoftTargetStore(storage).precompute(
+        "bench", [teacher.eval()], splits, shards=4, format="logits", dtype="float16", top_k=None,
+        ensemble="mean_probs", meta={"num_classes": data.num_classes, "num_features": data.num_features})
+    return storage, manifest
+
+
+def rows_in_memory(storage: Storage, manifest: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = SoftTargetStore(storage).read(manifest, "train")
+    return rows.x, rows.y, teacher_logits(rows.targets, manifest["num_classes"])
+
+
+def student(manifest: dict[str, Any]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("mlp", STUDENT, manifest["num_features"], manifest["num_classes"])
+
+
+def plain_loop(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, model: torch.nn.Module, rank: int = 0,
+               world: int = 1, opt: torch.optim.Optimizer | None = None, epochs: int = EPOCHS) -> list[float]:
+    """The loop a person writes by hand; samples/s of each epoch (all processes together)."""
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=OPTIMIZER["lr"])
+    gen = torch.Generator().manual_seed(rank)
+    rates = []
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        total = torch.zeros(())
+        t0 = time.perf_counter()
+        for s in range(0, len(order), BATCH):
+            idx = order[s:s + BATCH]
+            loss, _ = distillation_objective(model(x[idx]), t[idx], y[idx], loss=LOSS["kind"],
+                                             temperature=LOSS["temperature"], alpha=LOSS["alpha"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        rates.append(len(order) * world / (time.perf_counter() - t0))
+        assert math.isfinite(float(total))
+    return rates
+
+
+def plain(storage: Storage, manifest: dict[str, Any]) -> float:
+    torch.set_num_threads(1)
+    x, y, t = rows_in_memory(storage, manifest)
+    return statistics.median(plain_loop(x, y, t, student(manifest))[1:])
+
+
+def alternating(config: dict[str, Any]) -> dict[str, float]:
+    """Epochs of the plain loop and of the worker's own `train_epoch` taken in turn, in this process.
+
+    Run in the driver and, as a Ray Train function, inside a worker: the two columns then share the
+    process, the moment and the load, so their ratio is the loop's own overhead.
+    """
+    storage, manifest = config["storage"], config["manifest"]
+    torch.set_num_threads(1)
+    x, y, t = rows_in_memory(storage, manifest)
+    share = place_share(SoftTargetStore(storage).read(manifest, "train"), manifest["num_classes"], torch.device("cpu"))
+    plain_model, kdflow_model = student(manifest), student(manifest)
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=OPTIMIZER["lr"])
+    kdflow_opt = torch.optim.AdamW(kdflow_model.parameters(), lr=OPTIMIZER["lr"])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    gen = torch.Generator().manual_seed(1)
+    rates: dict[str, list[float]] = {"plain": [], "kdflow": []}
+    for _ in range(EPOCHS):
+        rates["plain"] += plain_loop(x, y, t, plain_model, opt=plain_opt, epochs=1)
+        order = torch.randperm(len(share), generator=gen)
+        t0 = time.perf_counter()
+        train_epoch(kdflow_model, kdflow_opt, scaler, share, order, BATCH, LOSS, "fp32").tolist()
+        rates["kdflow"].append(len(order) / (time.perf_counter() - t0))
+    return {k: statistics.median(v[1:]) for k, v in rates.items()}
+
+
+def alternating_in_a_worker(storage: Storage, manifest: dict[str, Any]) -> dict[str, float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(alternating, train_loop_config={"storage": storage, "manifest": manifest},
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
+                           run_config=RunConfig(storage_path=storage.path("checkpoints"),
+                                                name=f"bench-alternating-{time.time_ns()}"))
+    return trainer.fit().return_value
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, manifest: dict[str, Any], out: Any) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y, t = rows_in_memory(Storage(root), manifest)
+    n = len(y) // world
+    part = slice(rank * n, (rank + 1) * n)
+    model = torch.nn.parallel.DistributedDataParallel(student(manifest))
+    rates = plain_loop(x[part], y[part], t[part], model, rank, world)
+    if rank == 0:
+        out.put(statistics.median(rates[1:]))
+    dist.destroy_process_group()
+
+
+def plain_ddp(storage: Storage, manifest: dict[str, Any], world: int = 2) -> float:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, storage.root, manifest, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    rate = out.get(timeout=300)
+    for p in procs:
+        p.join()
+    return rate
+
+
+def kdflow(storage: Storage, manifest: dict[str, Any], workers: int, **extra: Any) -> Any:
+    config = {"label": "student", "model": "mlp", "params": STUDENT, "num_features": manifest["num_features"],
+              "num_classes": manifest["num_classes"], "seed": 0, "epochs": EPOCHS, "batch_size": BATCH,
+              "optimizer": OPTIMIZER, "precision": "fp32", "loss": LOSS, "early_stopping": None,
+              "data": ShardSource(storage, manifest, "train"), "val": ShardSource(storage, manifest, "val"),
+              "checkpoint_every": None, "checkpoint_interval_s": 30.0, **extra}
+    t0 = time.perf_counter()
+    result = fit(config, workers=workers, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, storage=storage,
+                 run_name=f"bench-{workers}w-{time.time_ns()}", max_failures=0)
+    progress(f"  fit() with {workers} worker(s): {time.perf_counter() - t0:.1f} s wall, "
+             f"steady {result.samples_per_s:,.0f} samples/s")
+    assert result.samples_per_s == steady_samples_per_s(result.history)
+    return result
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    from orchestrator.runtime import ensure_ray
+
+    t_start = time.perf_counter()
+    ensure_ray()
+    root = tempfile.mkdtemp(prefix="kdflow-bench-train-")
+    storage, manifest = make_store(root)
+    rows = manifest["splits"]["train"]["rows"]
+    progress(f"store ready: {rows} training rows, {len(manifest['splits']['train']['shards'])} shards")
+
+    def around(label: str, run: Any) -> tuple[float, float]:
+        before = plain(storage, manifest)
+        value = run()
+        after = plain(storage, manifest)
+        progress(f"{label}: {value:,.0f} samples/s; plain before {before:,.0f}, after {after:,.0f}")
+        return value, (before + after) / 2
+
+    here = alternating({"storage": storage, "manifest": manifest})
+    progress(f"alternating epochs, driver: {here}")
+    there = alternating_in_a_worker(storage, manifest)
+    progress(f"alternating epochs, inside a Ray Train worker: {there}")
+    table = [("kdflow `train_epoch`, driver process, epochs alternating with the plain loop",
+              here["kdflow"], here["plain"], "plain loop, same process"),
+             ("plain loop inside a Ray Train worker", there["plain"], here["plain"], "plain loop, driver"),
+             ("kdflow `train_epoch` inside a Ray Train worker, alternating with the plain loop",
+              there["kdflow"], there["plain"], "plain loop, same worker")]
+    value, base = around("kdflow, 1 worker", lambda: kdflow(storage, manifest, 1).samples_per_s)
+    table.append(("**kdflow train stage, 1 worker** (`fit`, shards, validation, checkpoint)", value, base,
+                  "plain loop, driver, before/after"))
+    ddp, base = around("plain DDP, 2 processes", lambda: plain_ddp(storage, manifest))
+    table.append(("plain DDP loop, 2 processes (gloo), no Ray", ddp, base, "plain loop, driver, before/after"))
+    value, base = around("kdflow, 2 workers", lambda: kdflow(storage, manifest, 2).samples_per_s)
+    table.append(("**kdflow train stage, 2 workers** (gloo DDP)", value, base, "plain loop, driver, before/after"))
+    table.append(("kdflow train stage, 2 workers, against plain DDP", value, ddp, "plain DDP, 2 processes"))
+
+    every = kdflow(storage, manifest, 1, checkpoint_every=1)
+    epoch_s = statistics.median(h["epoch_s"] for h in every.history[1:])
+    per_ckpt = every.checkpoint_s / max(1, every.checkpoints)
+
+    print(f"MNIST-1D {rows} training rows, MLP 40-100-100-10 ({sum(p.numel() for p in student(manifest).parameters())}"
+          f" params), batch {BATCH} per worker, 1 torch thread per process, {EPOCHS} epochs; "
+          f"steady state = median epoch after the first, training steps only.\n")
+    print("| path | samples/s | against | its samples/s | ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, value, base, against in table:
+        print(f"| {label} | {value:,.0f} | {against} | {base:,.0f} | {value / base:.2f} |")
+    print(f"\nCheckpoint every epoch (1 worker): {every.checkpoints} checkpoints cost the loop "
+          f"{every.checkpoint_s:.2f} s, {per_ckpt * 1000:.0f} ms each, against a median training epoch of "
+          f"{epoch_s * 1000:.1f} ms ({per_ckpt / epoch_s:.1f}x an epoch).")
+    print(f"\nTotal {time.perf_counter() - t_start:.0f} s; load average at the end "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs.")
+
+
+if __name__ == "__main__":
+    main()
