@@ -7,7 +7,8 @@ The same teacher and the same rows go through
     with 1 torch thread, writing Parquet shards and the manifest to a local folder.
 Rows/s is rows / wall time of the whole call; the Ray columns include ray.put of the rows, scheduling,
 the shard writes and the manifest, on a Ray that is already started with warm workers (a first call is
-made and discarded). Median of REPEATS.
+made and discarded). Each of REPEATS rounds runs every path once, in turn, so that a change in the
+machine's load hits all paths alike; the table gives the median per path.
 
 Run from the repository root: ``python benchmarks/bench_precompute.py [--rows N] [--repeats R]``
 (a markdown table on stdout, progress on stderr; ~2 min on 2 cores).
@@ -97,39 +98,49 @@ def main() -> None:
     x = rng.normal(size=(args.rows, FEATURES)).astype(np.float32)  # standardized features, as the store sees them
     y = rng.integers(0, CLASSES, args.rows)
     tmp = tempfile.mkdtemp(prefix="bench-precompute-")
-    rows = []
     default_threads = torch.get_num_threads()
+    base = f"plain loop ({default_threads} threads)"
+    loads = [os.getloadavg()[0]]
+    rows = []
     for name, (family, params) in TEACHERS.items():
         torch.manual_seed(0)
         teacher = build_model(family, params, FEATURES, CLASSES).eval()
         log(f"{name}: {num_params(teacher)} params, {args.rows} rows")
-        result = {"teacher": name, "params": num_params(teacher)}
+        paths: dict[str, tuple[int, Callable[..., object], tuple[object, ...]]] = {
+            base: (default_threads, plain_loop, (teacher, x)),
+            "plain loop (1 thread)": (1, plain_loop, (teacher, x)),
+            "plain loop + shard writes (1 thread)": (
+                1, plain_loop_with_writes, (teacher, x, y, os.path.join(tmp, "plain"))),
+            **{f"Ray tasks, {w} worker(s)": (default_threads, ray_path, (teacher, x, y, os.path.join(tmp, "ray"), w))
+               for w in (1, 2)},
+        }
+        for w in (1, 2):
+            ray_path(teacher, x, y, os.path.join(tmp, "warm"), w)  # start and warm the workers
+        # rounds that take each path in turn, so a change in the machine's load hits every path alike
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(args.repeats):
+            for label, (threads, fn, fn_args) in paths.items():
+                torch.set_num_threads(threads)
+                times[label].append(median_time(1, fn, *fn_args))
         torch.set_num_threads(default_threads)
-        result[f"plain loop ({default_threads} threads)"] = median_time(args.repeats, plain_loop, teacher, x)
-        torch.set_num_threads(1)
-        result["plain loop (1 thread)"] = median_time(args.repeats, plain_loop, teacher, x)
-        result["plain loop + shard writes (1 thread)"] = median_time(
-            args.repeats, plain_loop_with_writes, teacher, x, y, os.path.join(tmp, "plain"))
-        torch.set_num_threads(default_threads)
-        for workers in (1, 2):
-            ray_path(teacher, x, y, os.path.join(tmp, "warm"), workers)  # start and warm the workers
-            result[f"Ray tasks, {workers} worker(s)"] = median_time(
-                args.repeats, ray_path, teacher, x, y, os.path.join(tmp, "ray"), workers)
+        result = {"teacher": name, "params": num_params(teacher),
+                  **{k: statistics.median(v) for k, v in times.items()}}
         rows.append(result)
+        loads.append(os.getloadavg()[0])
         log(json.dumps(result))
     shutil.rmtree(tmp, ignore_errors=True)
     ray.shutdown()
 
-    base = f"plain loop ({default_threads} threads)"
-    columns = [base, "plain loop (1 thread)", "plain loop + shard writes (1 thread)", "Ray tasks, 1 worker(s)",
-               "Ray tasks, 2 worker(s)"]
+    columns = list(paths)
     print(f"rows: {args.rows}, shards: {SHARDS}, repeats: {args.repeats} (median), cpus: {os.cpu_count()}, "
-          f"load average at the end: {os.getloadavg()[0]:.1f}\n")
-    print("| teacher | params | path | rows/s | / plain loop |")
-    print("| --- | --- | --- | --- | --- |")
+          f"1-min load average at start/after each teacher: {' / '.join(f'{v:.1f}' for v in loads)}\n")
+    single = "plain loop (1 thread)"
+    print(f"| teacher | params | path | rows/s | / {base} | / {single} |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         for c in columns:
-            print(f"| {r['teacher']} | {r['params']:,} | {c} | {args.rows / r[c]:,.0f} | {r[base] / r[c]:.2f} |")
+            print(f"| {r['teacher']} | {r['params']:,} | {c} | {args.rows / r[c]:,.0f} | {r[base] / r[c]:.2f} "
+                  f"| {r[single] / r[c]:.2f} |")
 
 
 if __name__ == "__main__":
