@@ -1,0 +1,394 @@
+"""Distillation-aware hyperparameter search: an Optuna study in the driver, each trial a Ray Train run.
+
+`concurrency` driver threads each run `study.optimize(objective, n_trials=1)` until the study has its
+trials; each objective trains one student with `stages.train_student` (a TorchTrainer with
+`train.workers` workers), reading the soft targets the pipeline computed once. Per-epoch values reach
+the pruner through a small Ray actor (`study.TrialMonitor`). The study lives in an Optuna storage
+(sqlite under the storage root by default), so rerunning an interrupted workflow finds it, keeps its
+finished trials and runs only the missing ones. Each finished trial's best weights go to
+`search/<study>/trial-N.pt` under the storage root; the chosen student is restored from there. MLflow
+gets a nested run per trial and the study's plots on the workflow's run (`search_tracking.py`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import threading
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator import progress, stages
+from orchestrator.errors import UserError
+from orchestrator.search_tracking import TrialRuns, write_plots
+from orchestrator.selection import Candidate, pareto_front, select_trial
+from orchestrator.spec import CategoricalParam, FloatParam, IntParam, Workflow, set_dotted
+from orchestrator.study import (
+    display_url,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    start_monitor,
+    storage_url,
+    study_name,
+)
+from tasks.models import build_model, num_params
+from tasks.storage import Storage
+from tasks.train import FitResult
+
+PRIMITIVE = (type(None), bool, int, float, str)  # what Optuna's CategoricalDistribution can hold
+
+
+@dataclass
+class SearchOutcome:
+    summary: dict[str, Any]  # the result JSON's "search" section
+    spec: Workflow  # the chosen trial's full workflow
+    result: FitResult  # the chosen student, restored from its trial's weights (or retrained)
+
+
+# ---------------------------------------------------------------- the space
+
+
+class Space:
+    """search.space as Optuna suggestions. Non-primitive choices (lists such as [32, 16]) travel as JSON."""
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        self.space = space
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key, p in self.space.items():
+            if isinstance(p, FloatParam):
+                values[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
+            elif isinstance(p, IntParam):
+                values[key] = trial.suggest_int(key, p.low, p.high, log=p.log, step=p.step)
+            else:
+                values[key] = self.decode(key, trial.suggest_categorical(key, self.encoded(p)))
+        return values
+
+    @staticmethod
+    def encoded(p: CategoricalParam) -> list[Any]:
+        if all(isinstance(c, PRIMITIVE) for c in p.choices):
+            return list(p.choices)
+        return [json.dumps(c, sort_keys=True) for c in p.choices]
+
+    def decode(self, key: str, value: Any) -> Any:
+        p = self.space.get(key)
+        if not isinstance(p, CategoricalParam) or all(isinstance(c, PRIMITIVE) for c in p.choices):
+            return value
+        return json.loads(value)
+
+    def values(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A finished trial's params as workflow values."""
+        return {k: self.decode(k, v) for k, v in params.items()}
+
+
+def apply(spec: Workflow, values: dict[str, Any]) -> Workflow:
+    """The workflow with a trial's values set at their dotted keys, validated again."""
+    raw = spec.model_dump(mode="json")
+    for key, value in values.items():
+        set_dotted(raw, key, value)
+    return Workflow.model_validate(raw)
+
+
+def check_space(spec: Workflow, manifest: dict[str, Any]) -> None:
+    """Build the student at both ends of every range and for every choice: a bad value exits 2 up front."""
+    assert spec.search is not None
+    for key, p in spec.search.space.items():
+        if not key.startswith("student."):
+            continue
+        for sample in (p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]):
+            s = apply(spec, {key: sample})
+            try:
+                build_model(s.student.model, s.student.params, manifest["num_features"], manifest["num_classes"])
+            except UserError as exc:
+                raise UserError(f"value {sample!r}: {exc}", where=f"search.space.{key}") from None
+    if not manifest["splits"]["val"]["rows"] and any(o.metric.startswith("val_") for o in spec.search.objectives):
+        raise UserError("a val_* objective needs a validation split (data.split.val > 0)", where="search.objectives")
+
+
+# ---------------------------------------------------------------- weights of a finished trial
+
+
+def save_weights(storage: Storage, path: str, result: FitResult) -> None:
+    buf = io.BytesIO()
+    torch.save({"state_dict": result.state_dict, "history": result.history, "stop_reason": result.stop_reason,
+                "best_epoch": result.best_epoch, "samples_per_s": result.samples_per_s}, buf)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def load_weights(storage: Storage, path: str) -> FitResult:
+    saved = torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)
+    return FitResult(state_dict=saved["state_dict"], history=saved["history"], stop_reason=saved["stop_reason"],
+                     resumed_from=None, best_epoch=saved["best_epoch"], samples_per_s=saved["samples_per_s"])
+
+
+def best_epoch_metrics(result: FitResult) -> dict[str, float]:
+    """The metrics of the epoch whose weights were kept (the last epoch when nothing was validated)."""
+    by_epoch = {int(h["epoch"]): h for h in result.history}
+    return dict(by_epoch.get(result.best_epoch, result.history[-1]))
+
+
+# ---------------------------------------------------------------- the search
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    """Trial values for a progress line (escaped: a list such as [16] must not read as rich markup)."""
+    from rich.markup import escape
+
+    return escape("{" + ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                                  for k, v in values.items()) + "}")
+
+
+class Search:
+    """One run of a study: resume it, run the missing trials `concurrency` at a time, pick the student."""
+
+    def __init__(self, spec: Workflow, manifest: dict[str, Any], storage: Storage) -> None:
+        import optuna
+
+        assert spec.search is not None
+        self.spec, self.manifest, self.storage = spec, manifest, storage
+        self.search = spec.search
+        self.objectives = [(o.metric, o.direction) for o in self.search.objectives]
+        self.space = Space(self.search.space)
+        self.url = storage_url(spec, storage)
+        self.name = study_name(spec, manifest)
+        self.pruner = make_pruner(self.search, spec.train.epochs)
+        self.prunes = not isinstance(self.pruner, optuna.pruners.NopPruner)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # kdflow prints its own line per trial
+        try:
+            self.study = optuna.create_study(
+                study_name=self.name, storage=open_storage(self.url), load_if_exists=True,
+                sampler=make_sampler(self.search, spec.seed if self.search.seed is None else self.search.seed),
+                pruner=self.pruner,
+                directions=[d for _, d in self.objectives])
+        except ValueError as exc:  # an existing study of this name with other directions
+            raise UserError(f"study {self.name!r}: {exc}", where="search.study") from None
+        self.runs = TrialRuns(self.name, spec.experiment)
+
+    # ------------------------------------------------ resume
+
+    def resume(self) -> int:
+        """Fail the trials a killed driver left RUNNING; return how many trials are still to run.
+
+        One driver per study at a time: a RUNNING trial here can only be a leftover of a killed driver.
+        """
+        from mlflow.exceptions import MlflowException
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage = self.study._storage
+            storage.set_trial_user_attr(t._trial_id, "error", "interrupted: the driver stopped during this trial")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if t.user_attrs.get("mlflow_run_id"):
+                try:
+                    self.runs.client.set_terminated(t.user_attrs["mlflow_run_id"], "KILLED")
+                except MlflowException as exc:  # e.g. the old run lives in another tracking server
+                    progress.info(f"  [dim]MLflow run of trial #{t.number} left as it was: {exc}[/]")
+            if t.user_attrs.get("ray_train_run"):  # its half-trained checkpoints are of no use
+                self.storage.rm(self.storage.path("checkpoints", t.user_attrs["ray_train_run"]))
+            progress.info(f"  trial #{t.number} was interrupted: marked failed, it does not count")
+        done = self.counted()
+        if done:
+            progress.info(f"  resuming study {self.name}: {done} of {self.search.trials} trials already done")
+        return max(0, self.search.trials - done)
+
+    def counted(self) -> int:
+        from optuna.trial import TrialState
+
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    # ------------------------------------------------ one trial
+
+    def objective(self, trial: Any) -> float | tuple[float, ...]:
+        import optuna
+        import ray
+
+        values = self.space.suggest(trial)
+        trial_spec = apply(self.spec, values)
+        size = num_params(build_model(trial_spec.student.model, trial_spec.student.params,
+                                      self.manifest["num_features"], self.manifest["num_classes"]))
+        trial.set_user_attr("num_params", size)
+        run_id = self.runs.start(trial.number, values)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        progress.info(f"  [dim]trial #{trial.number} started {_fmt(values)}[/]")
+        monitor = start_monitor(self.url, self.name, trial._trial_id, self.pruner,
+                                self.objectives[0][0] if self.prunes else None)
+        run_name = f"{self.name}-trial-{trial.number}-{uuid.uuid4().hex[:6]}"
+        trial.set_user_attr("ray_train_run", run_name)
+        try:
+            result = stages.train_student(trial_spec, self.manifest, self.storage, run_name=run_name,
+                                          epoch_hook=monitor)
+        except Exception as exc:
+            try:
+                history = ray.get(monitor.history.remote(), timeout=10)
+            except ray.exceptions.RayError:
+                history = []
+            error = "".join(traceback.format_exception(exc))
+            trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
+            trial.set_user_attr("epochs", len(history))
+            self.runs.finish(run_id, "failed", history, {"num_params": size}, error=error)
+            raise
+        finally:
+            ray.kill(monitor)
+            self.storage.rm(self.storage.path("checkpoints", run_name))  # the best weights are kept below
+
+        trial.set_user_attr("epochs", len(result.history))
+        if result.stop_reason == "pruned":
+            self.runs.finish(run_id, "pruned", result.history, {"num_params": size})
+            raise optuna.TrialPruned(f"pruned after epoch {len(result.history)}")
+        best = best_epoch_metrics(result)
+        best["num_params"] = size
+        path = self.storage.path("search", self.name, f"trial-{trial.number}.pt")
+        save_weights(self.storage, path, result)
+        trial.set_user_attr("weights", path)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        final = {f"best_{m}": float(v) for m, v in best.items() if m.startswith("val_") or m in dict(self.objectives)}
+        self.runs.finish(run_id, "complete", result.history, {**final, "num_params": size,
+                                                              "best_epoch": result.best_epoch})
+        objective_values = tuple(float(best[m]) for m, _ in self.objectives)
+        return objective_values[0] if len(objective_values) == 1 else objective_values
+
+    def on_trial_done(self, study: Any, trial: Any) -> None:
+        """The live line: trial k/n, state, params, value, best so far."""
+        from rich.markup import escape
+
+        state = trial.state.name.lower()
+        params = _fmt(self.space.values(trial.params))
+        if state == "fail":
+            error = (trial.user_attrs.get("error") or "error").strip().splitlines()[-1]
+            progress.info(f"trial #{trial.number} [red]\\[failed][/] {params} {escape(error[:300])}")
+            return
+        color = "green" if state == "complete" else "yellow"
+        line = f"trial {self.counted()}/{self.search.trials} #{trial.number} [{color}]\\[{state}][/] {params}"
+        if state == "pruned":
+            line += f" after epoch {trial.user_attrs.get('epochs', '?')}"
+        if trial.values:
+            line += " " + " ".join(f"{m}={v:.4g}" for (m, _), v in zip(self.objectives, trial.values))
+        seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        progress.info(f"{line} in {seconds:.0f}s {self.best_so_far()}")
+
+    def best_so_far(self) -> str:
+        from optuna.trial import TrialState
+
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            return "(no complete trial yet)"
+        if len(self.objectives) == 1:
+            best = self.study.best_trial
+            return f"(best {best.value:.4g}, #{best.number})"
+        return f"(Pareto front: {len(pareto_front(self.candidates(complete), self.objectives))} trial(s))"
+
+    def candidates(self, trials: list[Any]) -> list[Candidate]:
+        out = []
+        for t in trials:
+            metrics = {m: float(v) for (m, _), v in zip(self.objectives, t.values)}
+            metrics.setdefault("num_params", float(t.user_attrs.get("num_params", 0)))
+            out.append(Candidate(t.number, metrics))
+        return out
+
+    # ------------------------------------------------ the whole search
+
+    def run(self) -> SearchOutcome:
+        from optuna.trial import TrialState
+
+        remaining = self.resume()
+        if remaining:
+            jobs = min(self.search.concurrency, remaining)
+            note = "" if self.prunes or self.search.pruner == "none" else \
+                " (pruning is off: Optuna cannot prune a multi-objective study)"
+            progress.info(f"  study {self.name}: {remaining} trial(s), {jobs} at a time, sampler "
+                          f"{self.search.sampler}, pruner {self.search.pruner if self.prunes else 'none'}{note}")
+            self.run_trials(remaining, jobs)
+        else:
+            progress.info(f"  study {self.name} already has {self.search.trials} finished trials: none to run")
+
+        trials = self.study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        counts = {"completed": len(complete), "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+                  "failed": sum(t.state == TrialState.FAIL for t in trials)}
+        if not complete:
+            errors = [t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+            raise stages.StageFailed("search", f"no trial completed ({counts['pruned']} pruned, "
+                                               f"{counts['failed']} failed" + (f"; last error: {errors[-1]}"
+                                                                               if errors else "") + ")")
+        by_number = {t.number: t for t in complete}
+        cands = self.candidates(complete)
+        chosen = by_number[select_trial(cands, self.objectives, self.search.select).number]
+        values = self.space.values(chosen.params)
+        chosen_spec = apply(self.spec, values)
+        result, restored = self.restore(chosen, chosen_spec)
+
+        summary: dict[str, Any] = {
+            "study": self.name, "storage": display_url(self.url), "trials": self.search.trials, **counts,
+            "best": values, "best_trial": chosen.number,
+            "best_values": {m: v for (m, _), v in zip(self.objectives, chosen.values)},
+            "num_params": chosen.user_attrs.get("num_params"), "select": self.search.select, "restored": restored,
+        }
+        if len(self.objectives) > 1:
+            summary["pareto"] = [{"trial": c.number, "values": {m: c.metrics[m] for m, _ in self.objectives},
+                                  "num_params": int(c.metrics["num_params"]),
+                                  "params": self.space.values(by_number[c.number].params)}
+                                 for c in pareto_front(cands, self.objectives)]
+        progress.info(f"  chose trial #{chosen.number} ({self.search.select}): {_fmt(values)} "
+                      + " ".join(f"{m}={v:.4g}" for m, v in summary["best_values"].items()))
+        with tempfile.TemporaryDirectory(prefix="kdflow-plots-") as d:
+            write_plots(self.study, self.objectives, Path(d))
+            self.runs.log_search(summary, Path(d))
+        return SearchOutcome(summary=summary, spec=chosen_spec, result=result)
+
+    def run_trials(self, n: int, jobs: int) -> None:
+        """n trials, `jobs` at a time: each thread asks the study for one trial after another.
+
+        Not `study.optimize(n_jobs=...)`: Optuna reseeds the sampler from OS entropy in every thread it
+        starts, so a seeded search would never draw the same values twice. A trial's own error is caught
+        and recorded (the trial fails, the search goes on); anything else stops the search.
+        """
+        left = [n]
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def slot() -> None:
+            while True:
+                with lock:
+                    if left[0] == 0 or errors:
+                        return
+                    left[0] -= 1
+                try:
+                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
+                                        callbacks=[self.on_trial_done], gc_after_trial=False)
+                except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
+                    errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=slot, name=f"kdflow-trial-slot-{i}", daemon=True) for i in range(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def restore(self, trial: Any, spec: Workflow) -> tuple[FitResult, str]:
+        """The chosen trial's weights from its file; retrained with its values if the file is gone."""
+        path = trial.user_attrs.get("weights")
+        if path and self.storage.exists(path):
+            return load_weights(self.storage, path), "checkpoint"
+        progress.info(f"  the weights of trial #{trial.number} are gone ({path}): retraining it")
+        result = stages.train_student(spec, self.manifest, self.storage,
+                                      run_name=f"{self.name}-retrain-{trial.number}-{uuid.uuid4().hex[:6]}")
+        return result, "retrained"
+
+
+def run_search(spec: Workflow, manifest: dict[str, Any], storage: Storage) -> SearchOutcome:
+    """Run (or resume) the workflow's search over the stored soft targets; return the chosen student."""
+    assert spec.search is not None
+    check_space(spec, manifest)
+    with progress.stage("search", f"{spec.search.trials} trials over {', '.join(spec.search.space)}"):
+        return Search(spec, manifest, storage).run()
