@@ -108,7 +108,7 @@ def make_pruner(search: SearchSpec, epochs: int) -> Any:
         return optuna.pruners.NopPruner()
     if search.pruner == "median":
         # the first epochs (a fifth of them, at least one) are never judged: every run starts noisy
-        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, search.trials // 4)),
+        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, search.trials // 3)),
                                            n_warmup_steps=max(1, epochs // 5) + 1)
     if search.pruner == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)

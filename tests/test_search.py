@@ -245,6 +245,7 @@ def test_search_tracks_every_trial_and_runs_the_teacher_once(workdir: Path, teac
         "trials": 6, "concurrency": 2, "sampler": "tpe", "pruner": "median", "space": SPACE}})
 
     s = out["search"]
+    # (the median pruner waits for 6 // 3 = 2 complete trials before it judges any)
     assert s["trials"] == 6 and s["completed"] + s["pruned"] == 6 and s["failed"] == 0 and s["completed"] >= 2
     # the teacher ran over every row exactly once, before any trial started, for the whole search
     soft = out["soft_targets"]
