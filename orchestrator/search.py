@@ -207,36 +207,38 @@ class Search:
     # ------------------------------------------------ one trial
 
     def objective(self, trial: Any) -> float | tuple[float, ...]:
+        """One trial: its values applied, one student trained on Ray, its weights kept when it completes."""
         import optuna
-        import ray
 
         values = self.space.suggest(trial)
-        trial_spec = apply(self.spec, values)
-        size = num_params(build_model(trial_spec.student.model, trial_spec.student.params,
-                                      self.manifest["num_features"], self.manifest["num_classes"]))
-        trial.set_user_attr("num_params", size)
         run_id = self.runs.start(trial.number, values)
         trial.set_user_attr("mlflow_run_id", run_id)
         progress.info(f"  [dim]trial #{trial.number} started {_fmt(values)}[/]")
-        monitor = start_monitor(self.url, self.name, trial._trial_id, self.pruner,
-                                self.objectives[0][0] if self.prunes else None)
         run_name = f"{self.name}-trial-{trial.number}-{uuid.uuid4().hex[:6]}"
         trial.set_user_attr("ray_train_run", run_name)
+        monitor = None
+        size: int | None = None
         try:
+            trial_spec = apply(self.spec, values)
+            size = num_params(build_model(trial_spec.student.model, trial_spec.student.params,
+                                          self.manifest["num_features"], self.manifest["num_classes"]))
+            trial.set_user_attr("num_params", size)
+            monitor = start_monitor(self.url, self.name, trial._trial_id, self.pruner,
+                                    self.objectives[0][0] if self.prunes else None)
             result = stages.train_student(trial_spec, self.manifest, self.storage, run_name=run_name,
                                           epoch_hook=monitor)
         except Exception as exc:
-            try:
-                history = ray.get(monitor.history.remote(), timeout=10)
-            except ray.exceptions.RayError:
-                history = []
-            error = "".join(traceback.format_exception(exc))
+            history = self.monitored(monitor)
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
             trial.set_user_attr("epochs", len(history))
-            self.runs.finish(run_id, "failed", history, {"num_params": size}, error=error)
+            self.runs.finish(run_id, "failed", history, {"num_params": size} if size is not None else {},
+                             error="".join(traceback.format_exception(exc)))
             raise
         finally:
-            ray.kill(monitor)
+            if monitor is not None:
+                import ray
+
+                ray.kill(monitor)
             self.storage.rm(self.storage.path("checkpoints", run_name))  # the best weights are kept below
 
         trial.set_user_attr("epochs", len(result.history))
@@ -254,6 +256,18 @@ class Search:
                                                               "best_epoch": result.best_epoch})
         objective_values = tuple(float(best[m]) for m, _ in self.objectives)
         return objective_values[0] if len(objective_values) == 1 else objective_values
+
+    @staticmethod
+    def monitored(monitor: Any) -> list[dict[str, float]]:
+        """The epochs a failed trial's hook saw (what its MLflow run can still show)."""
+        if monitor is None:
+            return []
+        import ray
+
+        try:
+            return ray.get(monitor.history.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            return []
 
     def on_trial_done(self, study: Any, trial: Any) -> None:
         """The live line: trial k/n, state, params, value, best so far."""

@@ -204,6 +204,37 @@ def test_study_storage_defaults_to_sqlite_under_the_root_and_takes_journal_files
     assert display_url("postgresql://kd:secret@db:5432/optuna") == "postgresql://kd:***@db:5432/optuna"
 
 
+@pytest.mark.parametrize("pruner", ["none", "median", "asha", "hyperband"])
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "nsga2"])
+def test_every_sampler_and_pruner_searches_the_space_with_list_choices(sampler: str, pruner: str) -> None:
+    import optuna
+
+    from orchestrator.search import Space
+    from orchestrator.study import make_pruner, make_sampler
+
+    search = validate(workflow(search={"trials": 8, "concurrency": 2, "sampler": sampler, "pruner": pruner,
+                                       "space": SPACE})).search
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(search, 0), pruner=make_pruner(search, 4))
+    space = Space(search.space)
+    seen: list[dict[str, Any]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        values = space.suggest(trial)
+        seen.append(values)
+        score = values["distill.alpha"] * values["student.params.hidden"][0]
+        for epoch in range(1, 5):
+            trial.report(score * epoch / 4, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return score
+
+    study.optimize(objective, n_trials=8)
+    assert len(study.trials) == 8 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    assert all(v["student.params.hidden"] in ([8], [16], [32]) for v in seen)  # lists, not JSON strings
+    assert all(1.0 <= v["distill.temperature"] <= 10.0 for v in seen)
+    assert space.values(study.best_trial.params) == seen[study.best_trial.number]
+
+
 # ---------------------------------------------------------------- bad specs exit 2 naming the key
 
 
