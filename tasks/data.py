@@ -164,9 +164,13 @@ def _parquet(source: str, features: list[str] | str | None, label: str, transfer
         if not isinstance(transfer, str):
             raise UserError("for a Parquet source, transfer is a Parquet source too (a path or glob)",
                             where="data.transfer")
-        # the same feature columns as the labeled rows, in the same order; a label column is ignored
-        extra = table_features(read_parquet_table(transfer, storage, "data.transfer"), columns, None,
-                               "data.transfer")
+        # the same feature columns as the labeled rows, in the same order; other columns are ignored
+        tt = read_parquet_table(transfer, storage, "data.transfer")
+        missing = [c for c in ([columns] if isinstance(columns, str) else columns) if c not in tt.column_names]
+        if missing:
+            raise UserError(f"the transfer rows lack the feature columns {missing} (columns: {tt.column_names})",
+                            where="data.transfer")
+        extra = table_features(tt, columns, None, "data.transfer")
         if extra.shape[1] != x.shape[1]:
             raise UserError(f"transfer rows have {extra.shape[1]} features, the data has {x.shape[1]}",
                             where="data.transfer")
