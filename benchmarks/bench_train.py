@@ -6,14 +6,15 @@ thread per process. Rows, measured in one run, in this order:
 
 - plain loop: one process, every tensor in memory, randperm + index per batch, the same objective.
 - kdflow `train_epoch` (the worker's own epoch function, on the worker's `Share`) and the plain loop,
-  epochs taken in turn in one process: first in the driver, then inside a Ray Train worker.
+  epochs taken in turn in one process: in the driver, inside 1 Ray Train worker, inside 2 (DDP).
 - kdflow, N workers: `tasks.train.fit` through Ray Train, reading the store's shards; the number is
   FitResult.samples_per_s (median epoch after the first, training steps only: no start-up, no
   validation, no checkpoint), the figure the result JSON's student block carries.
 - plain DDP, 2 processes: torch.distributed (gloo) on two spawned processes, no Ray.
 
 Each `fit` row is compared with a plain-loop measurement taken right before and right after it
-(their mean), so that load from other processes on the machine hits both sides alike. A last run
+(their mean), so that load from other processes on the machine hits both sides alike, in ROUNDS
+rounds (median, range in brackets). A last run
 checkpoints every epoch to measure what a checkpoint costs the loop.
 
 Run from the repository root: ``python benchmarks/bench_train.py`` (table on stdout, progress on stderr).
@@ -45,6 +46,7 @@ from tasks.storage import Storage
 from tasks.train import ShardSource, fit, place_share, steady_samples_per_s, train_epoch
 
 EPOCHS = 30
+ROUNDS = 2
 BATCH = 128
 STUDENT = {"hidden": [100, 100]}
 LOSS = {"kind": "kl", "temperature": 4.0, "alpha": 0.7, "beta": 0.5}
@@ -116,36 +118,53 @@ def plain(storage: Storage, manifest: dict[str, Any]) -> float:
 def alternating(config: dict[str, Any]) -> dict[str, float]:
     """Epochs of the plain loop and of the worker's own `train_epoch` taken in turn, in this process.
 
-    Run in the driver and, as a Ray Train function, inside a worker: the two columns then share the
-    process, the moment and the load, so their ratio is the loop's own overhead.
+    Run in the driver and, as a Ray Train function, inside 1 or 2 workers (DDP models, each worker on its
+    share of the rows): the two columns share the processes, the moment and the load, so their ratio is
+    the loop's own overhead, and the plain column against the driver's is what the Ray worker costs.
     """
+    import ray.train
+
+    rank, world = 0, 1
+    if config.get("in_ray"):
+        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     storage, manifest = config["storage"], config["manifest"]
     torch.set_num_threads(1)
     x, y, t = rows_in_memory(storage, manifest)
-    share = place_share(SoftTargetStore(storage).read(manifest, "train"), manifest["num_classes"], torch.device("cpu"))
-    plain_model, kdflow_model = student(manifest), student(manifest)
-    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=OPTIMIZER["lr"])
-    kdflow_opt = torch.optim.AdamW(kdflow_model.parameters(), lr=OPTIMIZER["lr"])
+    n = len(y) // world
+    x, y, t = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n], t[rank * n:(rank + 1) * n]
+    share = place_share(SoftTargetStore(storage).read(manifest, "train", rank * n, (rank + 1) * n),
+                        manifest["num_classes"], torch.device("cpu"))
+    models = [student(manifest), student(manifest)]
+    if world > 1:
+        models = [torch.nn.parallel.DistributedDataParallel(m) for m in models]
+    plain_opt, kdflow_opt = (torch.optim.AdamW(m.parameters(), lr=OPTIMIZER["lr"]) for m in models)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1 + rank)
     rates: dict[str, list[float]] = {"plain": [], "kdflow": []}
-    for _ in range(EPOCHS):
-        rates["plain"] += plain_loop(x, y, t, plain_model, opt=plain_opt, epochs=1)
+
+    def kdflow_epoch() -> None:
         order = torch.randperm(len(share), generator=gen)
         t0 = time.perf_counter()
-        train_epoch(kdflow_model, kdflow_opt, scaler, share, order, BATCH, LOSS, "fp32").tolist()
-        rates["kdflow"].append(len(order) / (time.perf_counter() - t0))
+        train_epoch(models[1], kdflow_opt, scaler, share, order, BATCH, LOSS, "fp32").tolist()
+        rates["kdflow"].append(len(order) * world / (time.perf_counter() - t0))
+
+    for epoch in range(EPOCHS):  # which goes first alternates too: neither always follows the other
+        if epoch % 2:
+            kdflow_epoch()
+        rates["plain"] += plain_loop(x, y, t, models[0], rank, world, opt=plain_opt, epochs=1)
+        if not epoch % 2:
+            kdflow_epoch()
     return {k: statistics.median(v[1:]) for k, v in rates.items()}
 
 
-def alternating_in_a_worker(storage: Storage, manifest: dict[str, Any]) -> dict[str, float]:
+def alternating_in_ray(storage: Storage, manifest: dict[str, Any], workers: int) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(alternating, train_loop_config={"storage": storage, "manifest": manifest},
-                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
+    trainer = TorchTrainer(alternating, train_loop_config={"storage": storage, "manifest": manifest, "in_ray": True},
+                           scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1.0}),
                            run_config=RunConfig(storage_path=storage.path("checkpoints"),
-                                                name=f"bench-alternating-{time.time_ns()}"))
+                                                name=f"bench-alternating-{workers}w-{time.time_ns()}"))
     return trainer.fit().return_value
 
 
@@ -205,42 +224,61 @@ def main() -> None:
     rows = manifest["splits"]["train"]["rows"]
     progress(f"store ready: {rows} training rows, {len(manifest['splits']['train']['shards'])} shards")
 
-    def around(label: str, run: Any) -> tuple[float, float]:
-        before = plain(storage, manifest)
-        value = run()
-        after = plain(storage, manifest)
-        progress(f"{label}: {value:,.0f} samples/s; plain before {before:,.0f}, after {after:,.0f}")
-        return value, (before + after) / 2
-
+    # Where the time goes: the loop's own code, then the Ray worker around it (1 worker, then 2 with DDP).
     here = alternating({"storage": storage, "manifest": manifest})
     progress(f"alternating epochs, driver: {here}")
-    there = alternating_in_a_worker(storage, manifest)
-    progress(f"alternating epochs, inside a Ray Train worker: {there}")
-    table = [("kdflow `train_epoch`, driver process, epochs alternating with the plain loop",
-              here["kdflow"], here["plain"], "plain loop, same process"),
-             ("plain loop inside a Ray Train worker", there["plain"], here["plain"], "plain loop, driver"),
-             ("kdflow `train_epoch` inside a Ray Train worker, alternating with the plain loop",
-              there["kdflow"], there["plain"], "plain loop, same worker")]
-    value, base = around("kdflow, 1 worker", lambda: kdflow(storage, manifest, 1).samples_per_s)
-    table.append(("**kdflow train stage, 1 worker** (`fit`, shards, validation, checkpoint)", value, base,
-                  "plain loop, driver, before/after"))
-    ddp, base = around("plain DDP, 2 processes", lambda: plain_ddp(storage, manifest))
-    table.append(("plain DDP loop, 2 processes (gloo), no Ray", ddp, base, "plain loop, driver, before/after"))
-    value, base = around("kdflow, 2 workers", lambda: kdflow(storage, manifest, 2).samples_per_s)
-    table.append(("**kdflow train stage, 2 workers** (gloo DDP)", value, base, "plain loop, driver, before/after"))
-    table.append(("kdflow train stage, 2 workers, against plain DDP", value, ddp, "plain DDP, 2 processes"))
+    one = alternating_in_ray(storage, manifest, 1)
+    progress(f"alternating epochs, 1 Ray Train worker: {one}")
+    two = alternating_in_ray(storage, manifest, 2)
+    progress(f"alternating epochs, 2 Ray Train workers (DDP): {two}")
+
+    # The train stage itself, against the plain loop measured right before and after it, in rounds.
+    ratios: dict[str, list[tuple[float, float]]] = {"kdflow 1": [], "kdflow 2": [], "plain DDP": []}
+    runs = {"kdflow 1": lambda: kdflow(storage, manifest, 1).samples_per_s,
+            "plain DDP": lambda: plain_ddp(storage, manifest),
+            "kdflow 2": lambda: kdflow(storage, manifest, 2).samples_per_s}
+    before = plain(storage, manifest)
+    for r in range(ROUNDS):
+        for name, run in runs.items():
+            value = run()
+            after = plain(storage, manifest)
+            ratios[name].append((value, (before + after) / 2))
+            progress(f"round {r + 1} {name}: {value:,.0f} samples/s; plain before {before:,.0f}, after {after:,.0f}")
+            before = after
 
     every = kdflow(storage, manifest, 1, checkpoint_every=1)
     epoch_s = statistics.median(h["epoch_s"] for h in every.history[1:])
     per_ckpt = every.checkpoint_s / max(1, every.checkpoints)
+
+    def row(label: str, pairs: list[tuple[float, float]], against: str) -> str:
+        value = statistics.median(v for v, _ in pairs)
+        base = statistics.median(b for _, b in pairs)
+        each = [v / b for v, b in pairs]
+        spread = f" ({min(each):.2f}-{max(each):.2f})" if len(each) > 1 else ""
+        return f"| {label} | {value:,.0f} | {against} | {base:,.0f} | {statistics.median(each):.2f}{spread} |"
 
     print(f"MNIST-1D {rows} training rows, MLP 40-100-100-10 ({sum(p.numel() for p in student(manifest).parameters())}"
           f" params), batch {BATCH} per worker, 1 torch thread per process, {EPOCHS} epochs; "
           f"steady state = median epoch after the first, training steps only.\n")
     print("| path | samples/s | against | its samples/s | ratio |")
     print("| --- | --- | --- | --- | --- |")
-    for label, value, base, against in table:
-        print(f"| {label} | {value:,.0f} | {against} | {base:,.0f} | {value / base:.2f} |")
+    print(row("kdflow `train_epoch`, driver process, epochs alternating with the plain loop",
+              [(here["kdflow"], here["plain"])], "plain loop, same process"))
+    print(row("plain loop inside 1 Ray Train worker", [(one["plain"], here["plain"])], "plain loop, driver"))
+    print(row("kdflow `train_epoch` inside 1 Ray Train worker", [(one["kdflow"], one["plain"])],
+              "plain loop, same worker"))
+    print(row("plain DDP loop inside 2 Ray Train workers", [(two["plain"], here["plain"])],
+              "plain loop, driver (1 process)"))
+    print(row("kdflow `train_epoch` inside 2 Ray Train workers (DDP)", [(two["kdflow"], two["plain"])],
+              "plain DDP loop, same workers"))
+    print(row(f"**kdflow train stage, 1 worker** (`fit`), median of {ROUNDS} rounds", ratios["kdflow 1"],
+              "plain loop, driver, before/after"))
+    print(row("plain DDP loop, 2 spawned processes (gloo), no Ray", ratios["plain DDP"],
+              "plain loop, driver, before/after"))
+    print(row(f"**kdflow train stage, 2 workers** (`fit`, gloo DDP), median of {ROUNDS} rounds", ratios["kdflow 2"],
+              "plain loop, driver, before/after"))
+    print(row("kdflow train stage, 2 workers, against plain DDP",
+              [(k, d) for (k, _), (d, _) in zip(ratios["kdflow 2"], ratios["plain DDP"])], "plain DDP, 2 processes"))
     print(f"\nCheckpoint every epoch (1 worker): {every.checkpoints} checkpoints cost the loop "
           f"{every.checkpoint_s:.2f} s, {per_ckpt * 1000:.0f} ms each, against a median training epoch of "
           f"{epoch_s * 1000:.1f} ms ({per_ckpt / epoch_s:.1f}x an epoch).")

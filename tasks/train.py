@@ -276,6 +276,25 @@ class Reporter:
 # ---------------------------------------------------------------- the loop
 
 
+def record_epoch(state: dict[str, Any], metrics: dict[str, float], model: nn.Module, watch: str,
+                 maximize: bool) -> None:
+    """Append the epoch to the history; keep a copy of the weights when `watch` strictly improved."""
+    value = metrics.get(watch)
+    if value is not None and (state["best"] is None or (value > state["best"] if maximize else value < state["best"])):
+        state.update(best=value, best_epoch=int(metrics["epoch"]), bad_epochs=0,
+                     best_state={k: t.detach().cpu().clone() for k, t in model.state_dict().items()})
+    else:
+        state["bad_epochs"] += 1
+    state["history"].append(metrics)
+    state["epoch"] = int(metrics["epoch"])
+
+
+def checkpoint_due(config: dict[str, Any], epoch: int, since_last_s: float) -> bool:
+    """Every `checkpoint_every` epochs when set, else once `checkpoint_interval_s` have passed (docs/training.md)."""
+    every = config.get("checkpoint_every")
+    return epoch % every == 0 if every else since_last_s >= config.get("checkpoint_interval_s", 30.0)
+
+
 def quiet_report_lines() -> None:
     """Ray Train 2.60 logs every report at INFO (all metrics, one long line) on a logger named after its
     file, which LoggingConfig(log_level) does not reach; keep it to warnings."""
@@ -366,15 +385,7 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics.update({f"val_{k}": v for k, v in metrics_from_counts(counts, bool(val_rows.targets)).items()})
 
         # ---- keep the best weights; stop on a plateau (early stopping) or when the hook prunes
-        value = metrics.get(watch)
-        if value is not None and (state["best"] is None or (value > state["best"] if maximize
-                                                            else value < state["best"])):
-            state.update(best=value, best_epoch=epoch, bad_epochs=0,
-                         best_state={k: t.detach().cpu().clone() for k, t in core.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
-        state["history"].append(metrics)
-        state["epoch"] = epoch
+        record_epoch(state, metrics, core, watch, maximize)
         stop = 1 if es and state["bad_epochs"] >= es["patience"] else 0
         if hook is not None and rank == 0 and not stop:
             stop = 2 if ray.get(hook.report.remote(epoch, metrics)) else 0
@@ -390,11 +401,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 + (f" val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
                 + f" {metrics['samples_per_s']:,.0f} samples/s" + (f" ({stop_reason})" if stop else ""))
 
-        # ---- checkpoint. Every report waits for Ray Train's controller to take the previous one, so
-        # report only with a checkpoint: every `checkpoint_every` epochs, else every `checkpoint_interval_s`.
-        every = config.get("checkpoint_every")
-        due = epoch % every == 0 if every else time.monotonic() - last_ckpt >= config.get("checkpoint_interval_s", 30.0)
-        if due or last:
+        # ---- checkpoint (and report: a report costs a controller round trip, so none without one)
+        if last or checkpoint_due(config, epoch, time.monotonic() - last_ckpt):
             t_ckpt = time.perf_counter()
             report = {**metrics, "stop_reason": stop_reason if last else "running", "world_size": world,
                       "rows_per_worker": per_worker, "resumed_from": state["resumed_from"],
