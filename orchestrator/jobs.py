@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -31,7 +32,7 @@ def client(address: str) -> Any:
 
     try:
         return JobSubmissionClient(address, headers=auth_headers())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the address's problem
         hint = " (set RAY_AUTH_TOKEN to the cluster's token)" if "uthentication" in str(exc) else ""
         raise UserError(f"cannot reach the Ray Jobs API: {str(exc).splitlines()[0]}{hint}", where=address) from None
 
@@ -71,10 +72,8 @@ def follow(c: Any, job_id: str) -> int:
         async for lines in c.tail_job_logs(job_id):
             sys.stderr.write(lines)
 
-    try:
+    with contextlib.suppress(Exception):  # log streaming is best effort; the status below is what counts
         asyncio.run(tail())
-    except Exception:  # log streaming is best effort; the status below is what counts
-        pass
     while (status := str(c.get_job_status(job_id))) .split(".")[-1] not in TERMINAL:
         time.sleep(1)
     status = status.split(".")[-1]

@@ -9,8 +9,8 @@ import numpy as np
 
 from orchestrator import progress, stages, tracking
 from orchestrator.registry import log_student, register
-from orchestrator.spec import Workflow
 from orchestrator.runtime import ensure_ray
+from orchestrator.spec import Workflow
 from tasks.models import num_params
 
 
@@ -61,10 +61,9 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
     storage = stages.storage_for(spec)
     storage.check()
     uri = tracking.connect(spec, storage)
+    data = stages.load_data(spec, storage)  # before Ray: a data mistake exits 2 without a Ray start
     with progress.stage("ray", "starting or joining"):
         ensure_ray()
-
-    data = stages.load_data(spec, storage)
     with mlflow.start_run(run_name=spec.name) as run:
         mlflow.log_params(flat_params(spec))
         mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.data_fingerprint": data.fingerprint})

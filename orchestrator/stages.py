@@ -82,7 +82,7 @@ def _load_external(t: TeacherSpec, where: str, data: Dataset) -> nn.Module:
 
         try:
             model = mlflow.pytorch.load_model(t.model, map_location="cpu")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the registry or the model's code: the user's to fix
             raise UserError(f"cannot load {t.model}: {str(exc).splitlines()[0]}", where=f"{where}.model") from None
         return RawInput(model, data.mean, data.std)
     path = t.checkpoint or t.model
@@ -90,7 +90,7 @@ def _load_external(t: TeacherSpec, where: str, data: Dataset) -> nn.Module:
         raise UserError(f"checkpoint file not found: {path}", where=f"{where}.{'checkpoint' if t.checkpoint else 'model'}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling a user's file can raise anything
         raise UserError(f"cannot load checkpoint {path}: {exc}", where=where) from None
     if isinstance(obj, nn.Module):
         return RawInput(obj, data.mean, data.std)
@@ -176,8 +176,11 @@ def soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher], storage
     with progress.stage("soft targets", f"{st.format}/{st.dtype} key {key}"):
         train_x, train_y = data.x["train"], data.y["train"]
         if "transfer" in data.x:
-            train_x = np.concatenate([train_x, data.x["transfer"]])
-            train_y = np.concatenate([train_y, data.y["transfer"]])
+            # interleave labeled and transfer rows, so every data-parallel worker's contiguous share
+            # holds both kinds (appended, the last worker would get nearly all the unlabeled rows)
+            order = np.random.default_rng(spec.seed).permutation(len(train_y) + data.rows("transfer"))
+            train_x = np.concatenate([train_x, data.x["transfer"]])[order]
+            train_y = np.concatenate([train_y, data.y["transfer"]])[order]
         splits = {"train": (train_x, train_y), "val": (data.x["val"], data.y["val"]),
                   "test": (data.x["test"], data.y["test"])}
 

@@ -111,7 +111,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), env=env)
+        stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), env=env)
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", timeout=120, proc=proc)
     yield url
@@ -124,7 +124,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def kdflow(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `kdflow` command as a user would."""
-    return subprocess.run([str(BIN / "kdflow"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([str(BIN / "kdflow"), *args], check=False, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 

@@ -56,8 +56,8 @@ def test_digits_runs_end_to_end_and_reruns_with_a_changed_value(workdir: Path) -
     v2 = client.get_model_version("test-digits-student", "2")
     assert v2.tags["kdflow.soft_targets.key"] == first["soft_targets"]["cache_key"]
     model = mlflow.pytorch.load_model("models:/test-digits-student/2")
-    from sklearn.datasets import load_digits
     import torch
+    from sklearn.datasets import load_digits
 
     d = load_digits()
     with torch.no_grad():
@@ -66,8 +66,8 @@ def test_digits_runs_end_to_end_and_reruns_with_a_changed_value(workdir: Path) -
 
 
 def test_registry_gates_decide_the_alias_on_a_tracking_server(workdir: Path, mlflow_server: str) -> None:
-    from mlflow import MlflowClient
     import mlflow
+    from mlflow import MlflowClient
 
     gates = {"retention": ">= 0.5", "num_params": "<= 20000", "beats_alias": "champion"}
     path = write_workflow(workdir, **{"tracking.uri": mlflow_server, "registry.model": "gated-student",
