@@ -204,12 +204,17 @@ def test_transfer_rows_are_labeled_by_the_teacher_in_the_same_precompute(ray_ses
     assert m["transfer_rows"] == 300 and m["splits"]["train"]["rows"] == 3500 + 300
     assert m["forward_rows"] == m["rows"] == 5300  # one precompute labels the transfer rows too
     train = SoftTargetStore(storage).read(m, "train")
-    np.testing.assert_array_equal(train.y[:3500].numpy(), data.y["train"])
-    assert (train.y[3500:] == -1).all()  # unlabeled: the student gets only the distillation term on them
-    np.testing.assert_array_equal(train.x[3500:].numpy(), data.x["transfer"])
+    unlabeled = train.y == -1  # the student gets only the distillation term on these
+    assert int(unlabeled.sum()) == 300
+    # interleaved, not appended: each half (one data-parallel worker's share) holds transfer rows
+    assert unlabeled[:1900].any() and unlabeled[1900:].any()
+    np.testing.assert_array_equal(np.sort(train.y[~unlabeled].numpy()), np.sort(data.y["train"]))
+    got = train.x[unlabeled].numpy()
+    want_x = data.x["transfer"]
+    np.testing.assert_array_equal(got[np.lexsort(got.T)], want_x[np.lexsort(want_x.T)])
     with torch.no_grad():
-        want = teacher(torch.from_numpy(data.x["transfer"]))
-    torch.testing.assert_close(teacher_logits(train.targets, 10)[3500:], want)
+        want = teacher(train.x[unlabeled])
+    torch.testing.assert_close(teacher_logits(train.targets, 10)[unlabeled], want)
 
 
 # ---------------------------------------------------------------- task failures
