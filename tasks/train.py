@@ -10,6 +10,7 @@ says why the loop looks the way it does and what each choice costs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -37,6 +38,9 @@ DENSE_TARGETS_BYTES = 256 * 2**20
 # On a GPU the worker's share lives in device memory when it takes at most this fraction of the free
 # memory; otherwise it stays in pinned host memory and each batch is copied over.
 DEVICE_RESIDENT_FRACTION = 0.25
+# A progress line for the first and last epoch and at most one per this many seconds between: a small
+# model runs dozens of epochs a second, and every line travels through Ray's log forwarding.
+PROGRESS_EVERY_S = 2.0
 
 
 class RowSource(Protocol):
@@ -93,7 +97,7 @@ def log(msg: str) -> None:
 def autocast(device: torch.device, precision: str) -> Any:
     """Mixed precision for the forward pass: bf16 or fp16 autocast, or none for fp32."""
     if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
+        return contextlib.nullcontext()  # entering a disabled autocast still costs a few us per step
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -168,17 +172,18 @@ class Share:
         return int(self.y.shape[0])
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        # index_select, not x[idx]: half the per-call overhead of advanced indexing, which shows at ~1 ms steps
         if self.teacher is not None:
-            t: torch.Tensor | None = self.teacher[idx]
+            t: torch.Tensor | None = self.teacher.index_select(0, idx)
         elif self.targets:
-            t = teacher_logits({k: v[idx] for k, v in self.targets.items()}, self.num_classes)
+            t = teacher_logits({k: v.index_select(0, idx) for k, v in self.targets.items()}, self.num_classes)
         else:
             t = None
-        move = self.device.type == "cuda" and self.x.device != self.device
-        if move:  # pinned host rows: the copy overlaps with compute
-            return (self.x[idx].to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True),
+        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        if self.device.type == "cuda" and self.x.device != self.device:  # pinned host rows: copy overlaps compute
+            return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                     None if t is None else t.to(self.device, non_blocking=True))
-        return self.x[idx], self.y[idx], t
+        return x, y, t
 
 
 def place_share(rows: TargetBatch, num_classes: int, device: torch.device) -> Share:
@@ -356,7 +361,7 @@ def train_loop(config: dict[str, Any]) -> None:
     gen = torch.Generator()
     stop_reason = "completed"
     reporter = Reporter()
-    last_ckpt = time.monotonic()
+    last_ckpt = last_log = time.monotonic()
 
     for epoch in range(state["epoch"] + 1, epochs + 1):
         # ---- train: a fresh order of this worker's rows, seeded by epoch so a resumed run repeats it
@@ -396,7 +401,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if stop:
             stop_reason = "early_stopped" if stop == 1 else "pruned"
         last = bool(stop) or epoch == epochs
-        if rank == 0:
+        if rank == 0 and (epoch == 1 or last or time.monotonic() - last_log >= PROGRESS_EVERY_S):
+            last_log = time.monotonic()
             log(f"[{label}] epoch {epoch}/{epochs} loss {metrics['train_loss']:.4f}"
                 + (f" val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
                 + f" {metrics['samples_per_s']:,.0f} samples/s" + (f" ({stop_reason})" if stop else ""))
