@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +24,28 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--num-cpus=8", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    # every port with a fixed default gets a free one: another Ray on the machine must not collide
+    ports = [f"--{name}={free_port()}" for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    # --block in its own process group: teardown stops this head alone (`ray stop` would end every Ray
+    # on the machine, the test session's own included)
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports, "--num-cpus=8",
+                             f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        wait_for_http(f"{address}/api/version", timeout=120)
+        wait_for_http(f"{address}/api/version", timeout=180, proc=proc)
         yield address
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_submit_waits_for_the_job_and_prints_its_result(workdir: Path, ray_head: str) -> None:
