@@ -53,12 +53,20 @@ def submit(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"not set in this shell: {', '.join(missing)}", where="--forward-env")
     env = {k: os.environ[k] for k in args.forward_env}
-    job_id = c.submit_job(
-        entrypoint=shlex.join(entry),
-        runtime_env={"working_dir": os.getcwd(), "env_vars": env,
-                     "excludes": [".venv", ".kdflow", ".git", "mlruns", "*.db", "__pycache__"]},
-        metadata={"kdflow.workflow": spec.name},
-    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            job_id = c.submit_job(
+                entrypoint=shlex.join(entry),
+                runtime_env={"working_dir": os.getcwd(), "env_vars": env,
+                             "excludes": [".venv", ".kdflow", ".git", "mlruns", "*.db", "__pycache__"]},
+                metadata={"kdflow.workflow": spec.name},
+            )
+            break
+        except RuntimeError as exc:  # a head that just started has no job agent for a few seconds
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise UserError(str(exc).splitlines()[-1], where=args.address) from None
+            time.sleep(2)
     print(job_id)
     if not args.wait:
         return 0

@@ -42,7 +42,6 @@ def connect(spec: Workflow, storage: Storage) -> str:
             raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
                             where="tracking.uri") from None
     mlflow.set_tracking_uri(uri)
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers and subprocesses log to the same place
     if mlflow.get_experiment_by_name(spec.experiment) is None:
         location = artifact_location(storage) if not uri.startswith(("http://", "https://")) else None
         mlflow.create_experiment(spec.experiment, artifact_location=location)

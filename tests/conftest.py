@@ -49,6 +49,12 @@ def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracking URI one test set must not send the next test's `kdflow` runs elsewhere."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for the whole session (starting one costs seconds)."""
