@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -220,6 +221,13 @@ def main() -> None:
     t_start = time.perf_counter()
     ensure_ray()
     root = tempfile.mkdtemp(prefix="kdflow-bench-train-")
+    try:
+        measure_and_print(root, t_start)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def measure_and_print(root: str, t_start: float) -> None:
     storage, manifest = make_store(root)
     rows = manifest["splits"]["train"]["rows"]
     progress(f"store ready: {rows} training rows, {len(manifest['splits']['train']['shards'])} shards")
