@@ -119,14 +119,16 @@ def check_space(spec: Workflow, manifest: dict[str, Any]) -> None:
 def save_weights(storage: Storage, path: str, result: FitResult) -> None:
     buf = io.BytesIO()
     torch.save({"state_dict": result.state_dict, "history": result.history, "stop_reason": result.stop_reason,
-                "best_epoch": result.best_epoch, "samples_per_s": result.samples_per_s}, buf)
+                "best_epoch": result.best_epoch, "samples_per_s": result.samples_per_s, "workers": result.workers},
+               buf)
     storage.write_bytes(path, buf.getvalue())
 
 
 def load_weights(storage: Storage, path: str) -> FitResult:
     saved = torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)
     return FitResult(state_dict=saved["state_dict"], history=saved["history"], stop_reason=saved["stop_reason"],
-                     resumed_from=None, best_epoch=saved["best_epoch"], samples_per_s=saved["samples_per_s"])
+                     resumed_from=None, best_epoch=saved["best_epoch"], samples_per_s=saved["samples_per_s"],
+                     workers=saved.get("workers", 1))
 
 
 def best_epoch_metrics(result: FitResult) -> dict[str, float]:
@@ -224,7 +226,7 @@ class Search:
                                           self.manifest["num_features"], self.manifest["num_classes"]))
             trial.set_user_attr("num_params", size)
             monitor = start_monitor(self.url, self.name, trial._trial_id, self.pruner,
-                                    self.objectives[0][0] if self.prunes else None)
+                                    self.objectives[0][0] if self.prunes else None, trial_spec.train.epochs)
             result = stages.train_student(trial_spec, self.manifest, self.storage, run_name=run_name,
                                           epoch_hook=monitor)
         except Exception as exc:

@@ -126,11 +126,14 @@ class TrialMonitor:
     synchronous and exact (the pruner sees every other trial's values as stored), where an actor that
     only held a flag set by a polling driver thread would answer one epoch late and need a thread per
     trial. The actor is pinned to the driver's node, so a sqlite or journal file path means the same
-    file for both. It takes no CPU; the driver kills it when the trial ends.
+    file for both. It takes no CPU; the driver kills it when the trial ends. The last epoch is reported
+    but never pruned: the run is over, and a finished trial is a candidate.
     """
 
-    def __init__(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None) -> None:
+    def __init__(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None,
+                 last_epoch: int) -> None:
         self.metric = metric
+        self.last_epoch = last_epoch
         self.epochs: list[dict[str, float]] = []
         self.trial = None
         if metric is not None:
@@ -146,16 +149,17 @@ class TrialMonitor:
         if self.trial is None or self.metric not in metrics:
             return False
         self.trial.report(float(metrics[self.metric]), epoch)
-        return bool(self.trial.should_prune())
+        return epoch < self.last_epoch and bool(self.trial.should_prune())
 
     def history(self) -> list[dict[str, float]]:
         return self.epochs
 
 
-def start_monitor(url: str, study: str, trial_id: int, pruner: Any, metric: str | None) -> Any:
+def start_monitor(url: str, study: str, trial_id: int, pruner: Any, metric: str | None, last_epoch: int) -> Any:
+    """A TrialMonitor on the driver's node (a sqlite or journal path must mean the same file)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_restarts=0)(TrialMonitor)
-    return actor.options(scheduling_strategy=here).remote(url, study, trial_id, pruner, metric)
+    return actor.options(scheduling_strategy=here).remote(url, study, trial_id, pruner, metric, last_epoch)

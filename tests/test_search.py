@@ -145,20 +145,25 @@ def complete_trials(db: Path) -> dict[int, tuple[dict[str, str], float]]:
         con.close()
 
 
-def kill_leftovers(marker: str) -> None:
-    """SIGKILL any process of ours whose command line still names `marker` (Ray's temp dir of a killed run)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmd:
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a command started with start_new_session and everything in its session (Ray gives its
+    workers process groups of their own and renames them, so neither killpg nor a command line finds all)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], check=False, capture_output=True, text=True).stdout
+        left = [int(p) for p, sid, stat in (line.split()[:3] for line in ps.splitlines())
+                if int(sid) == proc.pid and not stat.startswith("Z")]
+        if not left:
+            return
+        for pid in left:
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        time.sleep(0.2)
+    raise AssertionError(f"processes of the killed run survive: {left}")
 
 
 # ---------------------------------------------------------------- selection rules (no Ray)
@@ -394,9 +399,7 @@ def test_killed_search_resumes_keeping_its_finished_trials(workdir: Path, store:
             assert time.monotonic() < deadline, "no two trials completed in time"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and every trial in flight
-        proc.wait()
-        kill_leftovers(ray_tmp)
+        kill_session(proc)  # the driver, its local Ray and every trial in flight
         shutil.rmtree(ray_tmp, ignore_errors=True)
     before = complete_trials(db)
     assert 2 <= len(before) < trials
