@@ -133,16 +133,16 @@ class EarlyStoppingSpec(Strict):
 
 class TrainSpec(Strict):
     epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="rows per step on each worker (global: workers x this)")
     optimizer: OptimizerSpec = OptimizerSpec()
     workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker; also its torch threads (>= 1)")
     gpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast; fp16 adds a GradScaler")
     max_failures: int = Field(0, ge=0)
     checkpoint_every: int | None = Field(None, ge=1, description="epochs between checkpoints; default by time")
-    checkpoint_interval_s: float = Field(30.0, ge=0)
+    checkpoint_interval_s: float = Field(30.0, ge=0, description="seconds between checkpoints (docs/training.md)")
     early_stopping: EarlyStoppingSpec | None = None
 
 
