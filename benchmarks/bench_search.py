@@ -12,7 +12,7 @@ torch thread.
      stored logits. The one-off teacher forward + encode is counted once, in the precomputed total.
    Trials of the two kinds alternate, so load from other processes hits both alike.
 2. One search (TPE over T, alpha, lr, channels; E2 epochs per trial) run twice in lockstep, pruner none and
-   kdflow's median pruner (orchestrator.study.make_pruner, per-epoch val accuracy reported to Optuna):
+   kdflow's median pruner (orchestrator.search.study.make_pruner, per-epoch val accuracy reported to Optuna):
    trials/hour, epochs trained, best val accuracy. Precomputed targets in both.
 3. With --ray: the real thing, `kdflow`'s pipeline in this process (Ray Train run per trial, sqlite
    study, MLflow), the same small search with pruner none and median: wall time of the search stage and
@@ -184,8 +184,8 @@ def part2(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, 
     """The same TPE search with pruner none and median, trials taken in turn."""
     import optuna
 
+    from orchestrator.search.study import make_pruner, make_sampler
     from orchestrator.spec import SearchSpec
-    from orchestrator.study import make_pruner, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = {"distill.temperature": {"type": "float", "low": 1.0, "high": 20.0, "log": True},
@@ -234,8 +234,8 @@ def part3(trials: int, epochs: int) -> dict:
 
     from orchestrator.cli import stdout_to_stderr
     from orchestrator.pipeline import run_workflow
+    from orchestrator.search.study import open_storage
     from orchestrator.spec import validate
-    from orchestrator.study import open_storage
 
     start, here = os.getcwd(), Path(tempfile.mkdtemp(prefix="kdflow-bench-search-"))
     os.chdir(here)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 
 
 @contextmanager
@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from orchestrator.spec import load_workflow
-    from orchestrator.stages import storage_for
+    from orchestrator.workspace import storage_for
     from tasks.soft_targets import SoftTargetStore
     from tasks.storage import Storage
 
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as exc:
-        from orchestrator.stages import StageFailed
+        from tasks.errors import StageFailed
 
         if isinstance(exc, StageFailed):
             print(f"kdflow: {exc}", file=sys.stderr)

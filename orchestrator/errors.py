@@ -1,16 +1,5 @@
-"""The one error type for user mistakes: the CLI turns it into a short message and exit code 2."""
+"""Kept for imports written before the errors moved to tasks/errors.py (the lower layer)."""
 
-from __future__ import annotations
+from tasks.errors import ShardFailed, StageFailed, UserError
 
-
-class UserError(Exception):
-    """A mistake in the user's input (YAML key, path, bucket, server, factory): exit 2, no traceback.
-
-    `where` names the YAML key or the resource, so the message points at what to fix.
-    """
-
-    exit_code = 2
-
-    def __init__(self, message: str, where: str | None = None) -> None:
-        self.where = where
-        super().__init__(f"{where}: {message}" if where else message)
+__all__ = ["ShardFailed", "StageFailed", "UserError"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -7,11 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator import progress, stages, tracking
+from orchestrator import evaluation, progress, stages, tracking
 from orchestrator.registry import log_student, register
 from orchestrator.runtime import ensure_ray
 from orchestrator.spec import Workflow
+from orchestrator.teachers import load_teachers
+from orchestrator.workspace import storage_for
 from tasks.models import num_params
+from tasks.soft_targets import SoftTargetStore
 
 
 def flat_params(spec: Workflow) -> dict[str, str]:
@@ -38,7 +41,7 @@ def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
 
 def preflight(spec: Workflow) -> None:
     """Fail before any work on what can be checked up front: model factories that do not import."""
-    from orchestrator.errors import UserError
+    from tasks.errors import UserError
     from tasks.models import resolve_factory
 
     named = [("student.model", spec.student.model)]
@@ -58,7 +61,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     preflight(spec)
-    storage = stages.storage_for(spec)
+    storage = storage_for(spec)
     storage.check()
     uri = tracking.connect(spec, storage)
     data = stages.load_data(spec, storage)  # before Ray: a data mistake exits 2 without a Ray start
@@ -67,7 +70,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
     with mlflow.start_run(run_name=spec.name) as run:
         mlflow.log_params(flat_params(spec))
         mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.data_fingerprint": data.fingerprint})
-        teachers = stages.load_teachers(spec, data, storage)
+        teachers = load_teachers(spec, data, storage)
         for i, t in enumerate(teachers):
             log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")
         manifest = stages.soft_targets(spec, data, teachers, storage)
@@ -76,7 +79,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
         search_summary = None
         chosen = spec
         if spec.search is not None:
-            from orchestrator.search import run_search
+            from orchestrator.search.runner import run_search
 
             outcome = run_search(spec, manifest, storage)
             search_summary, chosen, fit_result = outcome.summary, outcome.spec, outcome.result
@@ -88,8 +91,8 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
 
         with progress.stage("evaluate", "test split"):
             model = stages.student_model(chosen, manifest, fit_result)
-            student = stages.evaluate_test(model, manifest, storage)
-            teacher_acc = stages.teacher_test_accuracy(manifest, storage)
+            student = evaluation.evaluate_test(model, manifest, storage)
+            teacher_acc = evaluation.teacher_test_accuracy(manifest, storage)
             student["retention"] = student["test_accuracy"] / teacher_acc if teacher_acc else 0.0
             student["samples_per_s"] = fit_result.samples_per_s
             student["epochs"] = len(fit_result.history)
@@ -108,7 +111,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
             model_uri = log_student(model, np.asarray(manifest["mean"], np.float32),
                                     np.asarray(manifest["std"], np.float32))
             lineage = {"kdflow.workflow": spec.name, "kdflow.soft_targets.key": manifest["key"],
-                       "kdflow.soft_targets.uri": stages.SoftTargetStore(storage).uri(manifest["key"]),
+                       "kdflow.soft_targets.uri": SoftTargetStore(storage).uri(manifest["key"]),
                        "kdflow.data_fingerprint": manifest["data_fingerprint"],
                        "kdflow.teachers": ",".join(t.digest[:16] for t in teachers),
                        "kdflow.student": f"{chosen.student.model} {chosen.student.params}",
@@ -124,7 +127,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
         "status": "succeeded",
         "seconds": round(time.perf_counter() - t_start, 1),
         "teacher": teacher,
-        "soft_targets": {"uri": stages.SoftTargetStore(storage).uri(manifest["key"]), "cache_key": manifest["key"],
+        "soft_targets": {"uri": SoftTargetStore(storage).uri(manifest["key"]), "cache_key": manifest["key"],
                          "reused": manifest["reused"], "computed_shards": manifest["computed_shards"],
                          "teacher_forward_rows": manifest["forward_rows"], "rows": manifest["rows"],
                          "bytes": manifest["bytes"], "format": manifest["format"], "dtype": manifest["dtype"]},

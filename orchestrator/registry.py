@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from orchestrator import progress
-from orchestrator.errors import UserError
 from orchestrator.spec import Gate, Workflow
+from tasks.errors import UserError
 from tasks.models import Standardized
 from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage

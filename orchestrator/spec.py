@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 
 
 class Strict(BaseModel):
@@ -218,14 +218,14 @@ class SearchSpec(Strict):
     @field_validator("select")
     @classmethod
     def _known_rule(cls, v: str) -> str:
-        from orchestrator.selection import parse_select_rule
+        from orchestrator.search.selection import parse_select_rule
 
         parse_select_rule(v)
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
-        from orchestrator.selection import check_rule
+        from orchestrator.search.selection import check_rule
 
         metrics = [o.metric for o in self.objectives]
         if len(set(metrics)) < len(metrics):

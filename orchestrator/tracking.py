@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.errors import UserError
 from orchestrator.spec import Workflow
+from tasks.errors import UserError
 from tasks.storage import Storage
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 BUILTINS = ("sklearn:digits", "mnist1d")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 

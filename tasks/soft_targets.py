@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from orchestrator.errors import UserError
+from tasks.errors import ShardFailed, UserError
 from tasks.shards import TargetBatch, decode_rows, encode_rows, shard_schema_problem
 from tasks.storage import Storage, sha256_bytes
 from tasks.target_formats import FORMATS, TORCH_DTYPES, decode_topk
@@ -45,10 +45,6 @@ SPLITS = ("train", "val", "test")
 MATCHED_KEYS = ("format", "dtype", "top_k", "data_fingerprint", "num_classes", "num_features")
 
 log = logging.getLogger(__name__)
-
-
-class ShardFailed(RuntimeError):
-    """A shard kept failing after its retries; the shards already written stay."""
 
 
 def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dtype: str, top_k: int | None,

@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 from botocore.exceptions import BotoCoreError, ClientError
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 
 # what reaching S3 can raise besides FileNotFoundError: s3fs maps most replies to OSError subclasses,
 # botocore raises its own for missing credentials and unreachable endpoints

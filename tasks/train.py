@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 from tasks.losses import distillation_objective
 from tasks.models import build_model
 from tasks.soft_targets import SoftTargetStore, TargetBatch, shard_ranges, teacher_logits

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.errors import UserError
 from tasks.data import load_dataset
+from tasks.errors import UserError
 from tests.conftest import kdflow
 from tests.helpers import write_workflow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.errors import UserError
 from orchestrator.spec import Workflow
+from tasks.errors import UserError
 from tasks.models import MODELS, build_model, model_bytes, num_params
 from tests.helpers import workflow
 

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from orchestrator.errors import UserError
 from tasks.data import load_dataset
+from tasks.errors import UserError
 from tasks.soft_targets import SPLITS, SoftTargetStore
 from tasks.storage import Storage
 from tests.conftest import REPO, kdflow

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.selection import Candidate, check_rule, pareto_front, select_trial
+from orchestrator.search.selection import Candidate, check_rule, pareto_front, select_trial
 from orchestrator.spec import validate
 from tests.conftest import BIN, kdflow
 from tests.helpers import workflow, write_workflow
@@ -83,12 +83,14 @@ def base(teacher: Path, **overrides: Any) -> dict[str, Any]:
 def store(ray_session: None, teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A storage root holding the teacher's soft targets."""
     from orchestrator import stages
+    from orchestrator.teachers import load_teachers
+    from orchestrator.workspace import storage_for
 
     root = tmp_path_factory.mktemp("store") / ".kdflow"
     spec = validate(base(teacher, **{"storage.root": str(root)}))
-    storage = stages.storage_for(spec)
+    storage = storage_for(spec)
     data = stages.load_data(spec, storage)
-    stages.soft_targets(spec, data, stages.load_teachers(spec, data, storage), storage)
+    stages.soft_targets(spec, data, load_teachers(spec, data, storage), storage)
     return root
 
 
@@ -108,7 +110,7 @@ def run_here(workdir: Path, monkeypatch: pytest.MonkeyPatch, teacher: Path, **ov
 def load_study(url: str) -> Any:
     import optuna
 
-    from orchestrator.study import open_storage
+    from orchestrator.search.study import open_storage
 
     storage = open_storage(url)
     (name,) = optuna.study.get_all_study_names(storage)
@@ -193,8 +195,8 @@ def test_pareto_front_and_the_select_rules() -> None:
 def test_study_storage_defaults_to_sqlite_under_the_root_and_takes_journal_files(tmp_path: Path) -> None:
     from optuna.storages import JournalStorage, RDBStorage
 
-    from orchestrator.stages import storage_for
-    from orchestrator.study import display_url, open_storage, storage_url
+    from orchestrator.search.study import display_url, open_storage, storage_url
+    from orchestrator.workspace import storage_for
 
     def spec(storage: str | None) -> Any:
         return validate(workflow(**{"storage.root": str(tmp_path / "root"),
@@ -214,8 +216,8 @@ def test_study_storage_defaults_to_sqlite_under_the_root_and_takes_journal_files
 def test_every_sampler_and_pruner_searches_the_space_with_list_choices(sampler: str, pruner: str) -> None:
     import optuna
 
-    from orchestrator.search import Space
-    from orchestrator.study import make_pruner, make_sampler
+    from orchestrator.search.runner import Space
+    from orchestrator.search.study import make_pruner, make_sampler
 
     search = validate(workflow(search={"trials": 8, "concurrency": 2, "sampler": sampler, "pruner": pruner,
                                        "space": SPACE})).search

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.errors import UserError
 from orchestrator.spec import Gate, load_workflow, parse_overrides, validate
+from tasks.errors import UserError
 from tests.conftest import kdflow
 from tests.helpers import workflow, write_workflow
 

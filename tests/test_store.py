@@ -22,12 +22,14 @@ import pytest
 import torch
 
 from orchestrator import stages
-from orchestrator.errors import UserError
 from orchestrator.spec import Workflow
+from orchestrator.teachers import Teacher, load_teachers
+from orchestrator.workspace import storage_for
 from tasks import data as data_module
 from tasks.data import load_dataset
+from tasks.errors import ShardFailed, UserError
 from tasks.models import weights_digest
-from tasks.soft_targets import SPLITS, ShardFailed, SoftTargetStore, cache_key, teacher_logits
+from tasks.soft_targets import SPLITS, SoftTargetStore, cache_key, teacher_logits
 from tasks.storage import Storage
 from tests.conftest import REPO, kdflow
 from tests.helpers import workflow, write_workflow
@@ -122,13 +124,13 @@ def forwarded_rows(log: Path) -> int:
     return sum(int(n) for n in log.read_text().split()) if log.exists() else 0
 
 
-def stage_teachers(models: list[torch.nn.Module]) -> list[stages.Teacher]:
-    return [stages.Teacher(m, f"test:{i}", weights_digest(m)) for i, m in enumerate(models)]
+def stage_teachers(models: list[torch.nn.Module]) -> list[Teacher]:
+    return [Teacher(m, f"test:{i}", weights_digest(m)) for i, m in enumerate(models)]
 
 
 def test_rerun_reuses_soft_targets_with_no_teacher_forward(ray_session: None, workdir: Path) -> None:
     spec = Workflow.model_validate(workflow())
-    storage = stages.storage_for(spec)
+    storage = storage_for(spec)
     data = stages.load_data(spec, storage)
     log = workdir / "forwards.log"
     teachers = stage_teachers([Counting(str(log))])
@@ -147,7 +149,7 @@ def test_rerun_reuses_soft_targets_with_no_teacher_forward(ray_session: None, wo
 def test_each_input_of_the_soft_targets_changes_the_key(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def key(teachers: list[torch.nn.Module] | None = None, **overrides: Any) -> str:
         spec = Workflow.model_validate(workflow(**overrides))
-        data = stages.load_data(spec, stages.storage_for(spec))
+        data = stages.load_data(spec, storage_for(spec))
         return stages.soft_target_key(spec, data, stage_teachers(teachers or [linear_teacher()]))
 
     base = key()
@@ -175,7 +177,7 @@ def test_each_input_of_the_soft_targets_changes_the_key(workdir: Path, monkeypat
 def test_multi_teacher_entry_stores_the_ensemble_and_records_every_teacher(ray_session: None, workdir: Path,
                                                                           rule: str) -> None:
     spec = Workflow.model_validate(workflow(**{"soft_targets.ensemble": rule, "soft_targets.dtype": "float32"}))
-    storage = stages.storage_for(spec)
+    storage = storage_for(spec)
     data = stages.load_data(spec, storage)
     models = [linear_teacher(0), linear_teacher(1), linear_teacher(2)]
     m = stages.soft_targets(spec, data, stage_teachers(models), storage)
@@ -195,7 +197,7 @@ def test_multi_teacher_entry_stores_the_ensemble_and_records_every_teacher(ray_s
 def test_transfer_rows_are_labeled_by_the_teacher_in_the_same_precompute(ray_session: None, workdir: Path) -> None:
     spec = Workflow.model_validate(workflow(**{"data.source": "mnist1d", "data.transfer": 300, "data.split.val": 0.1,
                                                "data.split.test": 0.2, "soft_targets.dtype": "float32"}))
-    storage = stages.storage_for(spec)
+    storage = storage_for(spec)
     data = stages.load_data(spec, storage)
     torch.manual_seed(0)
     teacher = torch.nn.Linear(40, 10)
@@ -413,10 +415,10 @@ def stored_entry(wf: Path) -> tuple[dict[str, Any], Path]:
     from orchestrator.spec import load_workflow
 
     spec = load_workflow(wf)
-    storage = stages.storage_for(spec)
+    storage = storage_for(spec)
     data = stages.load_data(spec, storage)
-    m = stages.soft_targets(spec, data, stages.load_teachers(spec, data, storage), storage)
-    return m, Path(stages.SoftTargetStore(storage).dir(m["key"]))
+    m = stages.soft_targets(spec, data, load_teachers(spec, data, storage), storage)
+    return m, Path(SoftTargetStore(storage).dir(m["key"]))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

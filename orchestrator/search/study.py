@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import UserError
+from tasks.errors import UserError
 
 if TYPE_CHECKING:
     from orchestrator.spec import SearchSpec, Workflow
@@ -78,7 +78,7 @@ def study_name(spec: Workflow, manifest: dict[str, Any]) -> str:
              "objectives": [o.model_dump() for o in search.objectives], "student": spec.student.model_dump(mode="json"),
              "distill": spec.distill.model_dump(mode="json"),
              "train": spec.train.model_dump(mode="json", exclude=resources)}
-    from orchestrator.stages import digest
+    from orchestrator.workspace import digest
 
     return f"{spec.name}-{digest(basis)[:10]}"
 

@@ -25,11 +25,8 @@ from typing import Any
 import torch
 
 from orchestrator import progress, stages
-from orchestrator.errors import UserError
-from orchestrator.search_tracking import TrialRuns, write_plots
-from orchestrator.selection import Candidate, pareto_front, select_trial
-from orchestrator.spec import CategoricalParam, FloatParam, IntParam, Workflow, set_dotted
-from orchestrator.study import (
+from orchestrator.search.selection import Candidate, pareto_front, select_trial
+from orchestrator.search.study import (
     display_url,
     make_pruner,
     make_sampler,
@@ -38,6 +35,9 @@ from orchestrator.study import (
     storage_url,
     study_name,
 )
+from orchestrator.search.tracking import TrialRuns, write_plots
+from orchestrator.spec import CategoricalParam, FloatParam, IntParam, Workflow, set_dotted
+from tasks.errors import StageFailed, UserError
 from tasks.models import build_model, num_params
 from tasks.storage import Storage
 from tasks.train import FitResult
@@ -331,7 +331,7 @@ class Search:
                   "failed": sum(t.state == TrialState.FAIL for t in trials)}
         if not complete:
             errors = [t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
-            raise stages.StageFailed("search", f"no trial completed ({counts['pruned']} pruned, "
+            raise StageFailed("search", f"no trial completed ({counts['pruned']} pruned, "
                                                f"{counts['failed']} failed" + (f"; last error: {errors[-1]}"
                                                                                if errors else "") + ")")
         by_number = {t.number: t for t in complete}

@@ -1,0 +1,20 @@
+"""Where a workflow keeps its files: its Storage, and the content hash that names cached entries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from orchestrator.spec import Workflow
+from tasks.storage import Storage
+
+
+def storage_for(spec: Workflow) -> Storage:
+    s3 = spec.storage.s3
+    return Storage(spec.storage.root, endpoint_url=s3.endpoint_url if s3 else None,
+                   region=s3.region if s3 else None, anon=bool(s3 and s3.anon))
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
