@@ -1,4 +1,4 @@
-"""The `kdflow` command: validate, run, cache, models, promote, submit, jobs.
+"""The `kdflow` command: validate, schema, run, cache, models, promote, submit, jobs.
 
 Results go to stdout (one JSON object with --json); everything else, Ray's and MLflow's chatter
 included, goes to stderr. A user mistake exits 2 with one message naming the key or resource.
@@ -55,6 +55,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_workflow(args.file, args.set)
     print(f"{args.file}: valid workflow {spec.name!r}"
           + (f", search over {len(spec.search.space)} key(s), {spec.search.trials} trials" if spec.search else ""))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The workflow format as JSON Schema, for editors that complete and check workflow YAML files."""
+    from orchestrator.spec import workflow_schema
+
+    print(json.dumps(workflow_schema(), indent=1))
     return 0
 
 
@@ -171,6 +179,9 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="check a workflow without running it")
     with_sets(sp)
     sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("schema", help="print the workflow format as JSON Schema (docs/workflow-reference.yaml)")
+    sp.set_defaults(fn=cmd_schema)
 
     sp = sub.add_parser("run", help="run a workflow here (local Ray, or the cluster in RAY_ADDRESS)")
     with_sets(sp)

@@ -422,9 +422,17 @@ def validate(raw: dict[str, Any], source: str = "workflow") -> Workflow:
             loc = _loc(err["loc"]) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling against workflow-reference.yaml)"
+                msg = "unknown key (check the spelling against docs/workflow-reference.yaml or `kdflow schema`)"
             lines.append(f"  {loc}: {msg}")
         raise UserError(f"{source}: invalid workflow\n" + "\n".join(lines)) from None
+
+
+def workflow_schema() -> dict[str, Any]:
+    """The JSON Schema of a workflow file (what `kdflow schema` prints); unknown keys are errors there too."""
+    schema = Workflow.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "kdflow workflow"
+    return schema
 
 
 def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
+from pydantic import BaseModel
 
-from orchestrator.spec import Gate, load_workflow, parse_overrides, validate
+from orchestrator.spec import (
+    CategoricalParam,
+    FloatParam,
+    Gate,
+    IntParam,
+    Workflow,
+    load_workflow,
+    parse_overrides,
+    validate,
+    workflow_schema,
+)
 from tasks.errors import UserError
 from tests.conftest import kdflow
 from tests.helpers import workflow, write_workflow
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "workflow-reference.yaml"
 REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "docs" / "workflow-reference.yaml"
 
 
 def error_of(raw: dict) -> str:
@@ -22,13 +36,68 @@ def error_of(raw: dict) -> str:
     return str(exc.value)
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="shared/workflow-reference.yaml is not beside the repo")
 def test_reference_workflow_is_accepted_as_written() -> None:
     spec = load_workflow(REFERENCE)
     assert spec.name == "digits-distill"
     assert spec.search is not None and spec.search.space["student.params.hidden"].choices == [[16], [32], [64]]
     assert spec.registry.promote.gates.num_params == "<= 20000"
     assert spec.train.early_stopping.patience == 5
+
+
+def _model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every dotted key a pydantic model accepts, nested models included (a list of models: its items)."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.add(key)
+        for arg in [field.annotation, *typing.get_args(field.annotation)]:
+            for inner in [arg, *typing.get_args(arg)]:
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    keys |= _model_keys(inner, f"{key}.")
+    return keys
+
+
+def _yaml_keys(node: object, prefix: str = "") -> set[str]:
+    keys = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            keys.add(f"{prefix}{k}")
+            keys |= _yaml_keys(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for item in node:
+            keys |= _yaml_keys(item, prefix)
+    return keys
+
+
+def test_reference_names_every_key_the_workflow_accepts() -> None:
+    """A key added to spec.py without a line in docs/workflow-reference.yaml fails here."""
+    raw = yaml.safe_load(REFERENCE.read_text())
+    have = _yaml_keys(raw)
+    # search.space maps dotted workflow keys to parameters: compare the parameters' own keys
+    have |= {f"search.space.{k}" for param in raw["search"]["space"].values() for k in param}
+    expected = _model_keys(Workflow)
+    for param in (FloatParam, IntParam, CategoricalParam):
+        expected |= {f"search.space.{k}" for k in _model_keys(param)}
+    missing = sorted(k for k in expected if k not in have and not k.startswith(("teacher.params.", "student.params.")))
+    assert not missing, f"docs/workflow-reference.yaml lacks {missing}"
+
+
+def test_json_schema_checks_workflow_files(tmp_path: Path) -> None:
+    """`kdflow schema` prints a JSON Schema that accepts the reference and the examples and rejects a typo."""
+    proc = kdflow("schema", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    assert schema == workflow_schema()
+    checker = Draft202012Validator(schema)
+    for path in [REFERENCE, *sorted((REPO / "workflows").glob("*.yaml"))]:
+        errors = [e.message for e in checker.iter_errors(yaml.safe_load(path.read_text()))]
+        assert not errors, f"{path.name}: {errors}"
+    typo = yaml.safe_load(REFERENCE.read_text())
+    typo["distill"]["temprature"] = 4
+    assert any("temprature" in e.message for e in checker.iter_errors(typo))
+    typo = yaml.safe_load(REFERENCE.read_text())
+    typo["soft_targets"]["format"] = "probs"
+    assert [list(e.absolute_path) for e in checker.iter_errors(typo)] == [["soft_targets", "format"]]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)
