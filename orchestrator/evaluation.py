@@ -16,17 +16,24 @@ from tasks.train import evaluate
 
 
 def latency_ms(model: nn.Module, num_features: int, repeats: int = 200) -> float:
-    """Median single-row CPU latency: what a caller serving one request at a time waits."""
+    """Median single-row CPU latency on one thread: what a caller serving one request at a time waits.
+
+    The driver's torch thread count is restored afterwards (the registry's champion check runs after this).
+    """
     x = torch.randn(1, num_features)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with torch.inference_mode():
-        for _ in range(20):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
+    try:
+        with torch.inference_mode():
+            for _ in range(20):
+                model(x)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return float(np.median(times) * 1000)
 
 

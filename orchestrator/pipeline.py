@@ -67,7 +67,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
     data = stages.load_data(spec, storage)  # before Ray: a data mistake exits 2 without a Ray start
     with progress.stage("ray", "starting or joining"):
         ensure_ray()
-    with mlflow.start_run(run_name=spec.name) as run:
+    with tracking.artifact_endpoint(storage), mlflow.start_run(run_name=spec.name) as run:
         mlflow.log_params(flat_params(spec))
         mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.data_fingerprint": data.fingerprint})
         teachers = load_teachers(spec, data, storage)

@@ -6,7 +6,6 @@ and the seed, so a rerun (or a search) never trains it twice.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from orchestrator.spec import TeacherSpec, Workflow
 from orchestrator.workspace import digest
 from tasks.data import Dataset
 from tasks.errors import UserError
+from tasks.layout import TEACHERS, teacher_path
 from tasks.models import build_model, weights_digest
 from tasks.storage import Storage
 from tasks.train import ArraySource, fit
@@ -107,10 +107,10 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
             build_model(t.model, t.params, data.num_features, data.num_classes)  # fail fast on bad params
             key = digest({"model": t.model, "params": t.params, "train": t.train.model_dump(),
                           "data": data.labeled_fingerprint, "seed": spec.seed})
-            path = storage.path("teachers", key, "model.pt")
+            path = teacher_path(storage, key)
             if storage.exists(path):
-                saved = torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)
-                progress.info(f"  reusing the trained teacher {storage.uri('teachers', key)}")
+                saved = storage.read_torch(path)
+                progress.info(f"  reusing the trained teacher {storage.uri(TEACHERS, key)}")
                 trained = False
             else:
                 result = fit(_teacher_train_config(spec, t, data, storage), workers=spec.train.workers,
@@ -118,14 +118,12 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
                              gpus_per_worker=spec.train.gpus_per_worker, storage=storage,
                              run_name=f"teacher-{key}", max_failures=spec.train.max_failures)
                 saved = {"state_dict": result.state_dict, "history": result.history}
-                buf = io.BytesIO()
-                torch.save(saved, buf)
-                storage.write_bytes(path, buf.getvalue())
+                storage.write_torch(path, saved)
                 trained = True
             model = build_model(t.model, t.params, data.num_features, data.num_classes)
             model.load_state_dict(saved["state_dict"])
             model.eval()
-            out.append(Teacher(model, storage.uri("teachers", key), weights_digest(model), trained,
+            out.append(Teacher(model, storage.uri(TEACHERS, key), weights_digest(model), trained,
                                {"history": saved.get("history", [])}))
     return out
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.spec import Workflow
 from tasks.errors import UserError
+from tasks.layout import MLARTIFACTS, local_state_dir
 from tasks.storage import Storage
 
 
@@ -16,13 +19,27 @@ def tracking_uri(spec: Workflow, storage: Storage) -> str:
         return spec.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    folder = Path(storage.base) if not storage.is_s3 else Path(".kdflow").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    return f"sqlite:///{local_state_dir(storage) / 'mlflow.db'}"
 
 
 def artifact_location(storage: Storage) -> str:
-    return storage.uri("mlartifacts") if storage.is_s3 else Path(storage.path("mlartifacts")).as_uri()
+    return storage.uri(MLARTIFACTS) if storage.is_s3 else Path(storage.path(MLARTIFACTS)).as_uri()
+
+
+@contextmanager
+def artifact_endpoint(storage: Storage) -> Iterator[None]:
+    """MLflow's own S3 client reads its endpoint from MLFLOW_S3_ENDPOINT_URL: set it while a run logs
+    artifacts to an S3 root with a custom endpoint, and put the environment back as it was afterwards
+    (a value the user set is kept)."""
+    endpoint = storage.s3_options().get("endpoint_url")
+    if not storage.is_s3 or not endpoint or os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        yield
+        return
+    os.environ["MLFLOW_S3_ENDPOINT_URL"] = endpoint
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
 
 
 def connect(spec: Workflow, storage: Storage) -> str:
@@ -30,9 +47,6 @@ def connect(spec: Workflow, storage: Storage) -> str:
     import mlflow
 
     uri = tracking_uri(spec, storage)
-    endpoint = storage.s3_options().get("endpoint_url")
-    if storage.is_s3 and endpoint:  # MLflow's own S3 client reads its endpoint from this variable
-        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
     if uri.startswith(("http://", "https://")):
         import requests
 

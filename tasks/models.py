@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -182,12 +181,6 @@ def num_params(model: nn.Module) -> int:
 
 def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def state_dict_bytes(model: nn.Module) -> bytes:
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    return buf.getvalue()
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks.errors import ShardFailed, UserError
+from tasks.layout import SOFT_TARGETS
 from tasks.shards import TargetBatch, decode_rows, encode_rows, shard_schema_problem
 from tasks.storage import Storage, sha256_bytes
 from tasks.target_formats import FORMATS, TORCH_DTYPES, decode_topk
@@ -126,10 +127,10 @@ class SoftTargetStore:
         self.storage = storage
 
     def dir(self, key: str) -> str:
-        return self.storage.path("soft_targets", key)
+        return self.storage.path(SOFT_TARGETS, key)
 
     def uri(self, key: str) -> str:
-        return self.storage.uri("soft_targets", key)
+        return self.storage.uri(SOFT_TARGETS, key)
 
     def _shard_path(self, key: str, rel: str) -> str:
         return f"{self.dir(key)}/{rel}"
@@ -164,7 +165,7 @@ class SoftTargetStore:
 
     def entries(self) -> list[dict[str, Any]]:
         out = []
-        for path in self.storage.ls(self.storage.path("soft_targets")):
+        for path in self.storage.ls(self.storage.path(SOFT_TARGETS)):
             key = path.rstrip("/").split("/")[-1]
             try:
                 m = self.manifest(key)

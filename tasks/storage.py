@@ -122,6 +122,24 @@ class Storage:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    def write_torch(self, path: str, obj: Any) -> None:
+        """torch.save `obj` (weights, histories) to one object, atomically like every write."""
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.write_bytes(path, buf.getvalue())
+
+    def read_torch(self, path: str) -> Any:
+        """What `write_torch` wrote, on the CPU. Not weights_only: kdflow's own files hold plain Python values."""
+        import io
+
+        import torch
+
+        return torch.load(io.BytesIO(self.read_bytes(path)), map_location="cpu", weights_only=False)
+
     def ls(self, path: str) -> list[str]:
         try:
             return sorted(p.rstrip("/") for p in self.fs.ls(path, detail=False))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
+from tasks.layout import checkpoints_path
 from tasks.losses import distillation_objective
 from tasks.models import build_model
 from tasks.soft_targets import SoftTargetStore, TargetBatch, shard_ranges, teacher_logits
@@ -458,7 +459,7 @@ def fit(config: dict[str, Any], *, workers: int, use_gpu: bool, cpus_per_worker:
     config = {**config, "use_gpu": use_gpu, "threads": max(1, int(cpus_per_worker))}
     run_config = RunConfig(
         name=run_name,
-        storage_path=storage.path("checkpoints"),
+        storage_path=checkpoints_path(storage),
         storage_filesystem=storage.pyarrow_fs() if storage.is_s3 else None,
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),

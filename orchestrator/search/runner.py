@@ -12,7 +12,6 @@ gets a nested run per trial and the study's plots on the workflow's run (`search
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 import threading
@@ -21,8 +20,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from orchestrator import progress, stages
 from orchestrator.search.selection import Candidate, pareto_front, select_trial
@@ -38,6 +35,7 @@ from orchestrator.search.study import (
 from orchestrator.search.tracking import TrialRuns, write_plots
 from orchestrator.spec import CategoricalParam, FloatParam, IntParam, Workflow, set_dotted
 from tasks.errors import StageFailed, UserError
+from tasks.layout import checkpoints_path, trial_weights_path
 from tasks.models import build_model, num_params
 from tasks.storage import Storage
 from tasks.train import FitResult
@@ -117,15 +115,12 @@ def check_space(spec: Workflow, manifest: dict[str, Any]) -> None:
 
 
 def save_weights(storage: Storage, path: str, result: FitResult) -> None:
-    buf = io.BytesIO()
-    torch.save({"state_dict": result.state_dict, "history": result.history, "stop_reason": result.stop_reason,
-                "best_epoch": result.best_epoch, "samples_per_s": result.samples_per_s, "workers": result.workers},
-               buf)
-    storage.write_bytes(path, buf.getvalue())
+    storage.write_torch(path, {"state_dict": result.state_dict, "history": result.history, "stop_reason": result.stop_reason,
+                "best_epoch": result.best_epoch, "samples_per_s": result.samples_per_s, "workers": result.workers})
 
 
 def load_weights(storage: Storage, path: str) -> FitResult:
-    saved = torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)
+    saved = storage.read_torch(path)
     return FitResult(state_dict=saved["state_dict"], history=saved["history"], stop_reason=saved["stop_reason"],
                      resumed_from=None, best_epoch=saved["best_epoch"], samples_per_s=saved["samples_per_s"],
                      workers=saved.get("workers", 1))
@@ -194,7 +189,7 @@ class Search:
                 except MlflowException as exc:  # e.g. the old run lives in another tracking server
                     progress.info(f"  [dim]MLflow run of trial #{t.number} left as it was: {exc}[/]")
             if t.user_attrs.get("ray_train_run"):  # its half-trained checkpoints are of no use
-                self.storage.rm(self.storage.path("checkpoints", t.user_attrs["ray_train_run"]))
+                self.storage.rm(checkpoints_path(self.storage, t.user_attrs["ray_train_run"]))
             progress.info(f"  trial #{t.number} was interrupted: marked failed, it does not count")
         done = self.counted()
         if done:
@@ -241,7 +236,7 @@ class Search:
                 import ray
 
                 ray.kill(monitor)
-            self.storage.rm(self.storage.path("checkpoints", run_name))  # the best weights are kept below
+            self.storage.rm(checkpoints_path(self.storage, run_name))  # the best weights are kept below
 
         trial.set_user_attr("epochs", len(result.history))
         if result.stop_reason == "pruned":
@@ -249,7 +244,7 @@ class Search:
             raise optuna.TrialPruned(f"pruned after epoch {len(result.history)}")
         best = best_epoch_metrics(result)
         best["num_params"] = size
-        path = self.storage.path("search", self.name, f"trial-{trial.number}.pt")
+        path = trial_weights_path(self.storage, self.name, trial.number)
         save_weights(self.storage, path, result)
         trial.set_user_attr("weights", path)
         trial.set_user_attr("best_epoch", result.best_epoch)

@@ -7,10 +7,10 @@ Optuna), so each trial's hook starts in a fraction of a second.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import UserError
+from tasks.layout import local_state_dir
 
 if TYPE_CHECKING:
     from orchestrator.spec import SearchSpec, Workflow
@@ -29,9 +29,7 @@ def storage_url(spec: Workflow, storage: Storage) -> str:
             raise UserError("an RDB URL (sqlite:///PATH, postgresql://...) or a journal file (PATH.log, "
                             "journal://PATH)", where="search.storage")
         return configured
-    folder = Path(storage.base) if not storage.is_s3 else Path(".kdflow").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'optuna.db'}"
+    return f"sqlite:///{local_state_dir(storage) / 'optuna.db'}"
 
 
 def open_storage(url: str) -> Any:
