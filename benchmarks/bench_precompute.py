@@ -33,9 +33,10 @@ import torch
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks.kinds.classification import teacher_forward
 from tasks.models import build_model, num_params
 from tasks.shards import encode_rows
-from tasks.soft_targets import SPLITS, SoftTargetStore, shard_name, shard_ranges, teacher_forward
+from tasks.soft_targets import SPLITS, SoftTargetStore, shard_name, shard_ranges
 from tasks.storage import Storage
 
 TEACHERS = {
@@ -76,7 +77,7 @@ def plain_loop_with_writes(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarra
 def ray_path(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, folder: str, workers: int) -> dict:
     empty = (np.zeros((0, FEATURES), np.float32), np.zeros(0, np.int64))
     splits = {s: empty for s in SPLITS} | {"train": (x, y)}
-    out = SoftTargetStore(Storage(folder)).precompute(
+    out, _ = SoftTargetStore(Storage(folder)).precompute(
         "bench", [teacher], splits, shards=SHARDS, format="logits", dtype="float16", top_k=None,
         ensemble="mean_probs", meta={}, workers=workers)
     shutil.rmtree(folder, ignore_errors=True)

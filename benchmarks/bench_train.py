@@ -22,6 +22,7 @@ Run from the repository root: ``python benchmarks/bench_train.py`` (table on std
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -40,6 +41,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tasks.data import load_dataset
+from tasks.fit_config import FitConfig, LossConfig, OptimizerConfig, Resources
+from tasks.kinds import task_kind
 from tasks.losses import distillation_objective
 from tasks.models import build_model
 from tasks.soft_targets import SoftTargetStore, teacher_logits
@@ -50,8 +53,9 @@ EPOCHS = 30
 ROUNDS = 2
 BATCH = 128
 STUDENT = {"hidden": [100, 100]}
-LOSS = {"kind": "kl", "temperature": 4.0, "alpha": 0.7, "beta": 0.5}
-OPTIMIZER = {"name": "adamw", "lr": 3e-3}
+LOSS = LossConfig(kind="kl", temperature=4.0, alpha=0.7, beta=0.5)
+OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9)
+TASK = task_kind("classification")
 
 
 def progress(msg: str) -> None:
@@ -71,7 +75,7 @@ def make_store(root: str) -> tuple[Storage, dict[str, Any]]:
         opt.step()
     storage = Storage(root)
     splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
-    manifest = SoftTargetStore(storage).precompute(
+    manifest, _ = SoftTargetStore(storage).precompute(
         "bench", [teacher.eval()], splits, shards=4, format="logits", dtype="float16", top_k=None,
         ensemble="mean_probs", meta={"num_classes": data.num_classes, "num_features": data.num_features})
     return storage, manifest
@@ -90,7 +94,7 @@ def student(manifest: dict[str, Any]) -> torch.nn.Module:
 def plain_loop(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, model: torch.nn.Module, rank: int = 0,
                world: int = 1, opt: torch.optim.Optimizer | None = None, epochs: int = EPOCHS) -> list[float]:
     """The loop a person writes by hand; samples/s of each epoch (all processes together)."""
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=OPTIMIZER["lr"])
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=OPTIMIZER.lr)
     gen = torch.Generator().manual_seed(rank)
     rates = []
     for _ in range(epochs):
@@ -99,8 +103,8 @@ def plain_loop(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, model: torch.n
         t0 = time.perf_counter()
         for s in range(0, len(order), BATCH):
             idx = order[s:s + BATCH]
-            loss, _ = distillation_objective(model(x[idx]), t[idx], y[idx], loss=LOSS["kind"],
-                                             temperature=LOSS["temperature"], alpha=LOSS["alpha"])
+            loss, _ = distillation_objective(model(x[idx]), t[idx], y[idx], loss=LOSS.kind,
+                                             temperature=LOSS.temperature, alpha=LOSS.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -138,7 +142,7 @@ def alternating(config: dict[str, Any]) -> dict[str, float]:
     models = [student(manifest), student(manifest)]
     if world > 1:
         models = [torch.nn.parallel.DistributedDataParallel(m) for m in models]
-    plain_opt, kdflow_opt = (torch.optim.AdamW(m.parameters(), lr=OPTIMIZER["lr"]) for m in models)
+    plain_opt, kdflow_opt = (torch.optim.AdamW(m.parameters(), lr=OPTIMIZER.lr) for m in models)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     gen = torch.Generator().manual_seed(1 + rank)
     rates: dict[str, list[float]] = {"plain": [], "kdflow": []}
@@ -146,7 +150,7 @@ def alternating(config: dict[str, Any]) -> dict[str, float]:
     def kdflow_epoch() -> None:
         order = torch.randperm(len(share), generator=gen)
         t0 = time.perf_counter()
-        train_epoch(models[1], kdflow_opt, scaler, share, order, BATCH, LOSS, "fp32").tolist()
+        train_epoch(TASK, models[1], kdflow_opt, scaler, share, order, BATCH, LOSS, "fp32").tolist()
         rates["kdflow"].append(len(order) * world / (time.perf_counter() - t0))
 
     for epoch in range(EPOCHS):  # which goes first alternates too: neither always follows the other
@@ -200,14 +204,15 @@ def plain_ddp(storage: Storage, manifest: dict[str, Any], world: int = 2) -> flo
 
 
 def kdflow(storage: Storage, manifest: dict[str, Any], workers: int, **extra: Any) -> Any:
-    config = {"label": "student", "model": "mlp", "params": STUDENT, "num_features": manifest["num_features"],
-              "num_classes": manifest["num_classes"], "seed": 0, "epochs": EPOCHS, "batch_size": BATCH,
-              "optimizer": OPTIMIZER, "precision": "fp32", "loss": LOSS, "early_stopping": None,
-              "data": ShardSource(storage, manifest, "train"), "val": ShardSource(storage, manifest, "val"),
-              "checkpoint_every": None, "checkpoint_interval_s": 30.0, **extra}
+    config = FitConfig(log_prefix="student", task=TASK, model="mlp", params=STUDENT, dims=TASK.dims(manifest),
+                       seed=0, epochs=EPOCHS, batch_size=BATCH, optimizer=OPTIMIZER, precision="fp32", loss=LOSS,
+                       early_stopping=None, data=ShardSource(storage, manifest, "train"),
+                       val=ShardSource(storage, manifest, "val"), checkpoint_every=None, checkpoint_interval_s=30.0,
+                       resources=Resources(workers=workers, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0,
+                                           max_failures=0), epoch_hook=None)
+    config = dataclasses.replace(config, **extra)
     t0 = time.perf_counter()
-    result = fit(config, workers=workers, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, storage=storage,
-                 run_name=f"bench-{workers}w-{time.time_ns()}", max_failures=0)
+    result = fit(config, storage=storage, run_name=f"bench-{workers}w-{time.time_ns()}")
     progress(f"  fit() with {workers} worker(s): {time.perf_counter() - t0:.1f} s wall, "
              f"steady {result.samples_per_s:,.0f} samples/s")
     assert result.samples_per_s == steady_samples_per_s(result.history)

@@ -85,7 +85,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from tasks.storage import Storage
 
     storage = storage_for(load_workflow(args.workflow)) if args.workflow else Storage(args.root)
-    storage.check(create=False)
+    try:
+        storage.check(create=False)
+    except UserError as exc:
+        raise exc.under("storage.root" if args.workflow else "--root") from None
     store = SoftTargetStore(storage)
     if args.action == "list":
         entries = store.entries()

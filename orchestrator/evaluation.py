@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.kinds import TaskKind
 from tasks.models import model_bytes, num_params
-from tasks.soft_targets import SoftTargetStore, teacher_logits
+from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
 from tasks.train import evaluate
 
@@ -37,15 +38,15 @@ def latency_ms(model: nn.Module, num_features: int, repeats: int = 200) -> float
     return float(np.median(times) * 1000)
 
 
-def evaluate_test(model: nn.Module, manifest: dict[str, Any], storage: Storage) -> dict[str, Any]:
+def evaluate_test(task: TaskKind, model: nn.Module, manifest: dict[str, Any], storage: Storage) -> dict[str, Any]:
     test = SoftTargetStore(storage).read(manifest, "test")
-    m = evaluate(model, test, manifest["num_classes"], torch.device("cpu"))
+    m = evaluate(task, model, test, task.dims(manifest), torch.device("cpu"))
     return {"test_accuracy": m["accuracy"], "teacher_agreement": m["agreement"], "num_params": num_params(model),
             "model_bytes": model_bytes(model), "latency_ms": latency_ms(model, manifest["num_features"])}
 
 
-def teacher_test_accuracy(manifest: dict[str, Any], storage: Storage) -> float:
+def teacher_test_accuracy(task: TaskKind, manifest: dict[str, Any], storage: Storage) -> float:
     """From the stored test-split logits: no teacher forward needed, on reruns too."""
     test = SoftTargetStore(storage).read(manifest, "test")
-    pred = teacher_logits(test.targets, manifest["num_classes"]).argmax(-1)
+    pred = task.decode_targets(test.targets, task.dims(manifest)).argmax(-1)
     return float((pred == test.y).float().mean())

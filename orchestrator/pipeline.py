@@ -1,20 +1,25 @@
-"""Runs a workflow's stages in order inside one MLflow run and builds the result object of DESIGN.md."""
+"""Runs a workflow's stages in order inside one MLflow run and builds the result object (docs/architecture.md)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-import numpy as np
+from torch import nn
 
 from orchestrator import evaluation, progress, stages, tracking
+from orchestrator.configs import task_for
 from orchestrator.registry import log_student, register
 from orchestrator.runtime import ensure_ray
 from orchestrator.spec import Workflow
-from orchestrator.teachers import load_teachers
+from orchestrator.teachers import Teacher, is_external, load_teachers
 from orchestrator.workspace import storage_for
+from tasks.errors import UserError
+from tasks.kinds import TaskKind
 from tasks.models import num_params
-from tasks.soft_targets import SoftTargetStore
+from tasks.soft_targets import PrecomputeStats, SoftTargetStore
+from tasks.storage import Storage
+from tasks.train import FitResult
 
 
 def flat_params(spec: Workflow) -> dict[str, str]:
@@ -41,13 +46,12 @@ def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
 
 def preflight(spec: Workflow) -> None:
     """Fail before any work on what can be checked up front: model factories that do not import."""
-    from tasks.errors import UserError
     from tasks.models import resolve_factory
 
     named = [("student.model", spec.student.model)]
     for i, t in enumerate(spec.teachers):
         where = f"teacher[{i}].model" if isinstance(spec.teacher, list) else "teacher.model"
-        if not (t.checkpoint or t.model.startswith("models:/") or t.model.endswith((".pt", ".pth"))):
+        if not is_external(t):
             named.append((where, t.model))
     for where, name in named:
         try:
@@ -57,82 +61,104 @@ def preflight(spec: Workflow) -> None:
 
 
 def run_workflow(spec: Workflow) -> dict[str, Any]:
+    """data -> teachers -> soft targets -> student (or search) -> evaluation -> registry, in one MLflow run."""
     import mlflow
 
     t_start = time.perf_counter()
     preflight(spec)
+    task = task_for(spec)
     storage = storage_for(spec)
-    storage.check()
+    try:
+        storage.check()
+    except UserError as exc:
+        raise exc.under("storage.root") from None
     uri = tracking.connect(spec, storage)
     data = stages.load_data(spec, storage)  # before Ray: a data mistake exits 2 without a Ray start
     with progress.stage("ray", "starting or joining"):
         ensure_ray()
     with tracking.artifact_endpoint(storage), mlflow.start_run(run_name=spec.name) as run:
+        run_id = run.info.run_id
         mlflow.log_params(flat_params(spec))
         mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.data_fingerprint": data.fingerprint})
         teachers = load_teachers(spec, data, storage)
         for i, t in enumerate(teachers):
             log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")
-        manifest = stages.soft_targets(spec, data, teachers, storage)
+        manifest, precompute = stages.compute_soft_targets(spec, data, teachers, storage)
         mlflow.log_params({"soft_targets.key": manifest["key"]})
-
-        search_summary = None
-        chosen = spec
-        if spec.search is not None:
-            from orchestrator.search.runner import run_search
-
-            outcome = run_search(spec, manifest, storage)
-            search_summary, chosen, fit_result = outcome.summary, outcome.spec, outcome.result
-        else:
-            with progress.stage("student", f"{spec.student.model} {spec.student.params}, "
-                                           f"{spec.train.workers} worker(s)"):
-                fit_result = stages.train_student(spec, manifest, storage, run_name=f"student-{run.info.run_id}")
+        chosen, fit_result, search_summary = train_or_search(spec, manifest, storage, run_id)
         log_history(fit_result.history)
-
         with progress.stage("evaluate", "test split"):
             model = stages.student_model(chosen, manifest, fit_result)
-            student = evaluation.evaluate_test(model, manifest, storage)
-            teacher_acc = evaluation.teacher_test_accuracy(manifest, storage)
-            student["retention"] = student["test_accuracy"] / teacher_acc if teacher_acc else 0.0
-            student["samples_per_s"] = fit_result.samples_per_s
-            student["epochs"] = len(fit_result.history)
-            student["stop_reason"] = fit_result.stop_reason
-            student["resumed_from"] = fit_result.resumed_from
-            teacher = {"test_accuracy": teacher_acc, "num_params": sum(num_params(t.model) for t in teachers),
-                       "trained": any(t.trained for t in teachers), "count": len(teachers)}
-            mlflow.log_metrics({"test_accuracy": student["test_accuracy"], "retention": student["retention"],
-                                "teacher_test_accuracy": teacher_acc, "num_params": student["num_params"],
-                                "latency_ms": student["latency_ms"],
-                                "teacher_agreement": student["teacher_agreement"]})
-            progress.info(f"  teacher {teacher_acc:.4f}, student {student['test_accuracy']:.4f} "
-                          f"(retention {student['retention']:.3f}, {student['num_params']} params)")
-
+            student, teacher = evaluate_student(task, model, fit_result, teachers, manifest, storage)
         with progress.stage("register", spec.registered_model):
-            model_uri = log_student(model, np.asarray(manifest["mean"], np.float32),
-                                    np.asarray(manifest["std"], np.float32))
-            lineage = {"kdflow.workflow": spec.name, "kdflow.soft_targets.key": manifest["key"],
-                       "kdflow.soft_targets.uri": SoftTargetStore(storage).uri(manifest["key"]),
-                       "kdflow.data_fingerprint": manifest["data_fingerprint"],
-                       "kdflow.teachers": ",".join(t.digest[:16] for t in teachers),
-                       "kdflow.student": f"{chosen.student.model} {chosen.student.params}",
-                       "kdflow.distill": f"{chosen.distill.loss} T={chosen.distill.temperature} "
-                                         f"alpha={chosen.distill.alpha}"}
-            if search_summary:
-                lineage["kdflow.search.study"] = search_summary["study"]
-                lineage["kdflow.search.trial"] = str(search_summary["best_trial"])
-            registry = register(chosen, model_uri, run.info.run_id, student, manifest, storage, lineage)
-
+            model_uri = log_student(*task.serving_model(model, manifest))
+            lineage = lineage_tags(spec, chosen, manifest, storage, teachers, search_summary)
+            registration = register(chosen, model_uri, run_id, student, manifest, storage, lineage)
     return {
         "workflow": spec.name,
         "status": "succeeded",
         "seconds": round(time.perf_counter() - t_start, 1),
         "teacher": teacher,
-        "soft_targets": {"uri": SoftTargetStore(storage).uri(manifest["key"]), "cache_key": manifest["key"],
-                         "reused": manifest["reused"], "computed_shards": manifest["computed_shards"],
-                         "teacher_forward_rows": manifest["forward_rows"], "rows": manifest["rows"],
-                         "bytes": manifest["bytes"], "format": manifest["format"], "dtype": manifest["dtype"]},
+        "soft_targets": soft_targets_result(manifest, precompute, storage),
         "search": search_summary,
         "student": student,
-        "registry": registry,
-        "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run.info.run_id},
+        "registry": registration,
+        "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run_id},
     }
+
+
+def train_or_search(spec: Workflow, manifest: dict[str, Any], storage: Storage,
+                    run_id: str) -> tuple[Workflow, FitResult, dict[str, Any] | None]:
+    """The student: the search's choice (its workflow, weights and summary), or the one the spec describes."""
+    if spec.search is not None:
+        from orchestrator.search.runner import run_search
+
+        outcome = run_search(spec, manifest, storage, run_id)
+        return outcome.spec, outcome.result, outcome.summary
+    with progress.stage("student", f"{spec.student.model} {spec.student.params}, {spec.train.workers} worker(s)"):
+        return spec, stages.train_student(spec, manifest, storage, run_name=f"student-{run_id}"), None
+
+
+def evaluate_student(task: TaskKind, model: nn.Module, fit_result: FitResult, teachers: list[Teacher],
+             manifest: dict[str, Any], storage: Storage) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result's student and teacher sections, from the test split; the headline metrics go to MLflow."""
+    import mlflow
+
+    student = evaluation.evaluate_test(task, model, manifest, storage)
+    teacher_acc = evaluation.teacher_test_accuracy(task, manifest, storage)
+    student["retention"] = student["test_accuracy"] / teacher_acc if teacher_acc else 0.0
+    student["samples_per_s"] = fit_result.samples_per_s
+    student["epochs"] = len(fit_result.history)
+    student["stop_reason"] = fit_result.stop_reason.value
+    student["resumed_from"] = fit_result.resumed_from
+    teacher = {"test_accuracy": teacher_acc, "num_params": sum(num_params(t.model) for t in teachers),
+               "trained": any(t.trained for t in teachers), "count": len(teachers)}
+    mlflow.log_metrics({"test_accuracy": student["test_accuracy"], "retention": student["retention"],
+                        "teacher_test_accuracy": teacher_acc, "num_params": student["num_params"],
+                        "latency_ms": student["latency_ms"], "teacher_agreement": student["teacher_agreement"]})
+    progress.info(f"  teacher {teacher_acc:.4f}, student {student['test_accuracy']:.4f} "
+                  f"(retention {student['retention']:.3f}, {student['num_params']} params)")
+    return student, teacher
+
+
+def lineage_tags(spec: Workflow, chosen: Workflow, manifest: dict[str, Any], storage: Storage,
+                 teachers: list[Teacher], search_summary: dict[str, Any] | None) -> dict[str, str]:
+    """Where the registered student came from: workflow, soft targets, data, teachers, student, search trial."""
+    lineage = {"kdflow.workflow": spec.name, "kdflow.soft_targets.key": manifest["key"],
+               "kdflow.soft_targets.uri": SoftTargetStore(storage).uri(manifest["key"]),
+               "kdflow.data_fingerprint": manifest["data_fingerprint"],
+               "kdflow.teachers": ",".join(t.digest[:16] for t in teachers),
+               "kdflow.student": f"{chosen.student.model} {chosen.student.params}",
+               "kdflow.distill": f"{chosen.distill.loss} T={chosen.distill.temperature} alpha={chosen.distill.alpha}"}
+    if search_summary:
+        lineage["kdflow.search.study"] = search_summary["study"]
+        lineage["kdflow.search.trial"] = str(search_summary["best_trial"])
+    return lineage
+
+
+def soft_targets_result(manifest: dict[str, Any], precompute: PrecomputeStats, storage: Storage) -> dict[str, Any]:
+    """The result's soft_targets section: what is stored (manifest) and what this run did (precompute)."""
+    return {"uri": SoftTargetStore(storage).uri(manifest["key"]), "cache_key": manifest["key"],
+            "reused": precompute.reused, "computed_shards": precompute.computed_shards,
+            "teacher_forward_rows": precompute.forward_rows, "rows": manifest["rows"], "bytes": manifest["bytes"],
+            "format": manifest["format"], "dtype": manifest["dtype"]}

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from orchestrator import progress
+from orchestrator.configs import task_for
 from orchestrator.spec import Gate, Workflow
 from tasks.errors import UserError
-from tasks.models import Standardized
 from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
 from tasks.train import evaluate
@@ -19,18 +19,16 @@ from tasks.train import evaluate
 PIP_REQUIREMENTS = ["torch", "numpy", "kdflow"]
 
 
-def log_student(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> str:
-    """Log the student, wrapped with its preprocessing so it takes raw features; returns the model URI."""
+def log_student(served: nn.Module, example: np.ndarray) -> str:
+    """Log the student as its task kind serves it (classification: taking raw features); returns the model URI."""
     import mlflow
 
-    wrapped = Standardized(model, torch.from_numpy(mean), torch.from_numpy(std)).eval()
-    example = mean.reshape(1, -1).astype(np.float32)
-    info = mlflow.pytorch.log_model(wrapped, name="student", input_example=example,
+    info = mlflow.pytorch.log_model(served, name="student", input_example=example,
                                     pip_requirements=PIP_REQUIREMENTS, serialization_format="pickle")
     return info.model_uri
 
 
-def _champion_accuracy(client: Any, name: str, alias: str, manifest: dict[str, Any], storage: Storage) -> tuple[
+def _champion_accuracy(spec: Workflow, client: Any, name: str, alias: str, manifest: dict[str, Any], storage: Storage) -> tuple[
         int | None, float | None]:
     """The alias holder's test accuracy on this run's test split (its own tag when the split is the same)."""
     import mlflow
@@ -42,14 +40,14 @@ def _champion_accuracy(client: Any, name: str, alias: str, manifest: dict[str, A
     tags = holder.tags or {}
     if tags.get("kdflow.data_fingerprint") == manifest["data_fingerprint"] and "kdflow.test_accuracy" in tags:
         return int(holder.version), float(tags["kdflow.test_accuracy"])
-    model = mlflow.pytorch.load_model(f"models:/{name}/{holder.version}", map_location="cpu")
-    test = SoftTargetStore(storage).read(manifest, "test")
-    mean = torch.tensor(manifest["mean"]) if "mean" in manifest else None
-    if mean is None:
+    task = task_for(spec)
+    served = mlflow.pytorch.load_model(f"models:/{name}/{holder.version}", map_location="cpu")
+    model = task.from_serving(served, manifest)  # the registered model takes the user's raw input
+    if model is None:
         return int(holder.version), None
-    test.x = test.x * torch.tensor(manifest["std"]) + mean  # the registered model takes raw features
+    test = SoftTargetStore(storage).read(manifest, "test")
     try:
-        acc = evaluate(model, test, manifest["num_classes"], torch.device("cpu"))["accuracy"]
+        acc = evaluate(task, model, test, task.dims(manifest), torch.device("cpu"))["accuracy"]
     except RuntimeError:  # a champion for another feature layout cannot be compared on this split
         return int(holder.version), None
     return int(holder.version), acc
@@ -65,7 +63,7 @@ def check_gates(spec: Workflow, metrics: dict[str, Any], manifest: dict[str, Any
         if rule is not None:
             out[name] = {"rule": rule, "value": metrics[name], "passed": Gate(rule).holds(metrics[name])}
     if gates.beats_alias:
-        version, acc = _champion_accuracy(client, spec.registered_model, gates.beats_alias, manifest, storage)
+        version, acc = _champion_accuracy(spec, client, spec.registered_model, gates.beats_alias, manifest, storage)
         if version is None:
             out["beats_alias"] = {"rule": f"no worse than @{gates.beats_alias}", "value": None, "passed": True,
                                   "note": "no current holder"}

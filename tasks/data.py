@@ -1,6 +1,8 @@
 """Datasets: built-in generators and the user's Parquet tables, split deterministically and fingerprinted.
 
-Features are standardized with the training split's mean and std; the fingerprint covers the rows, the
+Errors name `load_dataset`'s own arguments (`source`, `label`, `features`, `transfer`, `split`); the
+orchestrator places them under the workflow's `data:` section. Features are standardized with the
+training split's mean and std; the fingerprint covers the rows, the
 split and the preprocessing, so any change to them is a new soft-target cache key. The transfer rows (extra
 unlabeled rows only the teacher labels) are in `fingerprint` but not in `labeled_fingerprint`: a teacher
 trained by the workflow sees only the labeled training split, so adding a transfer set does not retrain it.
@@ -38,6 +40,16 @@ class Dataset:
 
     def rows(self, split: str) -> int:
         return int(self.y[split].shape[0])
+
+    def distillation_rows(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows the student distils on: the training split, with the transfer rows (label -1) interleaved
+        by a seeded permutation, so that every data-parallel worker's contiguous share holds both kinds
+        (appended, the last worker would get nearly all the unlabeled rows)."""
+        x, y = self.x["train"], self.y["train"]
+        if "transfer" not in self.x:
+            return x, y
+        order = np.random.default_rng(seed).permutation(len(y) + self.rows("transfer"))
+        return np.concatenate([x, self.x["transfer"]])[order], np.concatenate([y, self.y["transfer"]])[order]
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +115,10 @@ def _missing_bucket(fs: Any, source: str, where: str) -> None:
             raise UserError(f"bucket {bucket!r} does not exist ({source})", where=where)
 
 
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def feature_columns(table: Any, features: list[str] | str | None, label: str | None, where: str) -> list[str] | str:
     """The feature column(s) of `table`: one list/array column, or numeric columns (default: all but label)."""
     import pyarrow as pa
@@ -110,17 +126,17 @@ def feature_columns(table: Any, features: list[str] | str | None, label: str | N
     names = table.column_names
     if isinstance(features, str):
         if features not in names:
-            raise UserError(f"column {features!r} not in the table (columns: {names})", where=f"{where}.features")
+            raise UserError(f"column {features!r} not in the table (columns: {names})", where=_key(where, "features"))
         return features
     if features is None:
         cols = [n for n in names if n != label and (pa.types.is_integer(table.schema.field(n).type)
                                                      or pa.types.is_floating(table.schema.field(n).type))]
         if not cols:
-            raise UserError("the table has no numeric feature columns", where=f"{where}.features")
+            raise UserError("the table has no numeric feature columns", where=_key(where, "features"))
         return cols
     missing = [c for c in features if c not in names]
     if missing:
-        raise UserError(f"columns not in the table: {missing} (columns: {names})", where=f"{where}.features")
+        raise UserError(f"columns not in the table: {missing} (columns: {names})", where=_key(where, "features"))
     return list(features)
 
 
@@ -133,47 +149,47 @@ def table_features(table: Any, features: list[str] | str | None, label: str | No
         col = table.column(cols).combine_chunks()
         if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)
                 or pa.types.is_large_list(col.type)):
-            raise UserError(f"column {cols!r} is {col.type}, not a list/array column", where=f"{where}.features")
+            raise UserError(f"column {cols!r} is {col.type}, not a list/array column", where=_key(where, "features"))
         try:
             return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
         except ValueError:
-            raise UserError(f"column {cols!r} has rows of different lengths", where=f"{where}.features") from None
+            raise UserError(f"column {cols!r} has rows of different lengths", where=_key(where, "features")) from None
     out = []
     for c in cols:
         t = table.schema.field(c).type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-            raise UserError(f"column {c!r} is {t}, not numeric", where=f"{where}.features")
+            raise UserError(f"column {c!r} is {t}, not numeric", where=_key(where, "features"))
         out.append(table.column(c).to_numpy(zero_copy_only=False).astype(np.float32))
     return np.stack(out, axis=1)
 
 
 def _parquet(source: str, features: list[str] | str | None, label: str, transfer: Any,
              storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any]]:
-    table = read_parquet_table(source, storage, "data.source")
+    table = read_parquet_table(source, storage, "source")
     if label not in table.column_names:
         raise UserError(f"label column {label!r} not in the table (columns: {table.column_names})",
-                        where="data.label")
-    columns = feature_columns(table, features, label, "data")
-    x = table_features(table, columns, label, "data")
+                        where="label")
+    columns = feature_columns(table, features, label, "")
+    x = table_features(table, columns, label, "")
     raw = table.column(label).to_numpy(zero_copy_only=False)
     if any(v is None for v in raw) or (raw.dtype.kind == "f" and np.isnan(raw).any()):
-        raise UserError(f"label column {label!r} has missing values", where="data.label")
+        raise UserError(f"label column {label!r} has missing values", where="label")
     classes, y = np.unique(raw, return_inverse=True)
     extra = None
     if transfer is not None:
         if not isinstance(transfer, str):
             raise UserError("for a Parquet source, transfer is a Parquet source too (a path or glob)",
-                            where="data.transfer")
+                            where="transfer")
         # the same feature columns as the labeled rows, in the same order; other columns are ignored
-        tt = read_parquet_table(transfer, storage, "data.transfer")
+        tt = read_parquet_table(transfer, storage, "transfer")
         missing = [c for c in ([columns] if isinstance(columns, str) else columns) if c not in tt.column_names]
         if missing:
             raise UserError(f"the transfer rows lack the feature columns {missing} (columns: {tt.column_names})",
-                            where="data.transfer")
-        extra = table_features(tt, columns, None, "data.transfer")
+                            where="transfer")
+        extra = table_features(tt, columns, None, "transfer")
         if extra.shape[1] != x.shape[1]:
             raise UserError(f"transfer rows have {extra.shape[1]} features, the data has {x.shape[1]}",
-                            where="data.transfer")
+                            where="transfer")
     return x, y.astype(np.int64), extra, classes.tolist()
 
 
@@ -181,36 +197,49 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
                  val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
                  limit: int | None = None, storage: Storage | None = None) -> Dataset:
     """Load, split (stratified-free, seeded permutation) and standardize a dataset."""
+    x, y, extra, classes = _read_source(source, features, label, transfer, storage)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    if not classes:
+        classes = sorted(np.unique(y).tolist())
+    if len(classes) < 2:
+        raise UserError(f"need at least 2 classes, found {len(classes)}", where="label")
+    if not np.isfinite(x).all():
+        raise UserError("features contain NaN or infinity", where="features")
+    return _split_and_standardize(x, y, extra, classes, val=val, test=test, seed=seed)
+
+
+def _read_source(source: str, features: list[str] | str | None, label: str, transfer: int | str | None,
+                 storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any]]:
+    """Features, labels, transfer rows (or None) and class names (empty: the label values) of `source`."""
     classes: list[Any] = []
     extra: np.ndarray | None = None
     if source == "sklearn:digits":
         x, y = _digits()
         if transfer is not None:
             raise UserError("sklearn:digits has no generator for transfer rows; give a Parquet source",
-                            where="data.transfer")
+                            where="transfer")
     elif source == "mnist1d":
         if isinstance(transfer, str):
-            raise UserError("for mnist1d, transfer is a number of extra generated rows", where="data.transfer")
+            raise UserError("for mnist1d, transfer is a number of extra generated rows", where="transfer")
         x, y, extra = _mnist1d(int(transfer or 0))
     elif source.endswith((".parquet", "/")) or "/" in source or source.startswith("s3://") or "*" in source:
         x, y, extra, classes = _parquet(source, features, label, transfer, storage)
     else:
         raise UserError(f"unknown source {source!r}: built-ins are {', '.join(BUILTINS)}, or a Parquet "
-                        "file/folder/glob (local or s3://)", where="data.source")
-    if limit:
-        x, y = x[:limit], y[:limit]
-    if not classes:
-        classes = sorted(np.unique(y).tolist())
-    if len(classes) < 2:
-        raise UserError(f"need at least 2 classes, found {len(classes)}", where="data.label")
-    if not np.isfinite(x).all():
-        raise UserError("features contain NaN or infinity", where="data.features")
+                        "file/folder/glob (local or s3://)", where="source")
+    return x, y, extra, classes
 
+
+def _split_and_standardize(x: np.ndarray, y: np.ndarray, extra: np.ndarray | None, classes: list[Any], *,
+                           val: float, test: float, seed: int) -> Dataset:
+    """A seeded permutation into test/val/train, standardized with the training split's mean and std, and
+    fingerprinted (rows, split and preprocessing; transfer rows only in `fingerprint`)."""
     n = len(y)
     perm = np.random.default_rng(seed).permutation(n)
     n_test, n_val = round(n * test), round(n * val)
     if n - n_test - n_val < 2 or n_test < 1:
-        raise UserError(f"{n} rows are too few for this split", where="data.split")
+        raise UserError(f"{n} rows are too few for this split", where="split")
     idx = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
     mean = x[idx["train"]].mean(axis=0)
     std = x[idx["train"]].std(axis=0)

@@ -16,8 +16,14 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, where: str | None = None) -> None:
+        self.message = message
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)
+
+    def under(self, key: str) -> UserError:
+        """The same error named inside the workflow: tasks/ names its own argument ('source'), orchestrator/
+        the section it came from ('data' -> 'data.source'); an error without a name gets `key` itself."""
+        return UserError(self.message, where=f"{key}.{self.where}" if self.where else key)
 
 
 class ShardFailed(RuntimeError):

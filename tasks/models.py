@@ -196,13 +196,25 @@ def weights_digest(model: nn.Module) -> str:
 
 
 class Standardized(nn.Module):
-    """Wraps a model with the preprocessing it was trained with, so a registered model takes raw features."""
+    """The one standardization wrapper: a model and its caller that see features on different scales.
 
-    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    inputs="raw": the caller has raw features, the model was trained on standardized ones (a registered
+    student). inputs="standardized": the reverse (a teacher or champion trained outside kdflow, fed
+    kdflow's standardized rows).
+    """
+
+    inputs = "raw"  # class-level default: models registered before this attribute existed unpickle as raw
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, inputs: str = "raw") -> None:
         super().__init__()
+        if inputs not in ("raw", "standardized"):
+            raise ValueError(f"inputs is 'raw' or 'standardized', not {inputs!r}")
         self.model = model
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("std", std.float())
+        self.inputs = inputs
+        self.register_buffer("mean", torch.as_tensor(mean).float())
+        self.register_buffer("std", torch.as_tensor(std).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        if self.inputs == "raw":
+            return self.model((x - self.mean) / self.std)
+        return self.model(x * self.std + self.mean)

@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,12 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks.errors import ShardFailed, UserError
+from tasks.kinds import TaskKind
+from tasks.kinds.classification import Classification, teacher_logits
 from tasks.layout import SOFT_TARGETS
 from tasks.shards import TargetBatch, decode_rows, encode_rows, shard_schema_problem
 from tasks.storage import Storage, sha256_bytes
-from tasks.target_formats import FORMATS, TORCH_DTYPES, decode_topk
+from tasks.target_formats import FORMATS, TORCH_DTYPES
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -46,6 +49,9 @@ SPLITS = ("train", "val", "test")
 MATCHED_KEYS = ("format", "dtype", "top_k", "data_fingerprint", "num_classes", "num_features")
 
 log = logging.getLogger(__name__)
+CLASSIFICATION = Classification()
+
+__all__ = ["SPLITS", "PrecomputeStats", "SoftTargetStore", "TargetBatch", "cache_key", "shard_ranges", "teacher_logits"]
 
 
 def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dtype: str, top_k: int | None,
@@ -67,49 +73,16 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}/part-{index:05d}-of-{count:05d}.parquet"
 
 
-# ---------------------------------------------------------------- teacher outputs
-
-
-def teacher_logits(targets: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
-    """Dense float32 teacher logits at T=1 from either stored format."""
-    if "logits" in targets:
-        return targets["logits"].float()
-    return decode_topk(targets["topk_values"].float(), targets["topk_indices"], targets["tail_logmass"].float(),
-                       num_classes)
-
-
 # ---------------------------------------------------------------- teacher forward (one Ray task per shard)
 
 
-def ensemble_logits(teachers: list[torch.nn.Module], x: torch.Tensor, rule: str) -> torch.Tensor:
-    outs = [t(x).float() for t in teachers]
-    if len(outs) == 1:
-        return outs[0]
-    stacked = torch.stack(outs)
-    if rule == "mean_logits":
-        return stacked.mean(0)
-    # log of the mean probability: a proper distribution whose softmax_T is well defined at any T
-    return torch.logsumexp(torch.log_softmax(stacked, dim=-1), dim=0) - float(np.log(len(outs)))
-
-
-def teacher_forward(teachers: list[torch.nn.Module], x: np.ndarray, rule: str, batch: int = 4096) -> torch.Tensor:
-    """Ensemble logits [N, C] at T=1, in batches, without autograd."""
-    for t in teachers:
-        t.eval()
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            outs.append(ensemble_logits(teachers, torch.from_numpy(np.array(x[i:i + batch])), rule))
-    return torch.cat(outs) if outs else torch.zeros(0)
-
-
-def compute_shard(storage: Storage, path: str, teachers: list[torch.nn.Module], x: np.ndarray, y: np.ndarray,
-                  start: int, stop: int, row_offset: int, format: str, dtype: str, top_k: int | None,
+def compute_shard(task: TaskKind, storage: Storage, path: str, teachers: list[torch.nn.Module], x: np.ndarray,
+                  y: np.ndarray, start: int, stop: int, row_offset: int, format: str, dtype: str, top_k: int | None,
                   ensemble: str) -> dict[str, Any]:
     """Run the teacher(s) over rows [start, stop) and write one shard; returns its manifest entry."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    logits = teacher_forward(teachers, x[start:stop], ensemble)
+    logits = task.teacher_outputs(teachers, x[start:stop], ensemble)
     data = encode_rows(np.arange(row_offset + start, row_offset + stop), x[start:stop], y[start:stop], logits,
                        format, dtype, top_k)
     storage.write_bytes(path, data)
@@ -118,6 +91,15 @@ def compute_shard(storage: Storage, path: str, teachers: list[torch.nn.Module], 
 
 
 # ---------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class PrecomputeStats:
+    """What one `precompute` call did; not saved (the manifest is what is saved, and says what is stored)."""
+
+    reused: bool  # a complete entry was there: no teacher forward at all
+    computed_shards: int
+    forward_rows: int  # rows the teacher(s) ran on in this call
 
 
 class SoftTargetStore:
@@ -246,27 +228,56 @@ class SoftTargetStore:
     def precompute(self, key: str, teachers: list[torch.nn.Module], splits: dict[str, tuple[np.ndarray, np.ndarray]],
                    *, shards: int, format: str, dtype: str, top_k: int | None, ensemble: str,
                    meta: dict[str, Any], max_retries: int = 3, workers: int | None = None,
-                   on_shard: Callable[[str, int, int, bool], None] | None = None) -> dict[str, Any]:
+                   on_shard: Callable[[str, int, int, bool], None] | None = None,
+                   task: TaskKind = CLASSIFICATION) -> tuple[dict[str, Any], PrecomputeStats]:
         """Compute the missing shards with Ray tasks (at most `workers` at a time) and write the manifest last.
 
         A complete entry is checked against this request and every shard's checksum, then reused with no
-        teacher forward. Returns the manifest plus `reused`, `computed_shards` and `forward_rows`.
+        teacher forward. Returns the saved manifest and what this call did.
         """
-        import ray
+        existing = self._existing(key, teachers, format, dtype, top_k, ensemble, meta)
+        if existing is not None:
+            return existing, PrecomputeStats(reused=True, computed_shards=0, forward_rows=0)
+        plan, todo = self._plan(key, splits, shards, format, dtype, on_shard)
+        computed, forward_rows = self._dispatch(key, plan, todo, task, teachers, format=format, dtype=dtype,
+                                                top_k=top_k, ensemble=ensemble, max_retries=max_retries,
+                                                workers=workers, on_shard=on_shard)
+        manifest = {
+            "version": MANIFEST_VERSION, "key": key, "format": format, "dtype": dtype,
+            "top_k": top_k if format == "topk" else None, "ensemble": ensemble, "shards": shards,
+            "splits": {s: {"rows": len(splits[s][1]), "shards": plan[s]} for s in SPLITS},
+            "rows": sum(len(splits[s][1]) for s in SPLITS),
+            "bytes": int(sum(e["bytes"] for s in SPLITS for e in plan[s])),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **meta,
+        }
+        self.storage.write_bytes(f"{self.dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
+        self.storage.remove_stale_temps(self.dir(key))  # left by writers killed mid-shard
+        return manifest, PrecomputeStats(reused=False, computed_shards=computed, forward_rows=forward_rows)
 
+    def _existing(self, key: str, teachers: list[torch.nn.Module], format: str, dtype: str, top_k: int | None,
+                  ensemble: str, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """The complete entry of this key, checked against the request and every shard's checksum; or None."""
         request = {"format": format, "dtype": dtype, "top_k": top_k if format == "topk" else None,
                    **{k: meta[k] for k in MATCHED_KEYS if k in meta}}
         if len(teachers) > 1:
             request["ensemble"] = ensemble
         existing = self.manifest(key)
-        if existing is not None:
-            self.require(key, request)
-            if "teachers" in meta and sorted(t["digest"] for t in existing.get("teachers", [])) != sorted(
-                    t["digest"] for t in meta["teachers"]):
-                raise UserError("manifest lists other teachers than this run's; refusing to mix",
-                                where=self.storage._display(f"{self.dir(key)}/manifest.json"))
-            self.verify(existing)
-            return {**existing, "reused": True, "computed_shards": 0, "forward_rows": 0}
+        if existing is None:
+            return None
+        self.require(key, request)
+        if "teachers" in meta and sorted(t["digest"] for t in existing.get("teachers", [])) != sorted(
+                t["digest"] for t in meta["teachers"]):
+            raise UserError("manifest lists other teachers than this run's; refusing to mix",
+                            where=self.storage._display(f"{self.dir(key)}/manifest.json"))
+        self.verify(existing)
+        return existing
+
+    def _plan(self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], shards: int, format: str,
+              dtype: str, on_shard: Callable[[str, int, int, bool], None] | None,
+              ) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, int, tuple[Any, ...]]]]:
+        """Every shard's manifest entry, and the shards still to compute (a killed run's whole ones are kept)."""
+        import ray
 
         plan: dict[str, list[dict[str, Any]]] = {}
         todo: list[tuple[str, int, tuple[Any, ...]]] = []
@@ -292,6 +303,15 @@ class SoftTargetStore:
                     log.warning("recomputing %s: it does not hold this entry's rows", self.storage._display(path))
                 todo.append((split, i, (self.storage, path, refs[0], refs[1], a, b, offset)))
             offset += len(y)
+        return plan, todo
+
+    def _dispatch(self, key: str, plan: dict[str, list[dict[str, Any]]], todo: list[tuple[str, int, tuple[Any, ...]]],
+                  task: TaskKind, teachers: list[torch.nn.Module], *, format: str, dtype: str, top_k: int | None,
+                  ensemble: str, max_retries: int, workers: int | None,
+                  on_shard: Callable[[str, int, int, bool], None] | None) -> tuple[int, int]:
+        """Run the shard tasks, filling in each finished shard's size and checksum; returns (shards, rows)
+        computed. Failures are collected, so that every shard that can be written is, then raised together."""
+        import ray
 
         total = sum(len(v) for v in plan.values())
         remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shard)
@@ -301,7 +321,7 @@ class SoftTargetStore:
         while todo or pending:
             while todo and (workers is None or len(pending) < workers):
                 split, i, (storage, path, x_ref, y_ref, a, b, off) = todo.pop(0)
-                ref = remote.remote(storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k,
+                ref = remote.remote(task, storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k,
                                     ensemble)
                 pending[ref] = (split, i)
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -325,19 +345,7 @@ class SoftTargetStore:
                               f"retries; the {total - len(failures)} others are written and stay under "
                               f"{self.uri(key)}, and a rerun computes only the missing ones:\n  "
                               + "\n  ".join(failures))
-
-        manifest = {
-            "version": MANIFEST_VERSION, "key": key, "format": format, "dtype": dtype,
-            "top_k": top_k if format == "topk" else None, "ensemble": ensemble, "shards": shards,
-            "splits": {s: {"rows": len(splits[s][1]), "shards": plan[s]} for s in SPLITS},
-            "rows": sum(len(splits[s][1]) for s in SPLITS),
-            "bytes": int(sum(e["bytes"] for s in SPLITS for e in plan[s])),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **meta,
-        }
-        self.storage.write_bytes(f"{self.dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
-        self.storage.remove_stale_temps(self.dir(key))  # left by writers killed mid-shard
-        return {**manifest, "reused": False, "computed_shards": computed, "forward_rows": forward_rows}
+        return computed, forward_rows
 
 
 def manifest_problem(m: Any, key: str) -> str | None:

@@ -175,23 +175,24 @@ class Storage:
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
     def check(self, create: bool = True) -> None:
-        """Fail early, naming the bucket or folder, if the root cannot be reached (or, locally, created)."""
+        """Fail early, naming the bucket or folder, if the root cannot be reached (or, locally, created).
+
+        The error names no key: the caller knows where the root came from (storage.root, --root)."""
         if not self.is_s3:
             if not create:
                 return
             try:
                 os.makedirs(self.base, exist_ok=True)
             except OSError as exc:
-                raise UserError(f"cannot create the storage folder: {exc.strerror}", where="storage.root") from None
+                raise UserError(f"cannot create the storage folder: {exc.strerror}") from None
             return
         bucket = self.base.split("/")[0]
         try:
             self.fs.ls(bucket, refresh=True)
         except FileNotFoundError:
-            raise UserError(f"bucket {bucket!r} does not exist", where="storage.root") from None
+            raise UserError(f"bucket {bucket!r} does not exist") from None
         except S3_ERRORS as exc:  # name the cause, not the stack
-            raise UserError(f"cannot reach bucket {bucket!r}: {describe_s3_error(exc)}",
-                            where="storage.root") from None
+            raise UserError(f"cannot reach bucket {bucket!r}: {describe_s3_error(exc)}") from None
 
     def _display(self, path: str) -> str:
         return f"s3://{path}" if self.is_s3 and not path.startswith("s3://") else path

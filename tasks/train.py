@@ -19,29 +19,33 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from tasks.errors import UserError
+from tasks.fit_config import EarlyStopping, FitConfig, LossConfig, OptimizerConfig
+from tasks.kinds import Share, TaskKind
+from tasks.kinds.classification import place_share  # noqa: F401 - kept importable from here (tests, benchmarks)
 from tasks.layout import checkpoints_path
-from tasks.losses import distillation_objective
-from tasks.models import build_model
-from tasks.soft_targets import SoftTargetStore, TargetBatch, shard_ranges, teacher_logits
+from tasks.soft_targets import SoftTargetStore, TargetBatch, shard_ranges
 from tasks.storage import Storage
 
-# A worker decodes its teacher targets to dense float32 once when that copy stays under this size, and
-# per batch otherwise (top-k rows over a large vocabulary would not fit dense).
-DENSE_TARGETS_BYTES = 256 * 2**20
-# On a GPU the worker's share lives in device memory when it takes at most this fraction of the free
-# memory; otherwise it stays in pinned host memory and each batch is copied over.
-DEVICE_RESIDENT_FRACTION = 0.25
 # A progress line for the first and last epoch and at most one per this many seconds between: a small
 # model runs dozens of epochs a second, and every line travels through Ray's log forwarding.
 PROGRESS_EVERY_S = 2.0
+
+
+class StopReason(str, Enum):
+    """Why a fit ended (a str, so results and reports carry the plain word)."""
+
+    COMPLETED = "completed"
+    EARLY_STOPPED = "early_stopped"  # the watched metric stopped improving for `patience` epochs
+    PRUNED = "pruned"  # the search's epoch hook said stop
+    RUNNING = "running"  # in a report before the last: the fit goes on
 
 
 class RowSource(Protocol):
@@ -102,136 +106,40 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def make_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:
-    name = spec.get("name", "adamw")
-    lr, wd = float(spec.get("lr", 1e-3)), float(spec.get("weight_decay", 0.0))
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.9)))
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=lr, weight_decay=wd)
+def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-# ---------------------------------------------------------------- validation
-
-
-@torch.no_grad()
-def evaluate_counts(model: nn.Module, data: TargetBatch, num_classes: int, device: torch.device,
-                    batch: int = 4096) -> torch.Tensor:
-    """[correct, summed CE, agreeing with the teacher, labeled rows, rows] over `data`, on `device`.
-
-    Counts rather than means, so that data-parallel workers can sum theirs and divide once.
-    """
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(5, dtype=torch.float64, device=device)
-    for i in range(0, len(data), batch):
-        part = data.take(slice(i, i + batch))
-        logits = model(part.x.to(device)).float()
-        y = part.y.to(device)
-        pred = logits.argmax(-1)
-        labeled = y >= 0
-        ce = nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none")
-        counts[0] += ((pred == y) & labeled).sum()
-        counts[1] += (ce * labeled).sum()
-        if part.targets:
-            counts[2] += (pred == teacher_logits(part.targets, num_classes).to(device).argmax(-1)).sum()
-        counts[3] += labeled.sum()
-        counts[4] += len(part)
-    model.train(was_training)
-    return counts
-
-
-def metrics_from_counts(counts: torch.Tensor, with_teacher: bool) -> dict[str, float]:
-    correct, ce, agree, labeled, rows = counts.tolist()
-    out = {"accuracy": correct / max(1.0, labeled), "loss": ce / max(1.0, labeled)}
-    if with_teacher:
-        out["agreement"] = agree / max(1.0, rows)
-    return out
-
-
-def evaluate(model: nn.Module, data: TargetBatch, num_classes: int, device: torch.device,
-             batch: int = 4096) -> dict[str, float]:
-    """Accuracy, cross-entropy and (when teacher targets are present) agreement with the teacher."""
-    return metrics_from_counts(evaluate_counts(model, data, num_classes, device, batch), bool(data.targets))
-
-
-# ---------------------------------------------------------------- this worker's rows
-
-
-@dataclass
-class Share:
-    """This worker's training rows, placed once: features, labels and teacher logits."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    teacher: torch.Tensor | None  # dense float32 logits, decoded once; None when decoded per batch
-    targets: dict[str, torch.Tensor]  # stored targets, kept only when decoded per batch
-    num_classes: int
-    device: torch.device
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        # index_select, not x[idx]: half the per-call overhead of advanced indexing, which shows at ~1 ms steps
-        if self.teacher is not None:
-            t: torch.Tensor | None = self.teacher.index_select(0, idx)
-        elif self.targets:
-            t = teacher_logits({k: v.index_select(0, idx) for k, v in self.targets.items()}, self.num_classes)
-        else:
-            t = None
-        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
-        if self.device.type == "cuda" and self.x.device != self.device:  # pinned host rows: copy overlaps compute
-            return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                    None if t is None else t.to(self.device, non_blocking=True))
-        return x, y, t
-
-
-def place_share(rows: TargetBatch, num_classes: int, device: torch.device) -> Share:
-    """Decode teacher targets once when small enough; on a GPU keep the rows there when they fit."""
-    dense = None
-    if rows.targets and len(rows) * num_classes * 4 <= DENSE_TARGETS_BYTES:
-        dense = teacher_logits(rows.targets, num_classes)
-    tensors = {"x": rows.x, "y": rows.y, **({"teacher": dense} if dense is not None else
-                                            {f"t_{k}": v for k, v in rows.targets.items()})}
-    if device.type == "cuda":
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        free, _ = torch.cuda.mem_get_info(device)
-        if size <= free * DEVICE_RESIDENT_FRACTION:
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-        else:
-            tensors = {k: v.pin_memory() for k, v in tensors.items()}
-    return Share(tensors["x"], tensors["y"], tensors.get("teacher"),
-                 {k[2:]: v for k, v in tensors.items() if k.startswith("t_")}, num_classes, device)
+def evaluate(task: TaskKind, model: nn.Module, data: TargetBatch, dims: dict[str, int],
+             device: torch.device) -> dict[str, float]:
+    """The task kind's metrics (classification: accuracy, cross-entropy and, with teacher targets, agreement)."""
+    return task.metrics(task.eval_counts(model, data, dims, device), bool(data.targets))
 
 
 # ---------------------------------------------------------------- one step, one epoch
 
 
-def loss_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, tb: torch.Tensor | None,
-              loss_cfg: dict[str, Any] | None, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward under autocast, the objective in float32; returns the loss and detached [total, kd, ce]."""
+def loss_step(task: TaskKind, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, tb: torch.Tensor | None,
+              loss: LossConfig | None, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward under autocast, the task's objective in float32; returns the loss and detached [total, kd, ce]."""
     with autocast(xb.device, precision):
         logits = model(xb)
-    if loss_cfg is None:  # hard labels only: teacher training
-        ce = nn.functional.cross_entropy(logits.float(), yb)
-        return ce, torch.stack((ce.detach(), torch.zeros_like(ce.detach()), ce.detach()))
-    assert tb is not None, "distillation needs teacher targets"
-    loss, parts = distillation_objective(logits, tb, yb, loss=loss_cfg["kind"], temperature=loss_cfg["temperature"],
-                                         alpha=loss_cfg["alpha"], beta=loss_cfg.get("beta", 0.5))
-    return loss, torch.stack((parts["total"], parts["kd"], parts["ce"]))
+    return task.objective(logits, yb, tb, loss)
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, share: Share,
-                order: torch.Tensor, batch_size: int, loss_cfg: dict[str, Any] | None,
+def train_epoch(task: TaskKind, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                share: Share, order: torch.Tensor, batch_size: int, loss: LossConfig | None,
                 precision: str) -> torch.Tensor:
     """One pass over `order`; returns the summed [total, kd, ce] over the steps (one host sync per epoch)."""
     sums = torch.zeros(3, device=share.device)
     for s in range(0, len(order), batch_size):
         xb, yb, tb = share.batch(order[s:s + batch_size])
-        loss, parts = loss_step(model, xb, yb, tb, loss_cfg, precision)
+        loss_value, parts = loss_step(task, model, xb, yb, tb, loss, precision)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss_value).backward()
         scaler.step(opt)
         scaler.update()
         sums += parts
@@ -282,23 +190,42 @@ class Reporter:
 # ---------------------------------------------------------------- the loop
 
 
-def record_epoch(state: dict[str, Any], metrics: dict[str, float], model: nn.Module, watch: str,
-                 maximize: bool) -> None:
-    """Append the epoch to the history; keep a copy of the weights when `watch` strictly improved."""
-    value = metrics.get(watch)
-    if value is not None and (state["best"] is None or (value > state["best"] if maximize else value < state["best"])):
-        state.update(best=value, best_epoch=int(metrics["epoch"]), bad_epochs=0,
-                     best_state={k: t.detach().cpu().clone() for k, t in model.state_dict().items()})
-    else:
-        state["bad_epochs"] += 1
-    state["history"].append(metrics)
-    state["epoch"] = int(metrics["epoch"])
+@dataclass
+class LoopState:
+    """What a checkpoint carries besides the weights and the optimizer, so a restarted worker group resumes."""
+
+    epoch: int = 0  # the last finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float | None = None  # the watched metric's best value so far
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the watched metric last improved
+    resumed_from: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights, on the CPU
+    checkpoints: int = 0  # checkpoints written before the final one
+    checkpoint_s: float = 0.0  # seconds spent writing them
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> LoopState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+    def record(self, metrics: dict[str, float], model: nn.Module, watch: str, maximize: bool) -> None:
+        """Append the epoch to the history; keep a copy of the weights when `watch` strictly improved."""
+        value = metrics.get(watch)
+        if value is not None and (self.best is None or (value > self.best if maximize else value < self.best)):
+            self.best, self.best_epoch, self.bad_epochs = value, int(metrics["epoch"]), 0
+            self.best_state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        self.history.append(metrics)
+        self.epoch = int(metrics["epoch"])
 
 
-def checkpoint_due(config: dict[str, Any], epoch: int, since_last_s: float) -> bool:
+def checkpoint_due(cfg: FitConfig, epoch: int, since_last_s: float) -> bool:
     """Every `checkpoint_every` epochs when set, else once `checkpoint_interval_s` have passed (docs/training.md)."""
-    every = config.get("checkpoint_every")
-    return epoch % every == 0 if every else since_last_s >= config.get("checkpoint_interval_s", 30.0)
+    if cfg.checkpoint_every:
+        return epoch % cfg.checkpoint_every == 0
+    return since_last_s >= cfg.checkpoint_interval_s
 
 
 def quiet_report_lines() -> None:
@@ -311,116 +238,153 @@ def quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every worker. Every rank reports at every checkpoint; rank 0 attaches the checkpoint."""
+@dataclass
+class Worker:
+    """One Ray Train worker's setup: where it runs, its rows, its model and optimizer."""
+
+    cfg: FitConfig
+    rank: int
+    world: int
+    device: torch.device
+    share: Share
+    per_worker: int  # rows per epoch on every rank: the same number of steps everywhere, as DDP requires
+    val_rows: TargetBatch | None
+    model: nn.Module  # DDP-wrapped when distributed
+    core: nn.Module  # the model itself
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            log(f"[{self.cfg.log_prefix}] {msg}")
+
+
+def setup_worker(cfg: FitConfig) -> Worker:
+    """Device, this worker's share of the rows (train and val), the model and its optimizer."""
     import ray.train
     import ray.train.torch
 
-    quiet_report_lines()
-
-    # ---- setup: device, this worker's rows, model, optimizer, and the checkpoint to resume from
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(config.get("threads", 1)))
-    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
-    label, epochs, batch_size = config.get("label", "train"), config["epochs"], config["batch_size"]
-    precision, loss_cfg = config.get("precision", "fp32"), config.get("loss")  # loss None: hard labels only
-    seed, num_classes = config.get("seed", 0), config["num_classes"]
-
-    source: RowSource = config["data"]
-    n = source.rows()
-    share = place_share(source.load(*shard_ranges(n, world)[rank]), num_classes, device)
-    per_worker = n // world  # every rank takes the same number of steps, as DDP requires
-    val = config.get("val")
-    val_rows = val.load(*shard_ranges(val.rows(), world)[rank]) if val is not None else None
-
-    torch.manual_seed(seed)
-    model = build_model(config["model"], config["params"], config["num_features"], num_classes)
-    model = ray.train.torch.prepare_model(model) if world > 1 or device.type != "cpu" else model
+    torch.set_num_threads(cfg.resources.threads)
+    device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+    n = cfg.data.rows()
+    share = cfg.task.place(cfg.data.load(*shard_ranges(n, world)[rank]), cfg.dims, device)
+    val_rows = cfg.val.load(*shard_ranges(cfg.val.rows(), world)[rank]) if cfg.val is not None else None
+    torch.manual_seed(cfg.seed)
+    core = cfg.task.build_model(cfg.model, cfg.params, cfg.dims)
+    model = ray.train.torch.prepare_model(core) if world > 1 or device.type != "cpu" else core
     core = model.module if hasattr(model, "module") else model
-    opt = make_optimizer(model, config["optimizer"])
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return Worker(cfg, rank, world, device, share, n // world, val_rows, model, core,
+                  make_optimizer(model, cfg.optimizer),
+                  torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))
 
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "best_epoch": -1, "bad_epochs": 0,
-                             "resumed_from": None, "best_state": None, "checkpoints": 0, "checkpoint_s": 0.0}
+
+def resume(w: Worker) -> LoopState:
+    """The loop state of Ray Train's latest checkpoint (weights and optimizer loaded), or a fresh one."""
+    import ray.train
+
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
-        core.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        if scaler.is_enabled() and saved.get("scaler"):  # absent or empty when saved without fp16
-            scaler.load_state_dict(saved["scaler"])
-        state.update({k: saved[k] for k in state if k in saved})
-        state["resumed_from"] = saved["epoch"]
-        if rank == 0:
-            log(f"[{label}] resumed from the checkpoint after epoch {saved['epoch']}")
+    if not ckpt:
+        return LoopState()
+    with ckpt.as_directory() as d:
+        saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    w.core.load_state_dict(saved["model"])
+    w.opt.load_state_dict(saved["optimizer"])
+    if w.scaler.is_enabled() and saved.get("scaler"):  # absent or empty when saved without fp16
+        w.scaler.load_state_dict(saved["scaler"])
+    state = LoopState.from_checkpoint(saved)
+    state.resumed_from = saved["epoch"]
+    w.log(f"resumed from the checkpoint after epoch {saved['epoch']}")
+    return state
 
-    es = config.get("early_stopping")
-    watch, maximize = (es["metric"], es["direction"] == "max") if es else ("val_accuracy", True)
-    hook: EpochHook | None = config.get("epoch_hook")
+
+def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
+    """Train on a fresh order of this worker's rows (seeded by epoch: a resumed run repeats it), then validate
+    on every worker's share of val, summed, so that all ranks see the same numbers."""
+    cfg = w.cfg
+    gen.manual_seed(cfg.seed * 100_003 + epoch * 1000 + w.rank)
+    order = torch.randperm(len(w.share), generator=gen)[:w.per_worker].to(w.share.rows_device)
+    w.model.train()
+    t0 = time.perf_counter()
+    sums_t = train_epoch(cfg.task, w.model, w.opt, w.scaler, w.share, order, cfg.batch_size, cfg.loss,
+                         cfg.precision)
+    if w.device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(w.device)
+    train_s = time.perf_counter() - t0
+    if w.world > 1:  # the mean over workers, so every rank logs (and may stop on) the same train loss
+        torch.distributed.all_reduce(sums_t)
+        sums_t /= w.world
+    sums = sums_t.tolist()
+    steps = math.ceil(w.per_worker / cfg.batch_size)
+    metrics: dict[str, float] = {"epoch": epoch, "train_loss": sums[0] / steps, "train_kd": sums[1] / steps,
+                                 "train_ce": sums[2] / steps, "samples_per_s": w.per_worker * w.world / train_s,
+                                 "epoch_s": train_s}
+    if w.val_rows is not None:
+        counts = cfg.task.eval_counts(w.core, w.val_rows, cfg.dims, w.device)
+        if w.world > 1:
+            torch.distributed.all_reduce(counts)
+        metrics.update({f"val_{k}": v for k, v in cfg.task.metrics(counts, bool(w.val_rows.targets)).items()})
+    return metrics
+
+
+def stop_decision(w: Worker, state: LoopState, epoch: int, metrics: dict[str, float]) -> StopReason | None:
+    """Early stopping on a plateau, else the epoch hook (rank 0 asks it); every rank gets rank 0's answer."""
+    import ray
+
+    es, hook = w.cfg.early_stopping, w.cfg.epoch_hook
+    stop = 1 if es and state.bad_epochs >= es.patience else 0
+    if hook is not None and w.rank == 0 and not stop:
+        stop = 2 if ray.get(hook.report.remote(epoch, metrics)) else 0
+    if w.world > 1:  # the hook answers rank 0 only, and every rank must leave the loop together
+        flag = torch.tensor([stop], device=w.device)
+        torch.distributed.broadcast(flag, src=0)
+        stop = int(flag.item())
+    return {0: None, 1: StopReason.EARLY_STOPPED, 2: StopReason.PRUNED}[stop]
+
+
+def checkpoint(w: Worker, state: LoopState, reporter: Reporter, metrics: dict[str, float],
+               stop_reason: StopReason) -> None:
+    """Report this epoch with a checkpoint (rank 0 attaches the weights; every rank reports)."""
+    t0 = time.perf_counter()
+    report = {**metrics, "stop_reason": stop_reason.value, "world_size": w.world, "rows_per_worker": w.per_worker,
+              "resumed_from": state.resumed_from, "best_epoch": state.best_epoch, "checkpoints": state.checkpoints,
+              "checkpoint_s": state.checkpoint_s}
+    payload = None
+    if w.rank == 0:
+        payload = {"model": w.core.state_dict(), "optimizer": w.opt.state_dict(), "scaler": w.scaler.state_dict(),
+                   **{f.name: getattr(state, f.name) for f in fields(state)}}
+    reporter.send(report, payload)
+    state.checkpoints += 1
+    state.checkpoint_s += time.perf_counter() - t0
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every worker: setup, resume, then per epoch train + validate, decide, maybe checkpoint."""
+    quiet_report_lines()
+    cfg: FitConfig = config["fit"]
+    w = setup_worker(cfg)
+    state = resume(w)
+    es: EarlyStopping | None = cfg.early_stopping
+    watch, maximize = (es.metric, es.maximize) if es else cfg.task.best_by
     gen = torch.Generator()
-    stop_reason = "completed"
     reporter = Reporter()
     last_ckpt = last_log = time.monotonic()
-
-    for epoch in range(state["epoch"] + 1, epochs + 1):
-        # ---- train: a fresh order of this worker's rows, seeded by epoch so a resumed run repeats it
-        gen.manual_seed(seed * 100_003 + epoch * 1000 + rank)
-        order = torch.randperm(len(share), generator=gen)[:per_worker].to(share.x.device)
-        model.train()
-        t0 = time.perf_counter()
-        sums_t = train_epoch(model, opt, scaler, share, order, batch_size, loss_cfg, precision)
-        if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
-            torch.cuda.synchronize(device)
-        train_s = time.perf_counter() - t0
-        if world > 1:  # the mean over workers, so every rank logs (and may stop on) the same train loss
-            torch.distributed.all_reduce(sums_t)
-            sums_t /= world
-        sums = sums_t.tolist()
-        steps = math.ceil(per_worker / batch_size)
-        metrics: dict[str, float] = {"epoch": epoch, "train_loss": sums[0] / steps, "train_kd": sums[1] / steps,
-                                     "train_ce": sums[2] / steps, "samples_per_s": per_worker * world / train_s,
-                                     "epoch_s": train_s}
-
-        # ---- validate on every worker's share of val, summed, so all ranks see the same numbers
-        if val_rows is not None:
-            counts = evaluate_counts(core, val_rows, num_classes, device)
-            if world > 1:
-                torch.distributed.all_reduce(counts)
-            metrics.update({f"val_{k}": v for k, v in metrics_from_counts(counts, bool(val_rows.targets)).items()})
-
-        # ---- keep the best weights; stop on a plateau (early stopping) or when the hook prunes
-        record_epoch(state, metrics, core, watch, maximize)
-        stop = 1 if es and state["bad_epochs"] >= es["patience"] else 0
-        if hook is not None and rank == 0 and not stop:
-            stop = 2 if ray.get(hook.report.remote(epoch, metrics)) else 0
-        if world > 1:  # the hook answers rank 0 only, and every rank must leave the loop together
-            flag = torch.tensor([stop], device=device)
-            torch.distributed.broadcast(flag, src=0)
-            stop = int(flag.item())
-        if stop:
-            stop_reason = "early_stopped" if stop == 1 else "pruned"
-        last = bool(stop) or epoch == epochs
-        if rank == 0 and (epoch == 1 or last or time.monotonic() - last_log >= PROGRESS_EVERY_S):
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        metrics = run_epoch(w, epoch, gen)
+        state.record(metrics, w.core, watch, maximize)
+        stopped = stop_decision(w, state, epoch, metrics)
+        last = stopped is not None or epoch == cfg.epochs
+        if epoch == 1 or last or time.monotonic() - last_log >= PROGRESS_EVERY_S:
             last_log = time.monotonic()
-            log(f"[{label}] epoch {epoch}/{epochs} loss {metrics['train_loss']:.4f}"
-                + (f" val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
-                + f" {metrics['samples_per_s']:,.0f} samples/s" + (f" ({stop_reason})" if stop else ""))
-
-        # ---- checkpoint (and report: a report costs a controller round trip, so none without one)
-        if last or checkpoint_due(config, epoch, time.monotonic() - last_ckpt):
-            t_ckpt = time.perf_counter()
-            report = {**metrics, "stop_reason": stop_reason if last else "running", "world_size": world,
-                      "rows_per_worker": per_worker, "resumed_from": state["resumed_from"],
-                      "best_epoch": state["best_epoch"], "checkpoints": state["checkpoints"],
-                      "checkpoint_s": state["checkpoint_s"]}
-            reporter.send(report, {"model": core.state_dict(), "optimizer": opt.state_dict(),
-                                   "scaler": scaler.state_dict(), **state} if rank == 0 else None)
-            state["checkpoints"] += 1
-            state["checkpoint_s"] += time.perf_counter() - t_ckpt
+            w.log(f"epoch {epoch}/{cfg.epochs} loss {metrics['train_loss']:.4f}"
+                  + (f" val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
+                  + f" {metrics['samples_per_s']:,.0f} samples/s" + (f" ({stopped.value})" if stopped else ""))
+        # a report costs a controller round trip, so none without a checkpoint
+        if last or checkpoint_due(cfg, epoch, time.monotonic() - last_ckpt):
+            checkpoint(w, state, reporter, metrics, (stopped or StopReason.COMPLETED) if last else StopReason.RUNNING)
             last_ckpt = time.monotonic()
-        if stop:
+        if stopped:
             break
     reporter.close()
 
@@ -432,7 +396,7 @@ def train_loop(config: dict[str, Any]) -> None:
 class FitResult:
     state_dict: dict[str, torch.Tensor]  # the best epoch's weights
     history: list[dict[str, float]]
-    stop_reason: str
+    stop_reason: StopReason
     resumed_from: int | None
     best_epoch: int
     samples_per_s: float
@@ -447,28 +411,25 @@ def steady_samples_per_s(history: list[dict[str, float]]) -> float:
     return float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else 0.0
 
 
-def fit(config: dict[str, Any], *, workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float,
-        storage: Storage, run_name: str, max_failures: int) -> FitResult:
-    """Train with Ray Train (`workers` data-parallel workers; gloo on CPU, NCCL on GPU)."""
+def fit(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
+    """Train with Ray Train (`cfg.resources.workers` data-parallel workers; gloo on CPU, NCCL on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if config.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"unknown precision {config['precision']!r}: fp32, bf16 or fp16", where="train.precision")
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    config = {**config, "use_gpu": use_gpu, "threads": max(1, int(cpus_per_worker))}
+    res = cfg.resources
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     run_config = RunConfig(
         name=run_name,
         storage_path=checkpoints_path(storage),
         storage_filesystem=storage.pyarrow_fs() if storage.is_s3 else None,
-        failure_config=FailureConfig(max_failures=max_failures),
+        failure_config=FailureConfig(max_failures=res.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         logging_config=LoggingConfig(log_level="WARNING"),
     )
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        train_loop, train_loop_config={"fit": cfg},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=resources),
         run_config=run_config,
     )
     result = trainer.fit()
@@ -482,8 +443,8 @@ def fit(config: dict[str, Any], *, workers: int, use_gpu: bool, cpus_per_worker:
     metrics = result.metrics or {}
     return FitResult(
         state_dict=saved["best_state"] or saved["model"], history=history,
-        stop_reason=metrics.get("stop_reason", "completed"), resumed_from=saved["resumed_from"],
-        best_epoch=saved["best_epoch"], samples_per_s=steady_samples_per_s(history),
-        workers=int(metrics.get("world_size", workers)), checkpoints=int(saved.get("checkpoints", 0)),
-        checkpoint_s=float(saved.get("checkpoint_s", 0.0)),
+        stop_reason=StopReason(metrics.get("stop_reason", StopReason.COMPLETED.value)),
+        resumed_from=saved["resumed_from"], best_epoch=saved["best_epoch"],
+        samples_per_s=steady_samples_per_s(history), workers=int(metrics.get("world_size", res.workers)),
+        checkpoints=int(saved.get("checkpoints", 0)), checkpoint_s=float(saved.get("checkpoint_s", 0.0)),
     )

@@ -83,18 +83,18 @@ def test_parquet_array_column_features(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kwargs,where,message", [
-    ({"source": "PARQUET", "label": "kind"}, "data.label", "label column 'kind' not in the table"),
-    ({"source": "PARQUET", "features": ["f0", "nope"]}, "data.features", "columns not in the table: ['nope']"),
-    ({"source": "PARQUET", "features": ["f0", "name"]}, "data.features", "column 'name' is string, not numeric"),
-    ({"source": "PARQUET", "features": "f0"}, "data.features", "not a list/array column"),
-    ({"source": "PARQUET", "transfer": 100}, "data.transfer", "transfer is a Parquet source too"),
-    ({"source": "PARQUET", "transfer": "NARROW"}, "data.transfer", "lack the feature columns ['f1', 'f2']"),
-    ({"source": "DIR/none-*.parquet"}, "data.source", "no files match"),
-    ({"source": "DIR/missing.parquet"}, "data.source", "no such file or folder"),
-    ({"source": "DIR/not-parquet.parquet"}, "data.source", "cannot read Parquet"),
-    ({"source": "sklearn:digits", "transfer": 100}, "data.transfer", "no generator for transfer rows"),
-    ({"source": "mnist1d", "transfer": "x.parquet"}, "data.transfer", "a number of extra generated rows"),
-    ({"source": "imagenet"}, "data.source", "unknown source 'imagenet'"),
+    ({"source": "PARQUET", "label": "kind"}, "label", "label column 'kind' not in the table"),
+    ({"source": "PARQUET", "features": ["f0", "nope"]}, "features", "columns not in the table: ['nope']"),
+    ({"source": "PARQUET", "features": ["f0", "name"]}, "features", "column 'name' is string, not numeric"),
+    ({"source": "PARQUET", "features": "f0"}, "features", "not a list/array column"),
+    ({"source": "PARQUET", "transfer": 100}, "transfer", "transfer is a Parquet source too"),
+    ({"source": "PARQUET", "transfer": "NARROW"}, "transfer", "lack the feature columns ['f1', 'f2']"),
+    ({"source": "DIR/none-*.parquet"}, "source", "no files match"),
+    ({"source": "DIR/missing.parquet"}, "source", "no such file or folder"),
+    ({"source": "DIR/not-parquet.parquet"}, "source", "cannot read Parquet"),
+    ({"source": "sklearn:digits", "transfer": 100}, "transfer", "no generator for transfer rows"),
+    ({"source": "mnist1d", "transfer": "x.parquet"}, "transfer", "a number of extra generated rows"),
+    ({"source": "imagenet"}, "source", "unknown source 'imagenet'"),
 ])
 def test_bad_data_input_names_the_key(tmp_path: Path, kwargs: dict, where: str, message: str) -> None:
     write_table(tmp_path / "t.parquet", 40)

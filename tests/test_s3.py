@@ -104,14 +104,14 @@ def test_missing_bucket_exits_2_naming_it(s3_server: dict[str, str], s3_bucket: 
 def test_missing_data_bucket_is_named(s3_server: dict[str, str], s3_bucket: str) -> None:
     with pytest.raises(UserError, match="bucket 'no-such-data-bucket' does not exist") as err:
         load_dataset("s3://no-such-data-bucket/digits/*.parquet", storage=Storage(f"s3://{s3_bucket}/runs"))
-    assert err.value.where == "data.source"
+    assert err.value.where == "source"
     with pytest.raises(UserError, match="no files match") as err:
         load_dataset(f"s3://{s3_bucket}/none/*.parquet")
-    assert err.value.where == "data.source"
+    assert err.value.where == "source"
     upload_parquet(fs(s3_server), digits_table(), f"{s3_bucket}/d.parquet")
     with pytest.raises(UserError, match="bucket 'no-such-data-bucket' does not exist") as err:
         load_dataset(f"s3://{s3_bucket}/d.parquet", transfer="s3://no-such-data-bucket/u.parquet")
-    assert err.value.where == "data.transfer"
+    assert err.value.where == "transfer"
 
 
 def test_missing_credentials_exit_2_and_delete_nothing(s3_server: dict[str, str], s3_bucket: str, workdir: Path,

@@ -90,7 +90,7 @@ def store(ray_session: None, teacher: Path, tmp_path_factory: pytest.TempPathFac
     spec = validate(base(teacher, **{"storage.root": str(root)}))
     storage = storage_for(spec)
     data = stages.load_data(spec, storage)
-    stages.soft_targets(spec, data, load_teachers(spec, data, storage), storage)
+    stages.compute_soft_targets(spec, data, load_teachers(spec, data, storage), storage)
     return root
 
 
@@ -207,7 +207,7 @@ def test_study_storage_defaults_to_sqlite_under_the_root_and_takes_journal_files
     assert isinstance(open_storage(url), RDBStorage)
     journal = storage_url(spec(str(tmp_path / "study.log")), storage_for(spec(None)))
     assert journal == f"journal://{tmp_path / 'study.log'}" and isinstance(open_storage(journal), JournalStorage)
-    assert storage_url(spec("journal:///shared/s.jnl"), storage_for(spec(None))) == "journal:///shared/s.jnl"
+    assert storage_url(spec("journal:///mnt/nfs/s.jnl"), storage_for(spec(None))) == "journal:///mnt/nfs/s.jnl"
     assert display_url("postgresql://kd:secret@db:5432/optuna") == "postgresql://kd:***@db:5432/optuna"
 
 
@@ -216,7 +216,7 @@ def test_study_storage_defaults_to_sqlite_under_the_root_and_takes_journal_files
 def test_every_sampler_and_pruner_searches_the_space_with_list_choices(sampler: str, pruner: str) -> None:
     import optuna
 
-    from orchestrator.search.runner import Space
+    from orchestrator.search.space import Space
     from orchestrator.search.study import make_pruner, make_sampler
 
     search = validate(workflow(search={"trials": 8, "concurrency": 2, "sampler": sampler, "pruner": pruner,

@@ -25,10 +25,12 @@ import yaml
 from orchestrator import stages
 from orchestrator.spec import Workflow
 from tasks.data import load_dataset
+from tasks.fit_config import LossConfig
+from tasks.kinds import task_kind
 from tasks.models import build_model
 from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
-from tasks.train import FitResult, ShardSource, evaluate, loss_step, place_share, train_epoch
+from tasks.train import FitResult, ShardSource, StopReason, evaluate, loss_step, place_share, train_epoch
 from tests.conftest import BIN
 from tests.helpers import workflow
 
@@ -59,9 +61,9 @@ def digits(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Simpl
     store = SoftTargetStore(storage)
     manifests = {
         "logits": store.precompute("digits-logits", [teacher], splits, shards=3, format="logits", dtype="float16",
-                                   top_k=None, ensemble="mean_probs", meta=meta),
+                                   top_k=None, ensemble="mean_probs", meta=meta)[0],
         "topk": store.precompute("digits-top3", [teacher], splits, shards=3, format="topk", dtype="float16",
-                                 top_k=3, ensemble="mean_probs", meta=meta),
+                                 top_k=3, ensemble="mean_probs", meta=meta)[0],
     }
     return SimpleNamespace(storage=storage, manifests=manifests, data=data, fits={}, run_names={})
 
@@ -82,7 +84,8 @@ def accuracy_on_test(digits: SimpleNamespace, result: FitResult, fmt: str = "log
     model = build_model("mlp", {"hidden": [32]}, digits.data.num_features, digits.data.num_classes)
     model.load_state_dict(result.state_dict)
     test = SoftTargetStore(digits.storage).read(digits.manifests[fmt], "test")
-    return evaluate(model, test, digits.data.num_classes, torch.device("cpu"))["accuracy"]
+    task = task_kind("classification")
+    return evaluate(task, model, test, task.dims(digits.manifests[fmt]), torch.device("cpu"))["accuracy"]
 
 
 @pytest.mark.parametrize("fmt", ["logits", "topk"])
@@ -98,7 +101,7 @@ def test_every_loss_trains_with_both_target_formats(digits: SimpleNamespace, los
     assert r.history[-1]["train_kd"] < r.history[0]["train_kd"]  # it learns from the teacher
     assert r.history[-1]["val_accuracy"] >= 0.75
     assert r.history[-1]["val_agreement"] >= 0.75
-    assert r.samples_per_s > 0 and r.stop_reason == "completed"
+    assert r.samples_per_s > 0 and r.stop_reason is StopReason.COMPLETED
     assert r.checkpoints == 0  # the default policy is time-based (30 s): only the final checkpoint here
 
 
@@ -135,7 +138,7 @@ def test_early_stopping_stops_before_the_last_epoch_on_a_plateau(digits: SimpleN
     # a learning rate this small leaves val accuracy flat: a plateau from the first epoch
     r = train(digits, **{"train.epochs": 30, "train.optimizer.lr": 1e-9,
                          "train.early_stopping": {"metric": "val_accuracy", "patience": 2}})
-    assert r.stop_reason == "early_stopped"
+    assert r.stop_reason is StopReason.EARLY_STOPPED
     assert len(r.history) == 3  # of 30: best at epoch 1, then 2 epochs without improvement
     assert r.best_epoch == 1
 
@@ -161,16 +164,17 @@ def test_autocast_and_grad_scaler_in_the_step(digits: SimpleNamespace, precision
     model = build_model("mlp", {"hidden": [32]}, digits.data.num_features, digits.data.num_classes)
     seen: list[torch.dtype] = []
     model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    cfg = {"kind": "kl", "temperature": 4.0, "alpha": 0.7}
-    loss, parts = loss_step(model, *share.batch(torch.arange(64)), cfg, precision)
+    cfg = LossConfig(kind="kl", temperature=4.0, alpha=0.7, beta=0.5)
+    task = task_kind("classification")
+    loss, parts = loss_step(task, model, *share.batch(torch.arange(64)), cfg, precision)
     assert seen == [dtype] and loss.dtype == torch.float32 and parts.shape == (3,)
 
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     order = torch.randperm(len(share), generator=torch.Generator().manual_seed(0))
-    first = train_epoch(model, opt, scaler, share, order, 64, cfg, precision)
+    first = train_epoch(task, model, opt, scaler, share, order, 64, cfg, precision)
     for _ in range(2):
-        last = train_epoch(model, opt, scaler, share, order, 64, cfg, precision)
+        last = train_epoch(task, model, opt, scaler, share, order, 64, cfg, precision)
     assert torch.isfinite(last).all() and last[1] < first[1]  # the KD term fell: the optimizer stepped
     assert scaler.is_enabled() == (precision == "fp16")
     if precision == "fp16":

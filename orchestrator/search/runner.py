@@ -7,12 +7,11 @@ the pruner through a small Ray actor (`study.TrialMonitor`). The study lives in 
 (sqlite under the storage root by default), so rerunning an interrupted workflow finds it, keeps its
 finished trials and runs only the missing ones. Each finished trial's best weights go to
 `search/<study>/trial-N.pt` under the storage root; the chosen student is restored from there. MLflow
-gets a nested run per trial and the study's plots on the workflow's run (`search_tracking.py`).
+gets a nested run per trial and the study's plots on the workflow's run (`tracking.py`).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import traceback
@@ -22,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import progress, stages
+from orchestrator.configs import task_for
 from orchestrator.search.selection import Candidate, pareto_front, select_trial
+from orchestrator.search.space import Space, apply, check_space
 from orchestrator.search.study import (
+    OptunaTrials,
     display_url,
     make_pruner,
     make_sampler,
@@ -33,14 +35,12 @@ from orchestrator.search.study import (
     study_name,
 )
 from orchestrator.search.tracking import TrialRuns, write_plots
-from orchestrator.spec import CategoricalParam, FloatParam, IntParam, Workflow, set_dotted
+from orchestrator.spec import Workflow
 from tasks.errors import StageFailed, UserError
 from tasks.layout import checkpoints_path, trial_weights_path
-from tasks.models import build_model, num_params
+from tasks.models import num_params
 from tasks.storage import Storage
-from tasks.train import FitResult
-
-PRIMITIVE = (type(None), bool, int, float, str)  # what Optuna's CategoricalDistribution can hold
+from tasks.train import FitResult, StopReason
 
 
 @dataclass
@@ -50,80 +50,20 @@ class SearchOutcome:
     result: FitResult  # the chosen student, restored from its trial's weights (or retrained)
 
 
-# ---------------------------------------------------------------- the space
-
-
-class Space:
-    """search.space as Optuna suggestions. Non-primitive choices (lists such as [32, 16]) travel as JSON."""
-
-    def __init__(self, space: dict[str, Any]) -> None:
-        self.space = space
-
-    def suggest(self, trial: Any) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for key, p in self.space.items():
-            if isinstance(p, FloatParam):
-                values[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
-            elif isinstance(p, IntParam):
-                values[key] = trial.suggest_int(key, p.low, p.high, log=p.log, step=p.step)
-            else:
-                values[key] = self.decode(key, trial.suggest_categorical(key, self.encoded(p)))
-        return values
-
-    @staticmethod
-    def encoded(p: CategoricalParam) -> list[Any]:
-        if all(isinstance(c, PRIMITIVE) for c in p.choices):
-            return list(p.choices)
-        return [json.dumps(c, sort_keys=True) for c in p.choices]
-
-    def decode(self, key: str, value: Any) -> Any:
-        p = self.space.get(key)
-        if not isinstance(p, CategoricalParam) or all(isinstance(c, PRIMITIVE) for c in p.choices):
-            return value
-        return json.loads(value)
-
-    def values(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A finished trial's params as workflow values."""
-        return {k: self.decode(k, v) for k, v in params.items()}
-
-
-def apply(spec: Workflow, values: dict[str, Any]) -> Workflow:
-    """The workflow with a trial's values set at their dotted keys, validated again."""
-    raw = spec.model_dump(mode="json")
-    for key, value in values.items():
-        set_dotted(raw, key, value)
-    return Workflow.model_validate(raw)
-
-
-def check_space(spec: Workflow, manifest: dict[str, Any]) -> None:
-    """Build the student at both ends of every range and for every choice: a bad value exits 2 up front."""
-    assert spec.search is not None
-    for key, p in spec.search.space.items():
-        if not key.startswith("student."):
-            continue
-        for sample in (p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]):
-            s = apply(spec, {key: sample})
-            try:
-                build_model(s.student.model, s.student.params, manifest["num_features"], manifest["num_classes"])
-            except UserError as exc:
-                raise UserError(f"value {sample!r}: {exc}", where=f"search.space.{key}") from None
-    if not manifest["splits"]["val"]["rows"] and any(o.metric.startswith("val_") for o in spec.search.objectives):
-        raise UserError("a val_* objective needs a validation split (data.split.val > 0)", where="search.objectives")
-
-
 # ---------------------------------------------------------------- weights of a finished trial
 
 
 def save_weights(storage: Storage, path: str, result: FitResult) -> None:
-    storage.write_torch(path, {"state_dict": result.state_dict, "history": result.history, "stop_reason": result.stop_reason,
-                "best_epoch": result.best_epoch, "samples_per_s": result.samples_per_s, "workers": result.workers})
+    storage.write_torch(path, {"state_dict": result.state_dict, "history": result.history,
+                               "stop_reason": result.stop_reason.value, "best_epoch": result.best_epoch,
+                               "samples_per_s": result.samples_per_s, "workers": result.workers})
 
 
 def load_weights(storage: Storage, path: str) -> FitResult:
     saved = storage.read_torch(path)
-    return FitResult(state_dict=saved["state_dict"], history=saved["history"], stop_reason=saved["stop_reason"],
-                     resumed_from=None, best_epoch=saved["best_epoch"], samples_per_s=saved["samples_per_s"],
-                     workers=saved.get("workers", 1))
+    return FitResult(state_dict=saved["state_dict"], history=saved["history"],
+                     stop_reason=StopReason(saved["stop_reason"]), resumed_from=None, best_epoch=saved["best_epoch"],
+                     samples_per_s=saved["samples_per_s"], workers=saved.get("workers", 1))
 
 
 def best_epoch_metrics(result: FitResult) -> dict[str, float]:
@@ -146,11 +86,12 @@ def _fmt(values: dict[str, Any]) -> str:
 class Search:
     """One run of a study: resume it, run the missing trials `concurrency` at a time, pick the student."""
 
-    def __init__(self, spec: Workflow, manifest: dict[str, Any], storage: Storage) -> None:
+    def __init__(self, spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None) -> None:
         import optuna
 
         assert spec.search is not None
         self.spec, self.manifest, self.storage = spec, manifest, storage
+        self.task = task_for(spec)
         self.search = spec.search
         self.objectives = [(o.metric, o.direction) for o in self.search.objectives]
         self.space = Space(self.search.space)
@@ -167,7 +108,8 @@ class Search:
                 directions=[d for _, d in self.objectives])
         except ValueError as exc:  # an existing study of this name with other directions
             raise UserError(f"study {self.name!r}: {exc}", where="search.study") from None
-        self.runs = TrialRuns(self.name, spec.experiment)
+        self.trials = OptunaTrials(self.study)
+        self.runs = TrialRuns(self.name, parent_run_id, spec.experiment)
 
     # ------------------------------------------------ resume
 
@@ -180,9 +122,7 @@ class Search:
         from optuna.trial import TrialState
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            storage = self.study._storage
-            storage.set_trial_user_attr(t._trial_id, "error", "interrupted: the driver stopped during this trial")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.trials.fail(t, "interrupted: the driver stopped during this trial")
             if t.user_attrs.get("mlflow_run_id"):
                 try:
                     self.runs.client.set_terminated(t.user_attrs["mlflow_run_id"], "KILLED")
@@ -217,10 +157,10 @@ class Search:
         size: int | None = None
         try:
             trial_spec = apply(self.spec, values)
-            size = num_params(build_model(trial_spec.student.model, trial_spec.student.params,
-                                          self.manifest["num_features"], self.manifest["num_classes"]))
+            size = num_params(self.task.build_model(trial_spec.student.model, trial_spec.student.params,
+                                                    self.task.dims(self.manifest)))
             trial.set_user_attr("num_params", size)
-            monitor = start_monitor(self.url, self.name, trial._trial_id, self.pruner,
+            monitor = start_monitor(self.url, self.name, self.trials.trial_id(trial), self.pruner,
                                     self.objectives[0][0] if self.prunes else None, trial_spec.train.epochs)
             result = stages.train_student(trial_spec, self.manifest, self.storage, run_name=run_name,
                                           epoch_hook=monitor)
@@ -239,7 +179,7 @@ class Search:
             self.storage.rm(checkpoints_path(self.storage, run_name))  # the best weights are kept below
 
         trial.set_user_attr("epochs", len(result.history))
-        if result.stop_reason == "pruned":
+        if result.stop_reason == StopReason.PRUNED:
             self.runs.finish(run_id, "pruned", result.history, {"num_params": size})
             raise optuna.TrialPruned(f"pruned after epoch {len(result.history)}")
         best = best_epoch_metrics(result)
@@ -397,9 +337,12 @@ class Search:
         return result, "retrained"
 
 
-def run_search(spec: Workflow, manifest: dict[str, Any], storage: Storage) -> SearchOutcome:
-    """Run (or resume) the workflow's search over the stored soft targets; return the chosen student."""
+def run_search(spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None) -> SearchOutcome:
+    """Run (or resume) the workflow's search over the stored soft targets; return the chosen student.
+
+    `parent_run_id` is the workflow's MLflow run: each trial's run nests under it, the outcome is logged on it.
+    """
     assert spec.search is not None
     check_space(spec, manifest)
     with progress.stage("search", f"{spec.search.trials} trials over {', '.join(spec.search.space)}"):
-        return Search(spec, manifest, storage).run()
+        return Search(spec, manifest, storage, parent_run_id).run()

@@ -81,6 +81,25 @@ def study_name(spec: Workflow, manifest: dict[str, Any]) -> str:
     return f"{spec.name}-{digest(basis)[:10]}"
 
 
+class OptunaTrials:
+    """What kdflow needs of Optuna that only its private attributes give: a trial's storage id (the epoch
+    hook reopens the trial by it) and marking a trial a killed driver left RUNNING as failed. Kept here,
+    in one place, so an Optuna upgrade that renames them breaks one class."""
+
+    def __init__(self, study: Any) -> None:
+        self._storage = study._storage
+
+    @staticmethod
+    def trial_id(trial: Any) -> int:
+        return int(trial._trial_id)
+
+    def fail(self, trial: Any, error: str) -> None:
+        from optuna.trial import TrialState
+
+        self._storage.set_trial_user_attr(trial._trial_id, "error", error)
+        self._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
 def make_sampler(search: SearchSpec, seed: int) -> Any:
     import optuna
 

@@ -13,16 +13,17 @@ from orchestrator import progress
 class TrialRuns:
     """A nested MLflow run per trial, through MlflowClient: the fluent active-run stack is thread-local."""
 
-    def __init__(self, study: str, experiment: str) -> None:
+    def __init__(self, study: str, parent_id: str | None, experiment: str) -> None:
+        """`parent_id`: the workflow's run (pipeline.py), under which the trials nest; None: top-level runs
+        in `experiment`."""
         import mlflow
         from mlflow import MlflowClient
 
         self.client = MlflowClient()
         self.study = study
-        parent = mlflow.active_run()  # the workflow's run (pipeline.py); the trials nest under it
-        self.parent_id = parent.info.run_id if parent else None
-        if parent:
-            self.experiment_id = parent.info.experiment_id
+        self.parent_id = parent_id
+        if parent_id:
+            self.experiment_id = self.client.get_run(parent_id).info.experiment_id
         else:
             found = mlflow.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)

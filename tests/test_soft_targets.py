@@ -71,11 +71,11 @@ def test_each_format_round_trips_raw_logits_with_every_row_once(ray_session: Non
     _, splits = digits_splits(val)
     teacher = linear_teacher()
     store = SoftTargetStore(Storage(".kdflow"))
-    m = store.precompute("k1", [teacher], splits, shards=3, format=format, dtype=dtype, top_k=top_k,
+    m, stats = store.precompute("k1", [teacher], splits, shards=3, format=format, dtype=dtype, top_k=top_k,
                          ensemble="mean_probs", meta={"num_classes": 10})
 
-    assert m["reused"] is False and m["computed_shards"] == len(shard_files(workdir)) == 3 + (val > 0) + 1
-    assert m["forward_rows"] == m["rows"] == 1797
+    assert stats.reused is False and stats.computed_shards == len(shard_files(workdir)) == 3 + (val > 0) + 1
+    assert stats.forward_rows == m["rows"] == 1797
     np.testing.assert_array_equal(np.sort(all_row_ids(store, m)), np.arange(1797))
     assert len(np.unique(all_row_ids(store, m))) == 1797
     for split in SPLITS:
@@ -135,10 +135,10 @@ def test_rerun_reuses_soft_targets_with_no_teacher_forward(ray_session: None, wo
     log = workdir / "forwards.log"
     teachers = stage_teachers([Counting(str(log))])
 
-    first = stages.soft_targets(spec, data, teachers, storage)
-    assert first["reused"] is False and forwarded_rows(log) == first["forward_rows"] == 1797
-    second = stages.soft_targets(spec, data, teachers, storage)
-    assert second["reused"] is True and second["forward_rows"] == 0 and second["computed_shards"] == 0
+    first, first_stats = stages.compute_soft_targets(spec, data, teachers, storage)
+    assert first_stats.reused is False and forwarded_rows(log) == first_stats.forward_rows == 1797
+    second, second_stats = stages.compute_soft_targets(spec, data, teachers, storage)
+    assert second_stats.reused is True and second_stats.forward_rows == 0 and second_stats.computed_shards == 0
     assert forwarded_rows(log) == 1797  # the teacher never ran again
     assert second["key"] == first["key"]
     # a search over temperature or alpha reuses the same targets
@@ -180,7 +180,7 @@ def test_multi_teacher_entry_stores_the_ensemble_and_records_every_teacher(ray_s
     storage = storage_for(spec)
     data = stages.load_data(spec, storage)
     models = [linear_teacher(0), linear_teacher(1), linear_teacher(2)]
-    m = stages.soft_targets(spec, data, stage_teachers(models), storage)
+    m, _ = stages.compute_soft_targets(spec, data, stage_teachers(models), storage)
 
     assert [t["digest"] for t in m["teachers"]] == [weights_digest(t) for t in models]
     assert m["ensemble"] == rule
@@ -201,10 +201,10 @@ def test_transfer_rows_are_labeled_by_the_teacher_in_the_same_precompute(ray_ses
     data = stages.load_data(spec, storage)
     torch.manual_seed(0)
     teacher = torch.nn.Linear(40, 10)
-    m = stages.soft_targets(spec, data, stage_teachers([teacher]), storage)
+    m, stats = stages.compute_soft_targets(spec, data, stage_teachers([teacher]), storage)
 
     assert m["transfer_rows"] == 300 and m["splits"]["train"]["rows"] == 3500 + 300
-    assert m["forward_rows"] == m["rows"] == 5300  # one precompute labels the transfer rows too
+    assert stats.forward_rows == m["rows"] == 5300  # one precompute labels the transfer rows too
     train = SoftTargetStore(storage).read(m, "train")
     unlabeled = train.y == -1  # the student gets only the distillation term on these
     assert int(unlabeled.sum()) == 300
@@ -260,9 +260,9 @@ def test_failed_shard_tasks_are_retried(ray_session: None, workdir: Path) -> Non
     _, splits = digits_splits()
     (workdir / "marks").mkdir()
     store = SoftTargetStore(Storage(".kdflow"))
-    m = store.precompute("flaky", [Flaky(str(workdir / "marks"))], splits, shards=3, format="logits",
+    m, stats = store.precompute("flaky", [Flaky(str(workdir / "marks"))], splits, shards=3, format="logits",
                          dtype="float16", top_k=None, ensemble="mean_probs", meta={}, max_retries=2)
-    assert m["computed_shards"] == 5 and len(list((workdir / "marks").iterdir())) == 5  # each failed once
+    assert stats.computed_shards == 5 and len(list((workdir / "marks").iterdir())) == 5  # each failed once
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 
 
@@ -292,8 +292,8 @@ def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ra
 
     before = {p: p.stat().st_mtime_ns for p in written}
     switch.unlink()  # the cause is fixed: the rerun computes the one missing shard
-    m = store.precompute("sticky", [teacher], splits, **args)
-    assert m["computed_shards"] == 1 and m["forward_rows"] == 838 - 419
+    m, stats = store.precompute("sticky", [teacher], splits, **args)
+    assert stats.computed_shards == 1 and stats.forward_rows == 838 - 419
     assert {p: p.stat().st_mtime_ns for p in written} == before
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 
@@ -331,7 +331,7 @@ import ray
 from tasks.data import load_dataset
 from tasks.soft_targets import SPLITS, SoftTargetStore
 from tasks.storage import Storage
-from tests.test_store import PRECOMPUTE_ARGS, Slow
+from tests.test_soft_targets import PRECOMPUTE_ARGS, Slow
 
 for attempt in range(3):  # on an overloaded box a raylet can miss Ray's fixed 30 s start-up window
     try:
@@ -389,10 +389,10 @@ def test_killed_precompute_resumes_computing_only_the_missing_shards(ray_session
 
     _, splits = digits_splits()
     store = SoftTargetStore(Storage(".kdflow"))
-    result = store.precompute("killed", [Slow(str(workdir / "teacher.lock"))], splits, **PRECOMPUTE_ARGS)
-    assert result["reused"] is False and result["computed_shards"] == 8 - len(kept)
+    result, stats = store.precompute("killed", [Slow(str(workdir / "teacher.lock"))], splits, **PRECOMPUTE_ARGS)
+    assert stats.reused is False and stats.computed_shards == 8 - len(kept)
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the finished shards were not recomputed
-    assert result["forward_rows"] == sum(s["rows"] for sp in SPLITS for s in result["splits"][sp]["shards"]
+    assert stats.forward_rows == sum(s["rows"] for sp in SPLITS for s in result["splits"][sp]["shards"]
                                          if entry / s["path"] not in kept)
     assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]  # the killed writers' temp files are gone
     np.testing.assert_array_equal(all_row_ids(store, store.require("killed")), np.arange(1797))  # each row once
@@ -417,7 +417,7 @@ def stored_entry(wf: Path) -> tuple[dict[str, Any], Path]:
     spec = load_workflow(wf)
     storage = storage_for(spec)
     data = stages.load_data(spec, storage)
-    m = stages.soft_targets(spec, data, load_teachers(spec, data, storage), storage)
+    m, _ = stages.compute_soft_targets(spec, data, load_teachers(spec, data, storage), storage)
     return m, Path(SoftTargetStore(storage).dir(m["key"]))
 
 
@@ -491,7 +491,7 @@ def test_cache_commands_list_show_verify_and_remove_entries(ray_session: None, w
 def test_readers_refuse_an_entry_without_a_whole_manifest(ray_session: None, workdir: Path) -> None:
     _, splits = digits_splits()
     store = SoftTargetStore(Storage(".kdflow"))
-    m = store.precompute("whole", [linear_teacher()], splits, shards=3, format="logits", dtype="float16",
+    m, _ = store.precompute("whole", [linear_teacher()], splits, shards=3, format="logits", dtype="float16",
                          top_k=None, ensemble="mean_probs", meta={"num_classes": 10})
     path = workdir / ".kdflow" / "soft_targets" / "whole" / "manifest.json"
     good = path.read_text()
@@ -503,8 +503,7 @@ def test_readers_refuse_an_entry_without_a_whole_manifest(ray_session: None, wor
             {k: v for k, v in m["splits"]["val"]["shards"][0].items() if k != "sha256"}]}}},
     }
     for needle, bad in cases.items():
-        path.write_text(json.dumps({k: v for k, v in bad.items()
-                                    if k not in ("reused", "computed_shards", "forward_rows")}))
+        path.write_text(json.dumps(bad))
         with pytest.raises(UserError, match=needle) as err:
             store.require("whole")
         assert str(path) in str(err.value)
@@ -530,7 +529,7 @@ def test_leftover_shard_with_foreign_rows_is_recomputed_not_trusted(ray_session:
         (src / "train" / "part-00001-of-00003.parquet").read_bytes())
     (dst / "train" / "part-00002-of-00003.parquet").write_bytes(
         (src / "train" / "part-00002-of-00003.parquet").read_bytes())
-    m = store.precompute("b", [linear_teacher()], splits, **args)
-    assert m["computed_shards"] == 4  # shard 2 was kept; shard 0 (foreign rows) and the rest were computed
+    m, stats = store.precompute("b", [linear_teacher()], splits, **args)
+    assert stats.computed_shards == 4  # shard 2 was kept; shard 0 (foreign rows) and the rest were computed
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 

@@ -1,0 +1,66 @@
+"""The one place a fit's configuration is made from the workflow: teacher and student `FitConfig`s.
+
+Every value comes from the `Workflow` (whose defaults are the only ones); tasks/train.py reads the
+frozen result and adds nothing to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.spec import OptimizerSpec, TeacherSpec, Workflow
+from tasks.data import Dataset
+from tasks.fit_config import EarlyStopping, FitConfig, LossConfig, OptimizerConfig, Resources
+from tasks.kinds import TaskKind, task_kind
+from tasks.storage import Storage
+from tasks.train import ArraySource, ShardSource
+
+
+def task_for(spec: Workflow) -> TaskKind:
+    """The workflow's task kind; classification is the only one so far."""
+    return task_kind("classification")
+
+
+def _optimizer(o: OptimizerSpec) -> OptimizerConfig:
+    return OptimizerConfig(name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+
+
+def _resources(spec: Workflow) -> Resources:
+    t = spec.train
+    return Resources(workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
+                     gpus_per_worker=t.gpus_per_worker, max_failures=t.max_failures)
+
+
+def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConfig:
+    """A teacher trained here: hard labels only, AdamW with teacher.train's values, the train stage's resources."""
+    import ray
+
+    task = task_for(spec)
+    # teacher.train has no optimizer section: AdamW, with momentum (unused by AdamW) from the spec's default
+    optimizer = _optimizer(OptimizerSpec(name="adamw", lr=t.train.lr, weight_decay=t.train.weight_decay))
+    val = ArraySource(ray.put(data.x["val"]), ray.put(data.y["val"])) if data.rows("val") else None
+    return FitConfig(
+        log_prefix="teacher", task=task, model=t.model, params=t.params,
+        dims=task.dims({"num_features": data.num_features, "num_classes": data.num_classes}), seed=spec.seed,
+        epochs=t.train.epochs, batch_size=t.train.batch_size, optimizer=optimizer, precision=spec.train.precision,
+        loss=None, data=ArraySource(ray.put(data.x["train"]), ray.put(data.y["train"])), val=val,
+        early_stopping=None, checkpoint_every=spec.train.checkpoint_every,
+        checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec), epoch_hook=None)
+
+
+def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storage,
+                       epoch_hook: Any) -> FitConfig:
+    """The student: distillation from the stored soft targets with the train and distill sections."""
+    task = task_for(spec)
+    es = spec.train.early_stopping
+    d = spec.distill
+    return FitConfig(
+        log_prefix="student", task=task, model=spec.student.model, params=spec.student.params,
+        dims=task.dims(manifest), seed=spec.seed, epochs=spec.train.epochs, batch_size=spec.train.batch_size,
+        optimizer=_optimizer(spec.train.optimizer), precision=spec.train.precision,
+        loss=LossConfig(kind=d.loss, temperature=d.temperature, alpha=d.alpha, beta=d.beta),
+        data=ShardSource(storage, manifest, "train"),
+        val=ShardSource(storage, manifest, "val") if manifest["splits"]["val"]["rows"] else None,
+        early_stopping=EarlyStopping(es.metric, es.patience, es.direction == "max") if es else None,
+        checkpoint_every=spec.train.checkpoint_every, checkpoint_interval_s=spec.train.checkpoint_interval_s,
+        resources=_resources(spec), epoch_hook=epoch_hook)

@@ -1,0 +1,72 @@
+"""What one fit needs, as frozen values: built once from the workflow (orchestrator/configs.py), read by
+the train loop. No field has a default here: every value comes from the workflow spec, whose defaults
+are the only ones (docs/workflow-reference.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str  # adamw | adam | sgd
+    lr: float
+    weight_decay: float
+    momentum: float  # sgd only
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The distillation objective; a fit without one trains on hard labels only (a teacher)."""
+
+    kind: str  # a name in tasks.losses.LOSSES
+    temperature: float
+    alpha: float
+    beta: float
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    metric: str
+    patience: int
+    maximize: bool
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How Ray Train runs the fit."""
+
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per worker: its CPUs, at least one."""
+        return max(1, int(self.cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    log_prefix: str  # "teacher" or "student": the tag of this fit's progress lines
+    task: Any  # the TaskKind (tasks/kinds): builds the model, places rows, scores a batch
+    model: str
+    params: dict[str, Any]
+    dims: dict[str, int]  # the shapes the model is built for (the task kind's, e.g. num_features, num_classes)
+    seed: int
+    epochs: int
+    batch_size: int  # rows per step on each worker
+    optimizer: OptimizerConfig
+    precision: str  # fp32 | bf16 | fp16
+    loss: LossConfig | None
+    data: Any  # a RowSource: the training rows
+    val: Any  # a RowSource, or None without a validation split
+    early_stopping: EarlyStopping | None
+    checkpoint_every: int | None
+    checkpoint_interval_s: float
+    resources: Resources
+    epoch_hook: Any  # the search's pruner hook (an actor with report(epoch, metrics) -> stop), or None
