@@ -7,6 +7,7 @@ included, goes to stderr. A user mistake exits 2 with one message naming the key
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -58,14 +59,89 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+class RunFailed(Exception):
+    """A run ended by an unexpected error, already reported (tagged in MLflow, JSON with --json): exit 1."""
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for any exception: Ray and SQLAlchemy wrap the cause in lines of context, so prefer the
+    last line that reads `SomeError: ...` (a remote traceback's cause), else the first line."""
+    import re
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+    line = causes[-1] if causes else (lines[0] if lines else "")
+    return line if line.startswith(type(exc).__name__) or causes else f"{type(exc).__name__}: {line}".rstrip(": ")
+
+
+def mark_failed(stage: str, message: str, since: float) -> None:
+    """Tag this process's MLflow run (if one started) with the stage and message, its traceback as an
+    artifact, and make sure it is FAILED. Best effort: the tracking server may be what failed."""
+    import traceback
+
+    with contextlib.suppress(Exception):
+        import mlflow
+
+        run = mlflow.last_active_run()
+        if run is None or run.info.start_time < since * 1000 - 1000:
+            return  # no run started in this call (a failure before tracking), or an earlier one's
+        client = mlflow.MlflowClient()
+        client.set_tag(run.info.run_id, "kdflow.failed_stage", stage)
+        client.set_tag(run.info.run_id, "kdflow.error", message[:4000])
+        client.log_text(run.info.run_id, traceback.format_exc(), "error.txt")
+        if client.get_run(run.info.run_id).info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """Every way a run can end is one result: success, or {status: failed, stage, message} and exit != 0."""
+    import time
+    import traceback
+
+    from orchestrator import progress
     from orchestrator.spec import load_workflow
 
-    spec = load_workflow(args.file, args.set)
-    with stdout_to_stderr() as out:
-        from orchestrator.pipeline import run_workflow
+    try:
+        if args.file == "-":  # the workflow's text on stdin (`kdflow submit` of a file outside the shipped dir)
+            import tempfile
 
-        result = run_workflow(spec)
+            folder = tempfile.mkdtemp(prefix="kdflow-workflow-")
+            args.file = os.path.join(folder, "workflow.yaml")
+            with open(args.file, "w") as f:
+                f.write(sys.stdin.read())
+        spec = load_workflow(args.file, args.set)
+    except UserError as exc:
+        if args.json:
+            print(json.dumps({"workflow": None, "status": "failed", "stage": "validate", "message": str(exc)}))
+        raise
+    progress.failed_stage = None
+    since = time.time()
+    with stdout_to_stderr() as out:
+        try:
+            from orchestrator.pipeline import run_workflow
+
+            result = run_workflow(spec)
+        except (Exception, KeyboardInterrupt) as exc:
+            from orchestrator.stages import StageFailed
+
+            stage = progress.failed_stage or "setup"
+            if isinstance(exc, StageFailed):
+                stage, message = exc.stage, str(exc).split(" failed: ", 1)[-1]
+            elif isinstance(exc, UserError):
+                message = str(exc)
+            elif isinstance(exc, KeyboardInterrupt):
+                message = "interrupted"
+            else:
+                message = failure_message(exc)
+            if os.environ.get("KDFLOW_DEBUG"):
+                traceback.print_exc()
+            mark_failed(stage, message, since)
+            if args.json:
+                emit(out, {"workflow": spec.name, "status": "failed", "stage": stage, "message": message}, True)
+            if isinstance(exc, (UserError, KeyboardInterrupt)):
+                raise
+            raise RunFailed(f"stage {stage} failed: {message} (KDFLOW_DEBUG=1 shows the traceback; "
+                            "the MLflow run has it as error.txt)") from None
         emit(out, result, args.json)
     return 0
 
@@ -164,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_sets(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("file", help="workflow YAML")
+        sp.add_argument("file", help="workflow YAML ('-': read it from stdin, for run)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a workflow key (value parsed as YAML), e.g. distill.temperature=8")
 
@@ -210,6 +286,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["list", "status", "logs", "stop"])
     sp.add_argument("job_id", nargs="?")
     sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
+    sp.add_argument("--follow", action="store_true", help="logs: stream until the job ends (exit 1 unless it "
+                                                          "SUCCEEDED)")
     sp.set_defaults(fn=cmd_jobs)
     return p
 
@@ -227,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         print("kdflow: interrupted; finished shards, checkpoints and trials are kept: rerun to resume",
               file=sys.stderr)
         return 130
+    except RunFailed as exc:
+        print(f"kdflow: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         from orchestrator.stages import StageFailed
 

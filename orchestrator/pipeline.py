@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator import progress, stages, tracking
+from orchestrator.cluster import check_joined
 from orchestrator.registry import log_student, register
 from orchestrator.runtime import ensure_ray
 from orchestrator.spec import Workflow
@@ -58,6 +59,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     preflight(spec)
+    check_joined(spec)  # in a Ray job: what cannot work on a multi-node cluster fails here, before any work
     storage = stages.storage_for(spec)
     storage.check()
     uri = tracking.connect(spec, storage)
@@ -85,6 +87,8 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
                                            f"{spec.train.workers} worker(s)"):
                 fit_result = stages.train_student(spec, manifest, storage, run_name=f"student-{run.info.run_id}")
         log_history(fit_result.history)
+        if fit_result.nodes:  # the Ray node of each rank: where the student's workers ran
+            mlflow.set_tag("kdflow.student.nodes", ",".join(fit_result.nodes))
 
         with progress.stage("evaluate", "test split"):
             model = stages.student_model(chosen, manifest, fit_result)
@@ -95,6 +99,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
             student["epochs"] = len(fit_result.history)
             student["stop_reason"] = fit_result.stop_reason
             student["resumed_from"] = fit_result.resumed_from
+            student["nodes"] = fit_result.nodes
             teacher = {"test_accuracy": teacher_acc, "num_params": sum(num_params(t.model) for t in teachers),
                        "trained": any(t.trained for t in teachers), "count": len(teachers)}
             mlflow.log_metrics({"test_accuracy": student["test_accuracy"], "retention": student["retention"],

@@ -10,6 +10,9 @@ from rich.console import Console
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# The innermost stage an exception left (None until one fails): the CLI names it in its one-line error.
+failed_stage: str | None = None
+
 
 def info(msg: str) -> None:
     console.print(msg)
@@ -22,6 +25,8 @@ def stage(name: str, detail: str = "") -> Iterator[None]:
     try:
         yield
     except BaseException:
+        global failed_stage
+        failed_stage = failed_stage or name
         console.print(f"[bold red]✗ {name}[/] after {time.perf_counter() - t0:.1f}s")
         raise
     console.print(f"[green]✓ {name}[/] [dim]{time.perf_counter() - t0:.1f}s[/]")

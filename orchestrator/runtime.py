@@ -26,6 +26,30 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    # address="local": never attach to a cluster a `ray start` left on this machine by accident
-    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
-             configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
+    # Ray's own helpers inside workers (Train's PlacementGroupCleaner asks the State API) find "their"
+    # cluster by RAY_ADDRESS, else by looking for GCS processes: with two local Rays on the machine (two
+    # `kdflow run` at once) that fails with "Found multiple active Ray instances". So the GCS gets a
+    # port chosen here, and the workers get its address.
+    port = _free_port()
+    from ray._private.services import get_node_ip_address
+
+    env["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        # address="local": never attach to a cluster a `ray start` left on this machine by accident
+        ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])

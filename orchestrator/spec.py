@@ -141,6 +141,9 @@ class TrainSpec(Strict):
     use_gpu: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast; fp16 adds a GradScaler")
     max_failures: int = Field(0, ge=0)
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack", description="where the workers go: pack (fewest nodes), spread (one per node where it can), "
+                            "strict_spread (one per node, or wait)")
     checkpoint_every: int | None = Field(None, ge=1, description="epochs between checkpoints; default by time")
     checkpoint_interval_s: float = Field(30.0, ge=0, description="seconds between checkpoints (docs/training.md)")
     early_stopping: EarlyStoppingSpec | None = None

@@ -145,7 +145,8 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
                 result = fit(_teacher_train_config(spec, t, data, storage), workers=spec.train.workers,
                              use_gpu=spec.train.use_gpu, cpus_per_worker=spec.train.cpus_per_worker,
                              gpus_per_worker=spec.train.gpus_per_worker, storage=storage,
-                             run_name=f"teacher-{key}", max_failures=spec.train.max_failures)
+                             run_name=f"teacher-{key}", max_failures=spec.train.max_failures,
+                             placement=spec.train.placement)
                 saved = {"state_dict": result.state_dict, "history": result.history}
                 buf = io.BytesIO()
                 torch.save(saved, buf)
@@ -237,7 +238,8 @@ def train_student(spec: Workflow, manifest: dict[str, Any], storage: Storage, ru
     config["epoch_hook"] = epoch_hook
     return fit(config, workers=spec.train.workers, use_gpu=spec.train.use_gpu,
                cpus_per_worker=spec.train.cpus_per_worker, gpus_per_worker=spec.train.gpus_per_worker,
-               storage=storage, run_name=run_name, max_failures=spec.train.max_failures)
+               storage=storage, run_name=run_name, max_failures=spec.train.max_failures,
+               placement=spec.train.placement)
 
 
 def student_model(spec: Workflow, manifest: dict[str, Any], result: FitResult) -> nn.Module:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
+
+from filelock import FileLock
 
 from orchestrator.errors import UserError
 from orchestrator.spec import Workflow
@@ -42,8 +45,17 @@ def connect(spec: Workflow, storage: Storage) -> str:
             raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
                             where="tracking.uri") from None
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(spec.experiment) is None:
-        location = artifact_location(storage) if not uri.startswith(("http://", "https://")) else None
-        mlflow.create_experiment(spec.experiment, artifact_location=location)
+    # Two runs starting at once on a fresh sqlite store would both create its tables (one fails with
+    # "table experiments already exists"), and both the experiment: a file lock beside the database
+    # makes the first creation one at a time. A server serializes this itself.
+    lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else nullcontext()
+    with lock:
+        if mlflow.get_experiment_by_name(spec.experiment) is None:
+            location = artifact_location(storage) if not uri.startswith(("http://", "https://")) else None
+            try:
+                mlflow.create_experiment(spec.experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:  # another run (on a server) created it first
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
     mlflow.set_experiment(spec.experiment)
     return uri

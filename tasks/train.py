@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -310,6 +310,18 @@ def quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (the same list on every rank): a run records where it ran."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every worker. Every rank reports at every checkpoint; rank 0 attaches the checkpoint."""
     import ray.train
@@ -341,7 +353,8 @@ def train_loop(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "best_epoch": -1, "bad_epochs": 0,
-                             "resumed_from": None, "best_state": None, "checkpoints": 0, "checkpoint_s": 0.0}
+                             "resumed_from": None, "best_state": None, "checkpoints": 0, "checkpoint_s": 0.0,
+                             "nodes": worker_nodes(world)}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -350,7 +363,7 @@ def train_loop(config: dict[str, Any]) -> None:
         opt.load_state_dict(saved["optimizer"])
         if scaler.is_enabled() and saved.get("scaler"):  # absent or empty when saved without fp16
             scaler.load_state_dict(saved["scaler"])
-        state.update({k: saved[k] for k in state if k in saved})
+        state.update({k: saved[k] for k in state if k in saved and k != "nodes"})  # nodes: this group's
         state["resumed_from"] = saved["epoch"]
         if rank == 0:
             log(f"[{label}] resumed from the checkpoint after epoch {saved['epoch']}")
@@ -438,6 +451,7 @@ class FitResult:
     workers: int = 1
     checkpoints: int = 0  # checkpoints written before the final one
     checkpoint_s: float = 0.0  # seconds the loop spent on those
+    nodes: list[str] = field(default_factory=list)  # the Ray node id of each rank (the last worker group)
 
 
 def steady_samples_per_s(history: list[dict[str, float]]) -> float:
@@ -447,7 +461,7 @@ def steady_samples_per_s(history: list[dict[str, float]]) -> float:
 
 
 def fit(config: dict[str, Any], *, workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float,
-        storage: Storage, run_name: str, max_failures: int) -> FitResult:
+        storage: Storage, run_name: str, max_failures: int, placement: str = "pack") -> FitResult:
     """Train with Ray Train (`workers` data-parallel workers; gloo on CPU, NCCL on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -467,7 +481,8 @@ def fit(config: dict[str, Any], *, workers: int, use_gpu: bool, cpus_per_worker:
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement.upper()),
         run_config=run_config,
     )
     result = trainer.fit()
@@ -484,5 +499,5 @@ def fit(config: dict[str, Any], *, workers: int, use_gpu: bool, cpus_per_worker:
         stop_reason=metrics.get("stop_reason", "completed"), resumed_from=saved["resumed_from"],
         best_epoch=saved["best_epoch"], samples_per_s=steady_samples_per_s(history),
         workers=int(metrics.get("world_size", workers)), checkpoints=int(saved.get("checkpoints", 0)),
-        checkpoint_s=float(saved.get("checkpoint_s", 0.0)),
+        checkpoint_s=float(saved.get("checkpoint_s", 0.0)), nodes=list(saved.get("nodes", [])),
     )
