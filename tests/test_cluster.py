@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 AWS = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"]
 FORWARD = [a for k in AWS for a in ("--forward-env", k)]
+EPOCHS = 30  # the lost-node student: long enough to kill a node in the middle
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
 
 
 @pytest.fixture(scope="module")
-def digits_on_s3(s3_server: dict[str, str]) -> str:
-    """The digits as two Parquet files in their own bucket (the job reads its data from S3 too)."""
+def bucket(s3_server: dict[str, str]) -> str:
+    """One bucket for the module's runs: the lost-node run reuses the first run's teacher and soft targets."""
     import boto3
 
+    name = f"kdflow-cluster-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_server["endpoint"]).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def digits_on_s3(s3_server: dict[str, str], bucket: str) -> str:
+    """The digits as two Parquet files (the job reads its data from S3 too)."""
     from tests.test_s3 import digits_table, fs, upload_parquet
 
-    bucket = f"kdflow-cluster-data-{os.getpid()}"
-    boto3.client("s3", endpoint_url=s3_server["endpoint"]).create_bucket(Bucket=bucket)
     table = digits_table()
     upload_parquet(fs(s3_server), table.slice(0, 900), f"{bucket}/digits/part-0.parquet")
     upload_parquet(fs(s3_server), table.slice(900), f"{bucket}/digits/part-1.parquet")
@@ -105,7 +112,7 @@ def test_submit_refuses_local_disk_and_embedded_stores_on_two_nodes(cluster: Two
     assert not (workdir / "store").exists()
 
 
-def test_two_node_job_with_s3_and_an_mlflow_server(cluster: TwoNodes, s3_bucket: str, digits_on_s3: str,
+def test_two_node_job_with_s3_and_an_mlflow_server(cluster: TwoNodes, bucket: str, digits_on_s3: str,
                                                    mlflow_server: str, workdir: Path, tmp_path_factory:
                                                    pytest.TempPathFactory) -> None:
     import mlflow
@@ -116,7 +123,7 @@ def test_two_node_job_with_s3_and_an_mlflow_server(cluster: TwoNodes, s3_bucket:
     assert sorted(nodes.values()) == ["head", "worker"]
     # the workflow lives outside the directory that ships (which still goes, for user factories)
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    path = cluster_workflow(elsewhere, s3_bucket, digits_on_s3, mlflow_server)
+    path = cluster_workflow(elsewhere, bucket, digits_on_s3, mlflow_server)
     t0 = time.monotonic()
     proc = kdflow("submit", str(path), "--address", cluster.address, "--wait", *FORWARD, cwd=workdir)
     seconds = time.monotonic() - t0
@@ -139,9 +146,9 @@ def test_two_node_job_with_s3_and_an_mlflow_server(cluster: TwoNodes, s3_bucket:
     # soft targets and checkpoints are on S3, nothing went to local disk
     s3 = fs({"endpoint": os.environ["AWS_ENDPOINT_URL"]})
     key = result["soft_targets"]["cache_key"]
-    assert result["soft_targets"]["uri"] == f"s3://{s3_bucket}/runs/soft_targets/{key}"
-    assert s3.exists(f"{s3_bucket}/runs/soft_targets/{key}/manifest.json")
-    assert any("student-" in p for p in s3.ls(f"{s3_bucket}/runs/checkpoints"))
+    assert result["soft_targets"]["uri"] == f"s3://{bucket}/runs/soft_targets/{key}"
+    assert s3.exists(f"{bucket}/runs/soft_targets/{key}/manifest.json")
+    assert any("student-" in p for p in s3.ls(f"{bucket}/runs/checkpoints"))
     assert not (workdir / ".kdflow").exists()
 
     # the job's logs, streamed until it ended
@@ -150,23 +157,23 @@ def test_two_node_job_with_s3_and_an_mlflow_server(cluster: TwoNodes, s3_bucket:
     print("stages:", "; ".join(ln.strip() for ln in logs.stdout.splitlines() if ln.startswith("✓")))
 
 
-def test_a_lost_node_is_survived_from_the_last_checkpoint(cluster: TwoNodes, s3_bucket: str, digits_on_s3: str,
+def test_a_lost_node_is_survived_from_the_last_checkpoint(cluster: TwoNodes, bucket: str, digits_on_s3: str,
                                                           mlflow_server: str, workdir: Path) -> None:
     from tests.test_s3 import fs
 
     nodes = node_ids(cluster)
     head = next(n for n, role in nodes.items() if role == "head")
-    path = cluster_workflow(workdir, s3_bucket, digits_on_s3, mlflow_server,
-                            **{"train.max_failures": 1, "train.epochs": 60})
+    s3 = fs({"endpoint": os.environ["AWS_ENDPOINT_URL"]})
+    before = set(s3.ls(f"{bucket}/runs/checkpoints", refresh=True))
+    path = cluster_workflow(workdir, bucket, digits_on_s3, mlflow_server,
+                            **{"train.max_failures": 1, "train.epochs": EPOCHS})
     follow = subprocess.Popen([str(BIN / "kdflow"), "submit", path.name, "--address", cluster.address, "--wait",
                                *FORWARD], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    s3 = fs({"endpoint": os.environ["AWS_ENDPOINT_URL"]})
     deadline = time.monotonic() + 300
     checkpoint = None
     while checkpoint is None:  # the student's first checkpoint on S3: kill the second node then
         assert time.monotonic() < deadline and follow.poll() is None, "no student checkpoint appeared"
-        runs = [p for p in s3.ls(f"{s3_bucket}/runs/checkpoints", refresh=True) if "student-" in p] \
-            if s3.exists(f"{s3_bucket}/runs/checkpoints") else []
+        runs = [p for p in s3.ls(f"{bucket}/runs/checkpoints", refresh=True) if "student-" in p and p not in before]
         found = [p for r in runs for p in s3.ls(r, refresh=True) if "checkpoint_" in p.rsplit("/", 1)[-1]]
         checkpoint = found[0] if found else None
         time.sleep(0.2)
@@ -179,7 +186,8 @@ def test_a_lost_node_is_survived_from_the_last_checkpoint(cluster: TwoNodes, s3_
     student = result["student"]
     print(f"lost node: resumed from epoch {student['resumed_from']}, {after_kill:.1f}s from the kill to the end")
     assert result["status"] == "succeeded"
-    assert isinstance(student["resumed_from"], int) and 1 <= student["resumed_from"] < 60
-    assert student["epochs"] == 60 and student["test_accuracy"] > 0.6
+    assert isinstance(student["resumed_from"], int) and 1 <= student["resumed_from"] < EPOCHS
+    assert result["soft_targets"]["reused"]  # the first job's, from S3
+    assert student["epochs"] == EPOCHS and student["test_accuracy"] > 0.6
     assert set(student["nodes"]) == {head}  # the restarted workers all run on the surviving node
     assert student["resumed_from"] % 2 == 0  # train.checkpoint_every: 2, so only even epochs were saved
