@@ -34,17 +34,22 @@ def ensure_ray() -> None:
     from ray._private.services import get_node_ip_address
 
     env["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
-    saved = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    # With a fixed GCS port Ray waits only ~20 s for its GCS (port 0 gets 120 s): give it the same budget,
+    # a loaded machine needs it.
+    start_env = {"RAY_GCS_SERVER_PORT": str(port),
+                 "RAY_gcs_server_port_wait_time_s": os.environ.get("RAY_gcs_server_port_wait_time_s", "120")}
+    saved = {k: os.environ.get(k) for k in start_env}
+    os.environ.update(start_env)
     try:
         # address="local": never attach to a cluster a `ray start` left on this machine by accident
         ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
                  configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
     finally:
-        if saved is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _free_port() -> int:
