@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+# (stage, seconds) of every stage that finished in this process, in order: the run's closing summary.
+TIMINGS: list[tuple[str, float]] = []
 
 
 def info(msg: str) -> None:
@@ -24,4 +26,5 @@ def stage(name: str, detail: str = "") -> Iterator[None]:
     except BaseException:
         console.print(f"[bold red]✗ {name}[/] after {time.perf_counter() - t0:.1f}s")
         raise
-    console.print(f"[green]✓ {name}[/] [dim]{time.perf_counter() - t0:.1f}s[/]")
+    TIMINGS.append((name, time.perf_counter() - t0))
+    console.print(f"[green]✓ {name}[/] [dim]{TIMINGS[-1][1]:.1f}s[/]")

@@ -23,9 +23,13 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))}
+    from orchestrator.quiet import filter_ray_worker_logs, quiet_ray_start
+
+    quiet_ray_start()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    # address="local": never attach to a cluster a `ray start` left on this machine by accident
-    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
-             configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
+    else:
+        # address="local": never attach to a cluster a `ray start` left on this machine by accident
+        ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
+    filter_ray_worker_logs()
