@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -44,8 +43,3 @@ def filter_ray_worker_logs() -> None:
 def quiet_ray_start() -> None:
     """Ray's notice that a local cluster uses token auth (the default, and what kdflow wants) is not a warning."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-
-
-def quiet_mlflow() -> None:
-    """MLflow's advice to add type hints to `predict`: kdflow's pyfunc has a logged signature instead."""
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)

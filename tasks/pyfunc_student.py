@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -20,8 +21,9 @@ class KdflowStudent(PythonModel):
 
         self.module, self.recipe = build_from_artifacts(context.artifacts["config"], context.artifacts["weights"])
 
-    # no type hints: MLflow would read them as the input schema (the logged signature is the schema)
-    def predict(self, context, model_input, params=None):
+    # model_input typed as a DataFrame (MLflow reads the hint; without one it warns on every load);
+    # the columns are checked against the logged signature, which names the user's features
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         from tasks.served import predict_labels
 
         return predict_labels(self.module, self.recipe, model_input)

@@ -110,9 +110,6 @@ def log_pyfunc(model: nn.Module, *, factory: str, params: dict[str, Any], mean: 
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from orchestrator.quiet import quiet_mlflow
-
-    quiet_mlflow()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = write_artifacts(tmp, model, factory=factory, params=params, mean=mean, std=std,
                                     feature_names=feature_names, classes=classes)

@@ -73,7 +73,8 @@ def test_registered_student_is_pickle_free_loads_fresh_and_serves_http(workdir: 
             "rows = json.load(sys.stdin)\n"
             "m = mlflow.pyfunc.load_model('models:/served-student@champion')\n"
             "print(json.dumps([str(v) for v in m.predict(pd.DataFrame(rows['data'], columns=rows['columns']))]))\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin, as in an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     fresh = subprocess.run([sys.executable, "-c", code], check=False, input=json.dumps({"columns": cols, "data": x[:40].tolist()}),
                            capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
@@ -94,5 +95,6 @@ def test_registered_student_is_pickle_free_loads_fresh_and_serves_http(workdir: 
         assert reply.status_code == 200, reply.text
         assert reply.json()["predictions"] == own[:2].tolist()
     finally:
-        os.killpg(server.pid, 15)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
         server.wait(timeout=30)
