@@ -83,6 +83,8 @@ def _num(v: str | None, metric: str) -> str:
 
 def versions_of(client: Any, name: str) -> list[dict[str, Any]]:
     """Every version with its aliases (from the registered model: a version search leaves them empty)."""
+    from orchestrator.spec import GATE_METRICS
+
     model = _model(client, name)
     by_version: dict[int, list[str]] = {}
     for alias, v in (model.aliases or {}).items():
@@ -96,7 +98,8 @@ def versions_of(client: Any, name: str) -> list[dict[str, Any]]:
                     "metrics": {m: tags.get(f"kdflow.{m}") for m, _ in HEADLINE},
                     "gates": gates, "promotion": tags.get("kdflow.promotion"),
                     "lineage": {k: v for k, v in tags.items() if k.startswith("kdflow.")
-                                and not k.startswith(("kdflow.gate", "kdflow.promotion"))}})
+                                and not k.startswith(("kdflow.gate", "kdflow.promotion"))
+                                and k.removeprefix("kdflow.") not in GATE_METRICS}})
     return out
 
 
@@ -186,7 +189,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"  (value {_value(g['value'])})" + (f"  {g['note']}" if g.get("note") else ""))
     width = max((len(k) for k in v["lineage"]), default=0)
     for k, val in sorted(v["lineage"].items()):
-        out.print(f"  {k:<{width}}  {val}")
+        out.print(f"  {k.removeprefix('kdflow.'):<{width}}  {val}")
     return 0
 
 
@@ -266,7 +269,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
     if mlflow_bin is None:
         raise UserError("the mlflow command is not installed beside kdflow")
-    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    # one worker and no job runner: a UI for one person's runs, light enough to start in seconds
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           "--workers", "1"]
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(f"MLflow UI on {uri}: http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     os.execv(mlflow_bin, cmd)
     return 0  # not reached
