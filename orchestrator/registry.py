@@ -84,7 +84,7 @@ def move_alias(client: Any, name: str, alias: str, version: int, reason: str, ki
         return None
     client.set_registered_model_alias(name, alias, str(version))
     move = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "actor": actor(), "alias": alias,
-            "from": before, "to": version, "kind": kind, "reason": reason}
+            "from": before, "to": version, "kind": kind, "reason": reason[:2000]}  # a tag value is bounded
     client.set_registered_model_tag(name, f"{MOVE_PREFIX}{time.time_ns():020d}", json.dumps(move))
     return move
 

@@ -171,3 +171,21 @@ def test_version_flag() -> None:
 
     proc = kdflow("--version", cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.startswith("kdflow 0.")
+
+
+def test_lineage_names_the_git_commit_of_the_workflow_file(tmp_path: Path) -> None:
+    import subprocess
+
+    from orchestrator.registry import git_commit
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("name: x\n")
+    assert git_commit(str(wf)) is None  # not in a repository: no commit claimed
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "wf.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "wf"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert git_commit(str(wf)) == head
+    wf.write_text("name: y\n")
+    assert git_commit(str(wf)) == head + "+dirty"
