@@ -98,3 +98,14 @@ def test_registered_student_is_pickle_free_loads_fresh_and_serves_http(workdir: 
         if server.poll() is None:
             os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+    # the registered student as the next workflow's teacher: rebuilt from safetensors, lineage names it
+    path = write_workflow(workdir, "wf2.yaml", **{
+        "data.source": "digits.parquet", "data.label": "digit", "registry.model": "served-student-2",
+        "teacher": {"model": "models:/served-student@champion"}, "train.epochs": 2})
+    second = kdflow("run", str(path), "--json", cwd=workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = json.loads(second.stdout)
+    assert out["teacher"]["test_accuracy"] > 0.6
+    tags = mlflow.MlflowClient().get_model_version("served-student-2", "1").tags
+    assert tags["kdflow.teacher.registry"] == "served-student/1"
