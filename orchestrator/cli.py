@@ -1,4 +1,4 @@
-"""The `kdflow` command: validate, run, cache, models, promote, submit, jobs.
+"""The `kdflow` command: validate, run, cache, models, promote, rollback, ui, submit, jobs.
 
 Results go to stdout (one JSON object with --json); everything else, Ray's and MLflow's chatter
 included, goes to stderr. A user mistake exits 2 with one message naming the key or resource.
@@ -38,16 +38,9 @@ def emit(out: Any, result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         out.write(json.dumps(result, default=str) + "\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from orchestrator.registry_cli import print_summary
 
-    table = Table(title=f"kdflow: {result.get('workflow', '')}", show_header=False)
-    for section in ("teacher", "soft_targets", "search", "student", "registry", "mlflow"):
-        value = result.get(section)
-        if value:
-            table.add_row(section, json.dumps({k: v for k, v in value.items() if k not in ("gates", "trials")},
-                                              default=str))
-    Console(file=out, soft_wrap=True).print(table)
+    print_summary(out, result)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -120,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             from orchestrator.pipeline import run_workflow
 
-            result = run_workflow(spec)
+            result = run_workflow(spec, source=args.file)
         except (Exception, KeyboardInterrupt) as exc:
             from orchestrator.stages import StageFailed
 
@@ -182,47 +175,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(uri: str | None) -> Any:
-    import mlflow
-    from mlflow import MlflowClient
-
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    return MlflowClient()
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    client = _client(args.tracking_uri)
-    if args.action == "list":
-        for m in client.search_registered_models():
-            aliases = " ".join(f"@{a}=v{v}" for a, v in (m.aliases or {}).items())
-            latest = max((int(v.version) for v in m.latest_versions), default=0)
-            print(f"{m.name}  latest v{latest}  {aliases}")
-        return 0
-    if not args.name:
-        raise UserError("models show needs a NAME")
-    versions = client.search_model_versions(f"name='{args.name}'")
-    if not versions:
-        raise UserError("no such registered model", where=args.name)
-    rows = [{"version": int(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
-             "tags": dict(v.tags)} for v in sorted(versions, key=lambda v: int(v.version))]
-    print(json.dumps(rows, indent=1))
-    return 0
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    import mlflow
-
-    client = _client(args.tracking_uri)
-    try:
-        client.get_model_version(args.name, str(args.version))
-    except mlflow.exceptions.MlflowException:
-        raise UserError(f"no version {args.version}", where=args.name) from None
-    client.set_registered_model_alias(args.name, args.alias, str(args.version))
-    print(f"{args.name}@{args.alias} -> v{args.version}")
-    return 0
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator.jobs import submit
 
@@ -235,14 +187,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return jobs(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdflow", description="Knowledge distillation workflows on Ray.")
+    p.add_argument("--version", action="version", version=f"kdflow {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_sets(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("file", help="workflow YAML ('-': read it from stdin, for run)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a workflow key (value parsed as YAML), e.g. distill.temperature=8")
+                        help="override a workflow key (value parsed as YAML, else taken as text), "
+                             "e.g. distill.temperature=8")
 
     sp = sub.add_parser("validate", help="check a workflow without running it")
     with_sets(sp)
@@ -261,18 +224,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_cache)
 
-    sp = sub.add_parser("models", help="registered models (MLflow registry)")
-    sp.add_argument("action", choices=["list", "show"])
-    sp.add_argument("name", nargs="?")
-    sp.add_argument("--tracking-uri", default=None)
-    sp.set_defaults(fn=cmd_models)
+    from orchestrator.registry_cli import add_parsers
 
-    sp = sub.add_parser("promote", help="point an alias at a registered model version")
-    sp.add_argument("name")
-    sp.add_argument("--version", type=int, required=True)
-    sp.add_argument("--alias", default="champion")
-    sp.add_argument("--tracking-uri", default=None)
-    sp.set_defaults(fn=cmd_promote)
+    add_parsers(sub)  # models, promote, rollback, ui
 
     sp = sub.add_parser("submit", help="submit a workflow to a Ray cluster (Ray Jobs API)")
     with_sets(sp)

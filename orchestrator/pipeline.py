@@ -9,7 +9,7 @@ import numpy as np
 
 from orchestrator import progress, stages, tracking
 from orchestrator.cluster import check_joined
-from orchestrator.registry import log_student, register
+from orchestrator.registry import lineage_extras, log_student, register
 from orchestrator.runtime import ensure_ray
 from orchestrator.spec import Workflow
 from tasks.models import num_params
@@ -54,10 +54,12 @@ def preflight(spec: Workflow) -> None:
             raise UserError(str(exc), where=where) from None
 
 
-def run_workflow(spec: Workflow) -> dict[str, Any]:
+def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
+    """Run every stage; `source` is the workflow file (its git commit goes into the lineage)."""
     import mlflow
 
     t_start = time.perf_counter()
+    progress.TIMINGS.clear()
     preflight(spec)
     check_joined(spec)  # in a Ray job: what cannot work on a multi-node cluster fails here, before any work
     storage = stages.storage_for(spec)
@@ -111,7 +113,9 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
 
         with progress.stage("register", spec.registered_model):
             model_uri = log_student(model, np.asarray(manifest["mean"], np.float32),
-                                    np.asarray(manifest["std"], np.float32))
+                                    np.asarray(manifest["std"], np.float32), factory=chosen.student.model,
+                                    params=chosen.student.params, feature_names=data.feature_names,
+                                    classes=data.classes)
             lineage = {"kdflow.workflow": spec.name, "kdflow.soft_targets.key": manifest["key"],
                        "kdflow.soft_targets.uri": stages.SoftTargetStore(storage).uri(manifest["key"]),
                        "kdflow.data_fingerprint": manifest["data_fingerprint"],
@@ -122,7 +126,9 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
             if search_summary:
                 lineage["kdflow.search.study"] = search_summary["study"]
                 lineage["kdflow.search.trial"] = str(search_summary["best_trial"])
-            registry = register(chosen, model_uri, run.info.run_id, student, manifest, storage, lineage)
+            lineage.update(lineage_extras(chosen, source, teachers))
+            registry = register(chosen, model_uri, run.info.run_id, {**student, "teacher_test_accuracy": teacher_acc},
+                                manifest, storage, lineage)
 
     return {
         "workflow": spec.name,
@@ -137,4 +143,5 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
         "student": student,
         "registry": registry,
         "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run.info.run_id},
+        "stages": {name: round(seconds, 1) for name, seconds in progress.TIMINGS},
     }

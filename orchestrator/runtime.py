@@ -23,9 +23,19 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))}
+    from orchestrator.quiet import filter_ray_worker_logs, quiet_ray_start
+
+    quiet_ray_start()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
+    else:
+        _start_local(env)
+    filter_ray_worker_logs()
+
+
+def _start_local(env: dict[str, str]) -> None:
+    import ray
+
     # Ray's own helpers inside workers (Train's PlacementGroupCleaner asks the State API) find "their"
     # cluster by RAY_ADDRESS, else by looking for GCS processes: with two local Rays on the machine (two
     # `kdflow run` at once) that fails with "Found multiple active Ray instances". So the GCS gets a

@@ -33,17 +33,12 @@ def connect(spec: Workflow, storage: Storage) -> str:
     import mlflow
 
     uri = tracking_uri(spec, storage)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a run's stderr
     endpoint = storage.s3_options().get("endpoint_url")
     if storage.is_s3 and endpoint:  # MLflow's own S3 client reads its endpoint from this variable
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
     if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
-        except requests.RequestException as exc:
-            raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
-                            where="tracking.uri") from None
+        check_server(uri, where="tracking.uri")
     mlflow.set_tracking_uri(uri)
     # Two runs starting at once on a fresh sqlite store would both create its tables (one fails with
     # "table experiments already exists"), and both the experiment: a file lock beside the database
@@ -59,3 +54,34 @@ def connect(spec: Workflow, storage: Storage) -> str:
                     raise
     mlflow.set_experiment(spec.experiment)
     return uri
+
+
+def check_server(uri: str, where: str) -> None:
+    """The server answers, and accepts this user: credentials come only from MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (never from the workflow or the URI, so no log line, param or tag holds them)."""
+    from urllib.parse import urlsplit
+
+    import requests
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        raise UserError("credentials in the URI are not accepted (they would be logged with the run); set "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead", where=where)
+    base = uri.rstrip("/")
+    try:
+        requests.get(base + "/health", timeout=10).raise_for_status()
+    except requests.RequestException as exc:
+        raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
+                        where=where) from None
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:  # a call that needs authentication when the server has it (basic-auth app), harmless otherwise
+        reply = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                             auth=(user, password or "") if user else None, timeout=10)
+    except requests.RequestException as exc:
+        raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
+                        where=where) from None
+    if reply.status_code == 401:
+        who = f"user {user!r}" if user else "no credentials (set MLFLOW_TRACKING_USERNAME and _PASSWORD)"
+        raise UserError(f"the tracking server at {uri} refused {who}: wrong user name or password", where=where)
+    if reply.status_code == 403:
+        raise UserError(f"the tracking server at {uri} denies user {user!r} access to experiments", where=where)

@@ -65,8 +65,8 @@ class ArraySource:
         import ray
 
         x, y = ray.get(self.x), ray.get(self.y)
-        return TargetBatch(torch.arange(start, stop), torch.from_numpy(np.ascontiguousarray(x[start:stop])),
-                           torch.from_numpy(np.ascontiguousarray(y[start:stop])), {})
+        # copies: the object store's arrays are read-only, and a tensor over them warns (and must not be written)
+        return TargetBatch(torch.arange(start, stop), torch.tensor(x[start:stop]), torch.tensor(y[start:stop]), {})
 
 
 @dataclass
