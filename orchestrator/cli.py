@@ -1,4 +1,4 @@
-"""The `kdflow` command: validate, schema, run, cache, models, promote, submit, jobs.
+"""The `kdflow` command: validate, schema, run, cache, models, promote, rollback, ui, submit, jobs.
 
 Results go to stdout (one JSON object with --json); everything else, Ray's and MLflow's chatter
 included, goes to stderr. A user mistake exits 2 with one message naming the key or resource.
@@ -7,6 +7,7 @@ included, goes to stderr. A user mistake exits 2 with one message naming the key
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,16 +38,9 @@ def emit(out: Any, result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         out.write(json.dumps(result, default=str) + "\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from orchestrator.registry_cli import print_summary
 
-    table = Table(title=f"kdflow: {result.get('workflow', '')}", show_header=False)
-    for section in ("teacher", "soft_targets", "search", "student", "registry", "mlflow"):
-        value = result.get(section)
-        if value:
-            table.add_row(section, json.dumps({k: v for k, v in value.items() if k not in ("gates", "trials")},
-                                              default=str))
-    Console(file=out, soft_wrap=True).print(table)
+    print_summary(out, result)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -66,14 +60,89 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+class RunFailed(Exception):
+    """A run ended by an unexpected error, already reported (tagged in MLflow, JSON with --json): exit 1."""
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for any exception: Ray and SQLAlchemy wrap the cause in lines of context, so prefer the
+    last line that reads `SomeError: ...` (a remote traceback's cause), else the first line."""
+    import re
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+    line = causes[-1] if causes else (lines[0] if lines else "")
+    return line if line.startswith(type(exc).__name__) or causes else f"{type(exc).__name__}: {line}".rstrip(": ")
+
+
+def mark_failed(stage: str, message: str, since: float) -> None:
+    """Tag this process's MLflow run (if one started) with the stage and message, its traceback as an
+    artifact, and make sure it is FAILED. Best effort: the tracking server may be what failed."""
+    import traceback
+
+    with contextlib.suppress(Exception):
+        import mlflow
+
+        run = mlflow.last_active_run()
+        if run is None or run.info.start_time < since * 1000 - 1000:
+            return  # no run started in this call (a failure before tracking), or an earlier one's
+        client = mlflow.MlflowClient()
+        client.set_tag(run.info.run_id, "kdflow.failed_stage", stage)
+        client.set_tag(run.info.run_id, "kdflow.error", message[:4000])
+        client.log_text(run.info.run_id, traceback.format_exc(), "error.txt")
+        if client.get_run(run.info.run_id).info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """Every way a run can end is one result: success, or {status: failed, stage, message} and exit != 0."""
+    import time
+    import traceback
+
+    from orchestrator import progress
     from orchestrator.spec import load_workflow
 
-    spec = load_workflow(args.file, args.set)
-    with stdout_to_stderr() as out:
-        from orchestrator.pipeline import run_workflow
+    try:
+        if args.file == "-":  # the workflow's text on stdin (`kdflow submit` of a file outside the shipped dir)
+            import tempfile
 
-        result = run_workflow(spec)
+            folder = tempfile.mkdtemp(prefix="kdflow-workflow-")
+            args.file = os.path.join(folder, "workflow.yaml")
+            with open(args.file, "w") as f:
+                f.write(sys.stdin.read())
+        spec = load_workflow(args.file, args.set)
+    except UserError as exc:
+        if args.json:
+            print(json.dumps({"workflow": None, "status": "failed", "stage": "validate", "message": str(exc)}))
+        raise
+    progress.failed_stage = None
+    since = time.time()
+    with stdout_to_stderr() as out:
+        try:
+            from orchestrator.pipeline import run_workflow
+
+            result = run_workflow(spec, source=args.file)
+        except (Exception, KeyboardInterrupt) as exc:
+            from tasks.errors import StageFailed
+
+            stage = progress.failed_stage or "setup"
+            if isinstance(exc, StageFailed):
+                stage, message = exc.stage, str(exc).split(" failed: ", 1)[-1]
+            elif isinstance(exc, UserError):
+                message = str(exc)
+            elif isinstance(exc, KeyboardInterrupt):
+                message = "interrupted"
+            else:
+                message = failure_message(exc)
+            if os.environ.get("KDFLOW_DEBUG"):
+                traceback.print_exc()
+            mark_failed(stage, message, since)
+            if args.json:
+                emit(out, {"workflow": spec.name, "status": "failed", "stage": stage, "message": message}, True)
+            if isinstance(exc, (UserError, KeyboardInterrupt)):
+                raise
+            raise RunFailed(f"stage {stage} failed: {message} (KDFLOW_DEBUG=1 shows the traceback; "
+                            "the MLflow run has it as error.txt)") from None
         emit(out, result, args.json)
     return 0
 
@@ -117,47 +186,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(uri: str | None) -> Any:
-    import mlflow
-    from mlflow import MlflowClient
-
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    return MlflowClient()
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    client = _client(args.tracking_uri)
-    if args.action == "list":
-        for m in client.search_registered_models():
-            aliases = " ".join(f"@{a}=v{v}" for a, v in (m.aliases or {}).items())
-            latest = max((int(v.version) for v in m.latest_versions), default=0)
-            print(f"{m.name}  latest v{latest}  {aliases}")
-        return 0
-    if not args.name:
-        raise UserError("models show needs a NAME")
-    versions = client.search_model_versions(f"name='{args.name}'")
-    if not versions:
-        raise UserError("no such registered model", where=args.name)
-    rows = [{"version": int(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
-             "tags": dict(v.tags)} for v in sorted(versions, key=lambda v: int(v.version))]
-    print(json.dumps(rows, indent=1))
-    return 0
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    import mlflow
-
-    client = _client(args.tracking_uri)
-    try:
-        client.get_model_version(args.name, str(args.version))
-    except mlflow.exceptions.MlflowException:
-        raise UserError(f"no version {args.version}", where=args.name) from None
-    client.set_registered_model_alias(args.name, args.alias, str(args.version))
-    print(f"{args.name}@{args.alias} -> v{args.version}")
-    return 0
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator.jobs import submit
 
@@ -170,14 +198,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return jobs(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdflow", description="Knowledge distillation workflows on Ray.")
+    p.add_argument("--version", action="version", version=f"kdflow {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_sets(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("file", help="workflow YAML")
+        sp.add_argument("file", help="workflow YAML ('-': read it from stdin, for run)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a workflow key (value parsed as YAML), e.g. distill.temperature=8")
+                        help="override a workflow key (value parsed as YAML, else taken as text), "
+                             "e.g. distill.temperature=8")
 
     sp = sub.add_parser("validate", help="check a workflow without running it")
     with_sets(sp)
@@ -199,18 +238,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_cache)
 
-    sp = sub.add_parser("models", help="registered models (MLflow registry)")
-    sp.add_argument("action", choices=["list", "show"])
-    sp.add_argument("name", nargs="?")
-    sp.add_argument("--tracking-uri", default=None)
-    sp.set_defaults(fn=cmd_models)
+    from orchestrator.registry_cli import add_parsers
 
-    sp = sub.add_parser("promote", help="point an alias at a registered model version")
-    sp.add_argument("name")
-    sp.add_argument("--version", type=int, required=True)
-    sp.add_argument("--alias", default="champion")
-    sp.add_argument("--tracking-uri", default=None)
-    sp.set_defaults(fn=cmd_promote)
+    add_parsers(sub)  # models, promote, rollback, ui
 
     sp = sub.add_parser("submit", help="submit a workflow to a Ray cluster (Ray Jobs API)")
     with_sets(sp)
@@ -224,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["list", "status", "logs", "stop"])
     sp.add_argument("job_id", nargs="?")
     sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
+    sp.add_argument("--follow", action="store_true", help="logs: stream until the job ends (exit 1 unless it "
+                                                          "SUCCEEDED)")
     sp.set_defaults(fn=cmd_jobs)
     return p
 
@@ -241,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         print("kdflow: interrupted; finished shards, checkpoints and trials are kept: rerun to resume",
               file=sys.stderr)
         return 130
+    except RunFailed as exc:
+        print(f"kdflow: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         from tasks.errors import StageFailed
 

@@ -28,7 +28,8 @@ def _optimizer(o: OptimizerSpec) -> OptimizerConfig:
 def _resources(spec: Workflow) -> Resources:
     t = spec.train
     return Resources(workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
-                     gpus_per_worker=t.gpus_per_worker, max_failures=t.max_failures)
+                     gpus_per_worker=t.gpus_per_worker, max_failures=t.max_failures,
+                     placement=t.placement)
 
 
 def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConfig:

@@ -39,25 +39,29 @@ def client(address: str) -> Any:
 
 def submit(args: argparse.Namespace) -> int:
     """Ship the working directory (workflow, user factories) and run `kdflow run FILE --json` on the head."""
+    from orchestrator.cluster import check, dashboard_nodes
     from orchestrator.spec import load_workflow
 
     spec = load_workflow(args.file, args.set)  # bad input fails here, before anything is sent
-    c = client(args.address)
-    rel = os.path.relpath(os.path.abspath(args.file), os.getcwd())
-    if rel.startswith(".."):
-        raise UserError("the workflow must be inside the current directory (it is shipped as the job's "
-                        "working_dir)", where=args.file)
-    entry = ["kdflow", "run", rel, "--json", *[f"--set={s}" for s in args.set]]
     # Only variables the user names travel: a laptop's 127.0.0.1 endpoints would be wrong on the cluster.
     missing = [k for k in args.forward_env if k not in os.environ]
     if missing:
         raise UserError(f"not set in this shell: {', '.join(missing)}", where="--forward-env")
     env = {k: os.environ[k] for k in args.forward_env}
+    c = client(args.address)
+    check(spec, dashboard_nodes(args.address), env)  # local disk, embedded stores on a multi-node cluster
+    sets = [f"--set={s}" for s in args.set]
+    rel = os.path.relpath(os.path.abspath(args.file), os.getcwd())
+    if not rel.startswith(".."):
+        entrypoint = shlex.join(["kdflow", "run", rel, "--json", *sets])
+    else:  # outside the shipped directory: the file's text travels in the entrypoint, read from stdin
+        text = Path(args.file).read_text()
+        entrypoint = f"printf '%s' {shlex.quote(text)} | {shlex.join(['kdflow', 'run', '-', '--json', *sets])}"
     deadline = time.monotonic() + 120
     while True:
         try:
             job_id = c.submit_job(
-                entrypoint=shlex.join(entry),
+                entrypoint=entrypoint,
                 runtime_env={"working_dir": os.getcwd(), "env_vars": env,
                              "excludes": [".venv", ".kdflow", ".git", "mlruns", "*.db", "__pycache__"]},
                 metadata={"kdflow.workflow": spec.name},
@@ -73,12 +77,14 @@ def submit(args: argparse.Namespace) -> int:
     return follow(c, job_id)
 
 
-def follow(c: Any, job_id: str) -> int:
+def follow(c: Any, job_id: str, logs_to: Any = None) -> int:
+    """Stream the job's logs (to stderr by default) until it ends; exit 0 only if it SUCCEEDED."""
     import asyncio
 
     async def tail() -> None:
         async for lines in c.tail_job_logs(job_id):
-            sys.stderr.write(lines)
+            (logs_to or sys.stderr).write(lines)
+            (logs_to or sys.stderr).flush()
 
     with contextlib.suppress(Exception):  # log streaming is best effort; the status below is what counts
         asyncio.run(tail())
@@ -86,7 +92,7 @@ def follow(c: Any, job_id: str) -> int:
         time.sleep(1)
     status = status.split(".")[-1]
     logs = c.get_job_logs(job_id).strip().splitlines()
-    if logs and logs[-1].startswith("{"):
+    if logs and logs[-1].startswith("{") and logs_to is None:
         print(logs[-1])
     print(f"job {job_id}: {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
@@ -104,6 +110,8 @@ def jobs(args: argparse.Namespace) -> int:
     try:
         if args.action == "status":
             print(str(c.get_job_status(args.job_id)).split(".")[-1])
+        elif args.action == "logs" and args.follow:
+            return follow(c, args.job_id, logs_to=sys.stdout)
         elif args.action == "logs":
             print(c.get_job_logs(args.job_id), end="")
         else:

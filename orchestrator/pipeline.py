@@ -8,8 +8,9 @@ from typing import Any
 from torch import nn
 
 from orchestrator import evaluation, progress, stages, tracking
+from orchestrator.cluster import check_joined
 from orchestrator.configs import task_for
-from orchestrator.registry import log_student, register
+from orchestrator.registry import lineage_extras, log_student, register
 from orchestrator.runtime import ensure_ray
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher, is_external, load_teachers
@@ -60,12 +61,15 @@ def preflight(spec: Workflow) -> None:
             raise UserError(str(exc), where=where) from None
 
 
-def run_workflow(spec: Workflow) -> dict[str, Any]:
-    """data -> teachers -> soft targets -> student (or search) -> evaluation -> registry, in one MLflow run."""
+def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
+    """data -> teachers -> soft targets -> student (or search) -> evaluation -> registry, in one MLflow run;
+    `source` is the workflow file (its git commit goes into the lineage)."""
     import mlflow
 
     t_start = time.perf_counter()
+    progress.TIMINGS.clear()
     preflight(spec)
+    check_joined(spec)  # in a Ray job: what cannot work on a multi-node cluster fails here, before any work
     task = task_for(spec)
     storage = storage_for(spec)
     try:
@@ -87,13 +91,21 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
         mlflow.log_params({"soft_targets.key": manifest["key"]})
         chosen, fit_result, search_summary = train_or_search(spec, manifest, storage, run_id)
         log_history(fit_result.history)
+        if fit_result.nodes:  # the Ray node of each rank: where the student's workers ran
+            mlflow.set_tag("kdflow.student.nodes", ",".join(fit_result.nodes))
         with progress.stage("evaluate", "test split"):
             model = stages.student_model(chosen, manifest, fit_result)
             student, teacher = evaluate_student(task, model, fit_result, teachers, manifest, storage)
         with progress.stage("register", spec.registered_model):
-            model_uri = log_student(*task.serving_model(model, manifest))
+            # issue-10's pickle-free pyfunc: weights plus a recipe (factory, params, the user's feature names
+            # and class labels, the training split's standardization) that rebuilds the served model
+            model_uri = log_student(model, **task.serving_inputs(manifest), factory=chosen.student.model,
+                                    params=chosen.student.params, feature_names=data.feature_names,
+                                    classes=data.classes)
             lineage = lineage_tags(spec, chosen, manifest, storage, teachers, search_summary)
-            registration = register(chosen, model_uri, run_id, student, manifest, storage, lineage)
+            lineage.update(lineage_extras(chosen, source, teachers))
+            registration = register(chosen, model_uri, run_id, {**student, "teacher_test_accuracy":
+                                                                teacher["test_accuracy"]}, manifest, storage, lineage)
     return {
         "workflow": spec.name,
         "status": "succeeded",
@@ -104,6 +116,7 @@ def run_workflow(spec: Workflow) -> dict[str, Any]:
         "student": student,
         "registry": registration,
         "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run_id},
+        "stages": {name: round(seconds, 1) for name, seconds in progress.TIMINGS},
     }
 
 
@@ -131,6 +144,7 @@ def evaluate_student(task: TaskKind, model: nn.Module, fit_result: FitResult, te
     student["epochs"] = len(fit_result.history)
     student["stop_reason"] = fit_result.stop_reason.value
     student["resumed_from"] = fit_result.resumed_from
+    student["nodes"] = fit_result.nodes
     teacher = {"test_accuracy": teacher_acc, "num_params": sum(num_params(t.model) for t in teachers),
                "trained": any(t.trained for t in teachers), "count": len(teachers)}
     mlflow.log_metrics({"test_accuracy": student["test_accuracy"], "retention": student["retention"],

@@ -1,7 +1,19 @@
-"""The MLflow Model Registry: log the chosen student, register it with its lineage, promote it behind gates."""
+"""The MLflow Model Registry: log the chosen student, register it with its lineage, move aliases behind gates.
+
+Every new version gets `challenger`; the promotion alias (`champion` by default) moves only when every
+gate holds. Each gate's rule, value and verdict are tags on the version (`kdflow.gate.<name>` for people,
+`kdflow.gates` as JSON for `kdflow promote`). Every alias move - by a run, `promote` or `rollback` - is one
+registered-model tag `kdflow.alias_move.<time ns>` holding JSON (actor, time, alias, from, to, reason):
+one tag per move, so concurrent writers never overwrite each other's record and any MlflowClient reads it.
+"""
 
 from __future__ import annotations
 
+import getpass
+import json
+import os
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -10,28 +22,108 @@ from torch import nn
 
 from orchestrator import progress
 from orchestrator.configs import task_for
-from orchestrator.spec import Gate, Workflow
+from orchestrator.spec import GATE_METRICS, Gate, Workflow
 from tasks.errors import UserError
 from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
 from tasks.train import evaluate
 
-PIP_REQUIREMENTS = ["torch", "numpy", "kdflow"]
+PIP_REQUIREMENTS = ["torch", "numpy", "pandas", "safetensors", "kdflow"]
+CHALLENGER = "challenger"
+MOVE_PREFIX = "kdflow.alias_move."
 
 
-def log_student(served: nn.Module, example: np.ndarray) -> str:
-    """Log the student as its task kind serves it (classification: taking raw features); returns the model URI."""
+def log_student(model: nn.Module, mean: np.ndarray, std: np.ndarray, *, factory: str, params: dict[str, Any],
+                feature_names: list[str], classes: list[Any]) -> str:
+    """Log the student as a pickle-free pyfunc taking the user's raw feature columns; returns the model URI."""
+    from tasks.served import log_pyfunc
+
+    names = feature_names or [f"x{i}" for i in range(len(mean))]
+    return log_pyfunc(model, factory=factory, params=params, mean=mean, std=std, feature_names=names,
+                      classes=classes or list(range(int(model(torch.zeros(1, len(mean))).shape[-1]))),
+                      pip_requirements=PIP_REQUIREMENTS)
+
+
+# ---------------------------------------------------------------- alias moves
+
+
+def actor() -> str:
+    """Who moves an alias: KDFLOW_ACTOR (a CI job, a service) or the OS user."""
+    if os.environ.get("KDFLOW_ACTOR"):
+        return os.environ["KDFLOW_ACTOR"]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def alias_holder(client: Any, name: str, alias: str) -> int | None:
     import mlflow
 
-    info = mlflow.pytorch.log_model(served, name="student", input_example=example,
-                                    pip_requirements=PIP_REQUIREMENTS, serialization_format="pickle")
-    return info.model_uri
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def history(client: Any, name: str) -> list[dict[str, Any]]:
+    """Every recorded alias move of a registered model, oldest first."""
+    tags = client.get_registered_model(name).tags or {}
+    moves = []
+    for key in sorted(k for k in tags if k.startswith(MOVE_PREFIX)):
+        try:
+            moves.append(json.loads(tags[key]))
+        except json.JSONDecodeError:
+            continue
+    return moves
+
+
+def move_alias(client: Any, name: str, alias: str, version: int, reason: str, kind: str) -> dict[str, Any] | None:
+    """Point `alias` at `version` and record the move; None when the alias already points there."""
+    before = alias_holder(client, name, alias)
+    if before == version:
+        return None
+    client.set_registered_model_alias(name, alias, str(version))
+    move = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "actor": actor(), "alias": alias,
+            "from": before, "to": version, "kind": kind, "reason": reason[:2000]}  # a tag value is bounded
+    client.set_registered_model_tag(name, f"{MOVE_PREFIX}{time.time_ns():020d}", json.dumps(move))
+    return move
+
+
+def rollback(client: Any, name: str, alias: str, reason: str) -> dict[str, Any]:
+    """Point `alias` back at the version that held it before the current holder (moves replayed as a stack)."""
+    current = alias_holder(client, name, alias)
+    if current is None:
+        raise UserError(f"no version holds @{alias}", where=name)
+    chain: list[int | None] = []
+    for m in history(client, name):
+        if m["alias"] != alias:
+            continue
+        if m.get("kind") == "rollback" and chain:
+            chain.pop()
+        else:
+            if not chain or chain[-1] != m["from"]:
+                chain.append(m["from"])
+            chain.append(m["to"])
+    chain = [v for v in chain if v is not None]
+    if len(chain) < 2 or chain[-1] != current:
+        raise UserError(f"no earlier holder of @{alias} is recorded (current: v{current}); "
+                        f"use `kdflow promote {name} --version V --alias {alias}`", where=name)
+    target = chain[-2]
+    move = move_alias(client, name, alias, target, reason or f"rollback from v{current}", "rollback")
+    assert move is not None
+    return move
+
+
+# ---------------------------------------------------------------- gates
 
 
 def _champion_accuracy(spec: Workflow, client: Any, name: str, alias: str, manifest: dict[str, Any], storage: Storage) -> tuple[
         int | None, float | None]:
     """The alias holder's test accuracy on this run's test split (its own tag when the split is the same)."""
     import mlflow
+
+    from tasks.served import load_module
 
     try:
         holder = client.get_model_version_by_alias(name, alias)
@@ -41,8 +133,8 @@ def _champion_accuracy(spec: Workflow, client: Any, name: str, alias: str, manif
     if tags.get("kdflow.data_fingerprint") == manifest["data_fingerprint"] and "kdflow.test_accuracy" in tags:
         return int(holder.version), float(tags["kdflow.test_accuracy"])
     task = task_for(spec)
-    served = mlflow.pytorch.load_model(f"models:/{name}/{holder.version}", map_location="cpu")
-    model = task.from_serving(served, manifest)  # the registered model takes the user's raw input
+    served = load_module(f"models:/{name}/{holder.version}")  # takes the user's raw features
+    model = task.from_serving(served, manifest)  # ... made to take the stored (standardized) test rows
     if model is None:
         return int(holder.version), None
     test = SoftTargetStore(storage).read(manifest, "test")
@@ -53,56 +145,213 @@ def _champion_accuracy(spec: Workflow, client: Any, name: str, alias: str, manif
     return int(holder.version), acc
 
 
+def _beats(alias: str, holder: int | None, holder_acc: float | None, acc: float | None) -> dict[str, Any]:
+    if holder is None:
+        return {"gate": "beats_alias", "rule": f"no worse than @{alias}", "value": None, "passed": True,
+                "note": f"no version holds @{alias}"}
+    if holder_acc is None or acc is None:
+        return {"gate": "beats_alias", "rule": f"no worse than @{alias} (v{holder})", "value": None, "passed": True,
+                "note": "not comparable on this test split"}
+    return {"gate": "beats_alias", "rule": f"test_accuracy >= {holder_acc:.4f} (@{alias} v{holder})", "value": acc,
+            "passed": acc >= holder_acc}
+
+
 def check_gates(spec: Workflow, metrics: dict[str, Any], manifest: dict[str, Any], storage: Storage,
-                client: Any) -> dict[str, dict[str, Any]]:
+                client: Any) -> list[dict[str, Any]]:
+    """Each gate of registry.promote.gates with its rule, the run's value and the verdict."""
     assert spec.registry.promote is not None
     gates = spec.registry.promote.gates
-    out: dict[str, dict[str, Any]] = {}
-    for name in ("retention", "num_params", "test_accuracy", "latency_ms"):
-        rule = getattr(gates, name)
-        if rule is not None:
-            out[name] = {"rule": rule, "value": metrics[name], "passed": Gate(rule).holds(metrics[name])}
+    out = [{"gate": metric, "rule": f"{metric} {rule.strip()}", "value": metrics.get(metric),
+            "passed": metrics.get(metric) is not None and rule.holds(float(metrics[metric]))}
+           for metric, rule in gates.comparisons().items()]
     if gates.beats_alias:
-        version, acc = _champion_accuracy(spec, client, spec.registered_model, gates.beats_alias, manifest, storage)
-        if version is None:
-            out["beats_alias"] = {"rule": f"no worse than @{gates.beats_alias}", "value": None, "passed": True,
-                                  "note": "no current holder"}
-        else:
-            passed = acc is None or metrics["test_accuracy"] >= acc
-            out["beats_alias"] = {"rule": f"test_accuracy >= @{gates.beats_alias} (v{version})", "value": acc,
-                                  "passed": passed}
+        holder, acc = _champion_accuracy(spec, client, spec.registered_model, gates.beats_alias, manifest, storage)
+        out.append(_beats(gates.beats_alias, holder, acc, metrics["test_accuracy"]))
     return out
+
+
+def fmt_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def gate_line(g: dict[str, Any]) -> str:
+    return f"{'pass' if g['passed'] else 'FAIL'} {g['rule']} (value {fmt_value(g['value'])})" + (
+        f" [{g['note']}]" if g.get("note") else "")
+
+
+def failed_reason(failed: list[dict[str, Any]]) -> str:
+    return "; ".join(f"gate {g['gate']} failed: {g['rule']}, value {fmt_value(g['value'])}" for g in failed)
 
 
 def register(spec: Workflow, model_uri: str, run_id: str, metrics: dict[str, Any], manifest: dict[str, Any],
              storage: Storage, lineage: dict[str, str]) -> dict[str, Any]:
-    """A new version of registry.model with lineage tags; the alias moves only when every gate holds."""
+    """A new version of registry.model with lineage tags, set as challenger; the alias moves only if every gate holds."""
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
     name = spec.registered_model
-    gates = check_gates(spec, metrics, manifest, storage, client) if spec.registry.promote else {}
+    promote = spec.registry.promote
+    gates = check_gates(spec, metrics, manifest, storage, client) if promote else []
+    tags = {**lineage, **{f"kdflow.{m}": fmt_tag(metrics[m]) for m in GATE_METRICS if metrics.get(m) is not None}}
+    if promote:
+        tags["kdflow.gates"] = json.dumps({"alias": promote.alias, "gates": gates}, default=str)
+        tags.update({f"kdflow.gate.{g['gate']}": gate_line(g) for g in gates})
     try:
-        mv = mlflow.register_model(model_uri, name, tags={
-            **lineage,
-            "kdflow.test_accuracy": f"{metrics['test_accuracy']:.6f}",
-            "kdflow.retention": f"{metrics['retention']:.6f}",
-            "kdflow.num_params": str(metrics["num_params"]),
-        })
+        mv = mlflow.register_model(model_uri, name, tags=tags)
     except mlflow.exceptions.MlflowException as exc:
         raise UserError(f"cannot register {name!r}: {exc.message}", where="registry.model") from None
-    for gate, res in gates.items():
-        client.set_model_version_tag(name, mv.version, f"kdflow.gate.{gate}",
-                                     f"{'pass' if res['passed'] else 'FAIL'} {res['rule']} (value {res['value']})")
-    promoted = bool(spec.registry.promote) and all(g["passed"] for g in gates.values())
-    if promoted:
-        alias = spec.registry.promote.alias  # type: ignore[union-attr]
-        client.set_registered_model_alias(name, alias, mv.version)
-        progress.info(f"  promoted {name} v{mv.version} to @{alias}")
-    elif spec.registry.promote:
-        failed = [g for g, r in gates.items() if not r["passed"]]
-        progress.info(f"  {name} v{mv.version} registered, not promoted: gates failed: {', '.join(failed)}")
-    aliases = sorted(client.get_model_version(name, mv.version).aliases)
-    return {"model": name, "version": int(mv.version), "aliases": aliases, "promoted": promoted,
-            "gates": gates, "run_id": run_id}
+    version = int(mv.version)
+    move_alias(client, name, CHALLENGER, version, f"registered by run {run_id}", "run")
+    promoted = False
+    if promote:
+        failed = [g for g in gates if not g["passed"]]
+        if failed:
+            note = f"not promoted to @{promote.alias}: {failed_reason(failed)}"
+            progress.info(f"  {name} v{version} registered, {note}")
+        else:
+            moved = move_alias(client, name, promote.alias, version,
+                               "gates passed: " + ", ".join(g["gate"] for g in gates) if gates else "no gates",
+                               "run")
+            promoted = moved is not None
+            note = f"promoted to @{promote.alias}"
+            progress.info(f"  promoted {name} v{version} to @{promote.alias}")
+        client.set_model_version_tag(name, str(version), "kdflow.promotion", note)
+    aliases = sorted(client.get_model_version(name, str(version)).aliases)
+    return {"model": name, "version": version, "aliases": aliases, "promoted": promoted,
+            "gates": {g["gate"]: g for g in gates}, "run_id": run_id}
+
+
+def fmt_tag(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------- promote (the CLI's)
+
+
+def recheck_gates(client: Any, name: str, version: int, alias: str) -> list[dict[str, Any]]:
+    """The version's recorded gates, re-evaluated now: comparisons on its recorded metrics, beats_alias on
+    the alias's current holder (by their recorded test accuracy when both saw the same data)."""
+    mv = client.get_model_version(name, str(version))
+    tags = mv.tags or {}
+    recorded = json.loads(tags["kdflow.gates"]) if "kdflow.gates" in tags else {"gates": []}
+    out = []
+    for g in recorded["gates"]:
+        if g["gate"] != "beats_alias":
+            metric, _, rule = g["rule"].partition(" ")
+            value = float(tags[f"kdflow.{metric}"]) if f"kdflow.{metric}" in tags else g["value"]
+            out.append({"gate": g["gate"], "rule": g["rule"], "value": value,
+                        "passed": value is not None and Gate(rule).holds(float(value))})
+            continue
+        holder = alias_holder(client, name, alias)
+        acc = float(tags["kdflow.test_accuracy"]) if "kdflow.test_accuracy" in tags else None
+        if holder is None or holder == version:
+            out.append(_beats(alias, None if holder is None else holder, acc, acc))
+            continue
+        htags = client.get_model_version(name, str(holder)).tags or {}
+        same = htags.get("kdflow.data_fingerprint") == tags.get("kdflow.data_fingerprint")
+        hacc = float(htags["kdflow.test_accuracy"]) if same and "kdflow.test_accuracy" in htags else None
+        out.append(_beats(alias, holder, hacc, acc) if hacc is not None else g)
+    return out
+
+
+def promote(client: Any, name: str, version: int, alias: str, force: bool, reason: str | None) -> dict[str, Any]:
+    """Move `alias` to `version` when its recorded gates hold now; --force needs a reason and records it."""
+    import mlflow
+
+    try:
+        client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no version {version}", where=name) from None
+    if force and not (reason and reason.strip()):
+        raise UserError("--force needs --reason \"why\": a forced move is recorded with its reason", where="--reason")
+    gates = recheck_gates(client, name, version, alias)
+    failed = [g for g in gates if not g["passed"]]
+    if failed and not force:
+        raise UserError(f"not promoted: {failed_reason(failed)} (override with --force --reason \"...\")",
+                        where=f"{name} v{version}")
+    if force:
+        why = f"forced: {reason}" + (f" (overriding {failed_reason(failed)})" if failed else "")
+    else:
+        why = (reason + "; " if reason else "") + ("gates passed: " + ", ".join(g["gate"] for g in gates)
+                                                    if gates else "no gates recorded")
+    move = move_alias(client, name, alias, version, why, "promote")
+    return {"model": name, "alias": alias, "version": version, "moved": move is not None, "move": move,
+            "gates": gates}
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def kdflow_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdflow")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def git_commit(path: str | None) -> str | None:
+    """The commit of the git repository holding `path` (with '+dirty' when the file has local changes)."""
+    import subprocess
+
+    if not path or not os.path.exists(path):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", os.path.abspath(path)],
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def teacher_registry_versions(teachers: list[Any]) -> list[str]:
+    """'name/version' for each teacher that came from models:/ (an alias resolved to its version now)."""
+    from mlflow import MlflowClient
+
+    out = []
+    for t in teachers:
+        if not t.origin.startswith("models:/"):
+            continue
+        ref = t.origin.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            holder = alias_holder(MlflowClient(), name, alias)
+            out.append(f"{name}/{holder}" if holder is not None else ref)
+        else:
+            out.append(ref)
+    return out
+
+
+def lineage_extras(spec: Workflow, source: str | None, teachers: list[Any]) -> dict[str, str]:
+    """Lineage beyond the stage keys: the resolved workflow (artifact + hash), kdflow version, git commit,
+    teacher digests in full and their registry versions."""
+    import hashlib
+
+    import mlflow
+    import yaml
+
+    resolved = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    mlflow.log_text(resolved, "workflow.resolved.yaml")
+    out = {"kdflow.workflow.sha256": hashlib.sha256(resolved.encode()).hexdigest(),
+           "kdflow.workflow.artifact": "workflow.resolved.yaml", "kdflow.version": kdflow_version(),
+           "kdflow.teacher.digests": ",".join(t.digest for t in teachers)}
+    if source:
+        out["kdflow.workflow.file"] = os.path.abspath(source)
+    commit = git_commit(source)
+    if commit:
+        out["kdflow.workflow.git_commit"] = commit
+    registry = teacher_registry_versions(teachers)
+    if registry:
+        out["kdflow.teacher.registry"] = ",".join(registry)
+    return out

@@ -23,9 +23,48 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))}
+    from orchestrator.quiet import filter_ray_worker_logs, quiet_ray_start
+
+    quiet_ray_start()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    # address="local": never attach to a cluster a `ray start` left on this machine by accident
-    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
-             configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
+    else:
+        _start_local(env)
+    filter_ray_worker_logs()
+
+
+def _start_local(env: dict[str, str]) -> None:
+    import ray
+
+    # Ray's own helpers inside workers (Train's PlacementGroupCleaner asks the State API) find "their"
+    # cluster by RAY_ADDRESS, else by looking for GCS processes: with two local Rays on the machine (two
+    # `kdflow run` at once) that fails with "Found multiple active Ray instances". So the GCS gets a
+    # port chosen here, and the workers get its address.
+    port = _free_port()
+    from ray._private.services import get_node_ip_address
+
+    env["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+    # With a fixed GCS port Ray waits only ~20 s for its GCS (port 0 gets 120 s): give it the same budget,
+    # a loaded machine needs it.
+    start_env = {"RAY_GCS_SERVER_PORT": str(port),
+                 "RAY_gcs_server_port_wait_time_s": os.environ.get("RAY_gcs_server_port_wait_time_s", "120")}
+    saved = {k: os.environ.get(k) for k in start_env}
+    os.environ.update(start_env)
+    try:
+        # address="local": never attach to a cluster a `ray start` left on this machine by accident
+        ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import UserError
 
@@ -141,6 +149,9 @@ class TrainSpec(Strict):
     use_gpu: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast; fp16 adds a GradScaler")
     max_failures: int = Field(0, ge=0)
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack", description="where the workers go: pack (fewest nodes), spread (one per node where it can), "
+                            "strict_spread (one per node, or wait)")
     checkpoint_every: int | None = Field(None, ge=1, description="epochs between checkpoints; default by time")
     checkpoint_interval_s: float = Field(30.0, ge=0, description="seconds between checkpoints (docs/training.md)")
     early_stopping: EarlyStoppingSpec | None = None
@@ -257,17 +268,36 @@ def _gate(v: Any) -> Gate:
     return Gate(v)
 
 
+# What a gate can compare: every metric a run records for the student (registry.py stores them as
+# kdflow.<metric> tags on the version, so `kdflow promote` can re-check them later).
+GATE_METRICS = ("test_accuracy", "retention", "num_params", "latency_ms", "model_bytes", "teacher_agreement",
+                "teacher_test_accuracy", "samples_per_s", "epochs")
+
+
+GateRule = Annotated[str, BeforeValidator(lambda v: v if v is None else _gate(v))]
+
+
 class GatesSpec(Strict):
-    retention: str | None = None
-    num_params: str | None = None
-    test_accuracy: str | None = None
-    latency_ms: str | None = None
+    """`metric: "<op> number"` for any metric in GATE_METRICS, plus `beats_alias: ALIAS`."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    __pydantic_extra__: dict[str, GateRule | None] = Field(init=False)
+
     beats_alias: str | None = None
 
-    @field_validator("retention", "num_params", "test_accuracy", "latency_ms")
+    @model_validator(mode="before")
     @classmethod
-    def _comparison(cls, v: Any) -> Gate | None:
-        return None if v is None else _gate(v)
+    def _known_metrics(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k != "beats_alias" and k not in GATE_METRICS]
+            if unknown:
+                raise ValueError(f"no metric {unknown[0]!r} to gate on; known: {', '.join(GATE_METRICS)}, "
+                                 "and beats_alias")
+        return data
+
+    def comparisons(self) -> dict[str, Gate]:
+        """metric -> rule, in the order the YAML gives them."""
+        return {k: Gate(v) for k, v in (self.model_extra or {}).items() if v is not None}
 
 
 class PromoteSpec(Strict):
@@ -385,7 +415,8 @@ def set_dotted(d: dict[str, Any], key: str, value: Any, must_exist: bool = False
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """'--set a.b=VALUE' items, VALUE parsed as YAML ('8' -> 8, '{hidden: [64]}' -> dict, 'null' -> None)."""
+    """'--set a.b=VALUE' items, VALUE parsed as YAML ('8' -> 8, '{hidden: [64]}' -> dict, 'null' -> None),
+    or taken as a plain string when it is not YAML ('>= 0.9')."""
     out = []
     for item in items:
         key, sep, raw = item.partition("=")
@@ -393,8 +424,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             raise UserError(f"expected dotted.key=value, got {item!r}", where="--set")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UserError(f"value of {key} is not valid YAML: {exc}", where="--set") from None
+        except yaml.YAMLError:
+            value = raw.strip()  # not YAML ('>= 0.9', 'a: b: c'): the text itself, as a user means it
         out.append((key.strip(), value))
     return out
 

@@ -41,10 +41,10 @@ class Teacher:
 
 def _load_external(t: TeacherSpec, where: str, data: Dataset) -> nn.Module:
     if t.model.startswith("models:/"):
-        import mlflow
+        from tasks.served import load_module
 
         try:
-            model = mlflow.pytorch.load_model(t.model, map_location="cpu")
+            model = load_module(t.model)  # a kdflow student: rebuilt from safetensors, nothing unpickled
         except Exception as exc:  # noqa: BLE001 - the registry or the model's code: the user's to fix
             raise UserError(f"cannot load {t.model}: {str(exc).splitlines()[0]}", where=f"{where}.model") from None
         return Standardized(model, data.mean, data.std, inputs="standardized")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from filelock import FileLock
 
 from orchestrator.spec import Workflow
 from tasks.errors import UserError
@@ -47,17 +49,52 @@ def connect(spec: Workflow, storage: Storage) -> str:
     import mlflow
 
     uri = tracking_uri(spec, storage)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a run's stderr
     if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
-        except requests.RequestException as exc:
-            raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
-                            where="tracking.uri") from None
+        check_server(uri, where="tracking.uri")
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(spec.experiment) is None:
-        location = artifact_location(storage) if not uri.startswith(("http://", "https://")) else None
-        mlflow.create_experiment(spec.experiment, artifact_location=location)
+    # Two runs starting at once on a fresh sqlite store would both create its tables (one fails with
+    # "table experiments already exists"), and both the experiment: a file lock beside the database
+    # makes the first creation one at a time. A server serializes this itself.
+    lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else nullcontext()
+    with lock:
+        if mlflow.get_experiment_by_name(spec.experiment) is None:
+            location = artifact_location(storage) if not uri.startswith(("http://", "https://")) else None
+            try:
+                mlflow.create_experiment(spec.experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:  # another run (on a server) created it first
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
     mlflow.set_experiment(spec.experiment)
     return uri
+
+
+def check_server(uri: str, where: str) -> None:
+    """The server answers, and accepts this user: credentials come only from MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (never from the workflow or the URI, so no log line, param or tag holds them)."""
+    from urllib.parse import urlsplit
+
+    import requests
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        raise UserError("credentials in the URI are not accepted (they would be logged with the run); set "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead", where=where)
+    base = uri.rstrip("/")
+    try:
+        requests.get(base + "/health", timeout=10).raise_for_status()
+    except requests.RequestException as exc:
+        raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
+                        where=where) from None
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:  # a call that needs authentication when the server has it (basic-auth app), harmless otherwise
+        reply = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                             auth=(user, password or "") if user else None, timeout=10)
+    except requests.RequestException as exc:
+        raise UserError(f"cannot reach the MLflow tracking server at {uri}: {type(exc).__name__}",
+                        where=where) from None
+    if reply.status_code == 401:
+        who = f"user {user!r}" if user else "no credentials (set MLFLOW_TRACKING_USERNAME and _PASSWORD)"
+        raise UserError(f"the tracking server at {uri} refused {who}: wrong user name or password", where=where)
+    if reply.status_code == 403:
+        raise UserError(f"the tracking server at {uri} denies user {user!r} access to experiments", where=where)

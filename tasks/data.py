@@ -33,6 +33,7 @@ class Dataset:
     fingerprint: str  # every row the soft targets hold, transfer rows included
     labeled_fingerprint: str  # train, val and test only: what a teacher trained here depends on
     classes: list[Any] = field(default_factory=list)
+    feature_names: list[str] = field(default_factory=list)  # the user's column names (registered model's input)
 
     @property
     def num_features(self) -> int:
@@ -81,6 +82,12 @@ def _mnist1d(extra_rows: int = 0, seed: int = 42) -> tuple[np.ndarray, np.ndarra
         e = make_dataset(_mnist1d_args(seed + 1_000_003, int(np.ceil(extra_rows / 0.8)) + 1))
         extra = np.concatenate([e["x"], e["x_test"]])[:extra_rows].astype(np.float32)
     return x, y, extra
+
+
+def _builtin_feature_names(source: str, n: int) -> list[str]:
+    if source == "sklearn:digits":
+        return [f"pixel_{i // 8}_{i % 8}" for i in range(n)]  # sklearn's own names for the 8x8 grid
+    return [f"x{i}" for i in range(n)]
 
 
 def read_parquet_table(source: str, storage: Storage | None, where: str) -> Any:
@@ -164,7 +171,7 @@ def table_features(table: Any, features: list[str] | str | None, label: str | No
 
 
 def _parquet(source: str, features: list[str] | str | None, label: str, transfer: Any,
-             storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any]]:
+             storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any], list[str]]:
     table = read_parquet_table(source, storage, "source")
     if label not in table.column_names:
         raise UserError(f"label column {label!r} not in the table (columns: {table.column_names})",
@@ -190,29 +197,34 @@ def _parquet(source: str, features: list[str] | str | None, label: str, transfer
         if extra.shape[1] != x.shape[1]:
             raise UserError(f"transfer rows have {extra.shape[1]} features, the data has {x.shape[1]}",
                             where="transfer")
-    return x, y.astype(np.int64), extra, classes.tolist()
+    names = [f"{columns}_{i}" for i in range(x.shape[1])] if isinstance(columns, str) else list(columns)
+    return x, y.astype(np.int64), extra, classes.tolist(), names
 
 
 def load_dataset(source: str, *, features: list[str] | str | None = None, label: str = "label",
                  val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
                  limit: int | None = None, storage: Storage | None = None) -> Dataset:
     """Load, split (stratified-free, seeded permutation) and standardize a dataset."""
-    x, y, extra, classes = _read_source(source, features, label, transfer, storage)
+    x, y, extra, classes, names = _read_source(source, features, label, transfer, storage)
     if limit:
         x, y = x[:limit], y[:limit]
     if not classes:
         classes = sorted(np.unique(y).tolist())
+    if not names:
+        names = _builtin_feature_names(source, x.shape[1])
     if len(classes) < 2:
         raise UserError(f"need at least 2 classes, found {len(classes)}", where="label")
     if not np.isfinite(x).all():
         raise UserError("features contain NaN or infinity", where="features")
-    return _split_and_standardize(x, y, extra, classes, val=val, test=test, seed=seed)
+    return _split_and_standardize(x, y, extra, classes, names, val=val, test=test, seed=seed)
 
 
 def _read_source(source: str, features: list[str] | str | None, label: str, transfer: int | str | None,
-                 storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any]]:
-    """Features, labels, transfer rows (or None) and class names (empty: the label values) of `source`."""
+                 storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any], list[str]]:
+    """Features, labels, transfer rows (or None), class names (empty: the label values) and feature names
+    (empty: a built-in's) of `source`."""
     classes: list[Any] = []
+    names: list[str] = []
     extra: np.ndarray | None = None
     if source == "sklearn:digits":
         x, y = _digits()
@@ -224,15 +236,15 @@ def _read_source(source: str, features: list[str] | str | None, label: str, tran
             raise UserError("for mnist1d, transfer is a number of extra generated rows", where="transfer")
         x, y, extra = _mnist1d(int(transfer or 0))
     elif source.endswith((".parquet", "/")) or "/" in source or source.startswith("s3://") or "*" in source:
-        x, y, extra, classes = _parquet(source, features, label, transfer, storage)
+        x, y, extra, classes, names = _parquet(source, features, label, transfer, storage)
     else:
         raise UserError(f"unknown source {source!r}: built-ins are {', '.join(BUILTINS)}, or a Parquet "
                         "file/folder/glob (local or s3://)", where="source")
-    return x, y, extra, classes
+    return x, y, extra, classes, names
 
 
-def _split_and_standardize(x: np.ndarray, y: np.ndarray, extra: np.ndarray | None, classes: list[Any], *,
-                           val: float, test: float, seed: int) -> Dataset:
+def _split_and_standardize(x: np.ndarray, y: np.ndarray, extra: np.ndarray | None, classes: list[Any],
+                           names: list[str], *, val: float, test: float, seed: int) -> Dataset:
     """A seeded permutation into test/val/train, standardized with the training split's mean and std, and
     fingerprinted (rows, split and preprocessing; transfer rows only in `fingerprint`)."""
     n = len(y)
@@ -261,4 +273,4 @@ def _split_and_standardize(x: np.ndarray, y: np.ndarray, extra: np.ndarray | Non
         h.update(b"transfer")
         h.update(np.ascontiguousarray(xs["transfer"]).tobytes())
     return Dataset(x=xs, y=ys, num_classes=len(classes), mean=mean.astype(np.float32), std=std,
-                   fingerprint=h.hexdigest(), labeled_fingerprint=labeled, classes=classes)
+                   fingerprint=h.hexdigest(), labeled_fingerprint=labeled, classes=classes, feature_names=names)

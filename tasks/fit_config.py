@@ -43,6 +43,7 @@ class Resources:
     cpus_per_worker: float
     gpus_per_worker: float
     max_failures: int
+    placement: str  # pack | spread: Ray's placement strategy for the workers (train.placement)
 
     @property
     def threads(self) -> int:

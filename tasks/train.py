@@ -70,8 +70,8 @@ class ArraySource:
         import ray
 
         x, y = ray.get(self.x), ray.get(self.y)
-        return TargetBatch(torch.arange(start, stop), torch.from_numpy(np.ascontiguousarray(x[start:stop])),
-                           torch.from_numpy(np.ascontiguousarray(y[start:stop])), {})
+        # copies: the object store's arrays are read-only, and a tensor over them warns (and must not be written)
+        return TargetBatch(torch.arange(start, stop), torch.tensor(x[start:stop]), torch.tensor(y[start:stop]), {})
 
 
 @dataclass
@@ -203,10 +203,12 @@ class LoopState:
     best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights, on the CPU
     checkpoints: int = 0  # checkpoints written before the final one
     checkpoint_s: float = 0.0  # seconds spent writing them
+    nodes: list[str] = field(default_factory=list)  # the Ray node id of each rank: this worker group's
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> LoopState:
-        known = {f.name for f in fields(cls)}
+        """Not `nodes`: a restarted worker group may run elsewhere, and records where it ran itself."""
+        known = {f.name for f in fields(cls)} - {"nodes"}
         return cls(**{k: v for k, v in saved.items() if k in known})
 
     def record(self, metrics: dict[str, float], model: nn.Module, watch: str, maximize: bool) -> None:
@@ -236,6 +238,18 @@ def quiet_report_lines() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (the same list on every rank): a run records where it ran."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
 
 
 @dataclass
@@ -365,6 +379,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg: FitConfig = config["fit"]
     w = setup_worker(cfg)
     state = resume(w)
+    state.nodes = worker_nodes(w.world)
     es: EarlyStopping | None = cfg.early_stopping
     watch, maximize = (es.metric, es.maximize) if es else cfg.task.best_by
     gen = torch.Generator()
@@ -403,6 +418,7 @@ class FitResult:
     workers: int = 1
     checkpoints: int = 0  # checkpoints written before the final one
     checkpoint_s: float = 0.0  # seconds the loop spent on those
+    nodes: list[str] = field(default_factory=list)  # the Ray node id of each rank (the last worker group)
 
 
 def steady_samples_per_s(history: list[dict[str, float]]) -> float:
@@ -429,7 +445,8 @@ def fit(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
     trainer = TorchTrainer(
         train_loop, train_loop_config={"fit": cfg},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=res.placement.upper()),
         run_config=run_config,
     )
     result = trainer.fit()
@@ -447,4 +464,5 @@ def fit(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
         resumed_from=saved["resumed_from"], best_epoch=saved["best_epoch"],
         samples_per_s=steady_samples_per_s(history), workers=int(metrics.get("world_size", res.workers)),
         checkpoints=int(saved.get("checkpoints", 0)), checkpoint_s=float(saved.get("checkpoint_s", 0.0)),
+        nodes=list(saved.get("nodes", [])),
     )

@@ -173,6 +173,36 @@ def test_set_overrides_apply_and_validate(tmp_path: Path) -> None:
         load_workflow(path, ["distill.alpha"])
 
 
+def test_set_value_that_is_not_yaml_is_taken_as_text(tmp_path: Path) -> None:
+    assert dict(parse_overrides(["registry.promote.gates.retention=>= 0.9"])) == {
+        "registry.promote.gates.retention": ">= 0.9"}
+    path = write_workflow(tmp_path, **{"registry.promote": {"alias": "champion"}})
+    spec = load_workflow(path, ["registry.promote.gates.retention=>= 0.9", "registry.promote.gates.latency_ms=< 5"])
+    assert spec.registry.promote.gates.comparisons() == {"retention": ">= 0.9", "latency_ms": "< 5"}
+
+
+def test_gates_on_any_recorded_metric_and_the_old_forms() -> None:
+    gates = {"retention": 0.9, "num_params": "<= 20000", "model_bytes": "<= 5000", "teacher_agreement": "> 0.8",
+             "test_accuracy": ">= 0.95", "beats_alias": "champion"}
+    spec = validate(workflow(**{"registry.promote": {"gates": gates}}))
+    rules = spec.registry.promote.gates.comparisons()
+    assert rules == {"retention": ">= 0.9", "num_params": "<= 20000", "model_bytes": "<= 5000",
+                     "teacher_agreement": "> 0.8", "test_accuracy": ">= 0.95"}
+    assert spec.registry.promote.gates.beats_alias == "champion"
+    assert rules["model_bytes"].holds(4000) and not rules["model_bytes"].holds(6000)
+    message = error_of(workflow(**{"registry.promote.gates.acuracy": ">= 0.9"}))
+    assert "registry.promote.gates" in message and "'acuracy'" in message and "test_accuracy" in message
+    message = error_of(workflow(**{"registry.promote.gates.model_bytes": "small"}))
+    assert "registry.promote.gates.model_bytes" in message and "comparison" in message
+
+
+def test_every_shipped_workflow_is_valid() -> None:
+    for path in sorted((REPO / "workflows").glob("*.yaml")):
+        spec = load_workflow(path)
+        if spec.registry.promote:
+            assert spec.registry.promote.gates.comparisons(), path
+
+
 def test_gates_compare() -> None:
     assert Gate(">= 0.95").holds(0.96) and not Gate(">= 0.95").holds(0.9)
     assert Gate("<= 20000").holds(20000) and not Gate("< 20000").holds(20000)

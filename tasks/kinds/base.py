@@ -10,7 +10,7 @@ What a kind decides:
   `decode_targets`, `place`);
 - the training objective: the per-row loss, its masking and its reduction (`objective`);
 - validation: counts summable across workers, and the metrics made from them (`eval_counts`, `metrics`);
-- what the registered model takes as input (`serving_model`).
+- what the registered model takes as input (`serving_inputs`, `from_serving`).
 
 Only classification exists today (tasks/kinds/classification.py).
 """
@@ -82,11 +82,12 @@ class TaskKind(Protocol):
 
     def metrics(self, counts: torch.Tensor, with_teacher: bool) -> dict[str, float]: ...
 
-    def serving_model(self, model: nn.Module, meta: Mapping[str, Any]) -> tuple[nn.Module, np.ndarray]:
-        """The model as registered (taking the user's raw input) and an input example for its signature."""
+    def serving_inputs(self, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """What the registered model's recipe needs to take the user's raw input (classification: the
+        training split's `mean` and `std`); tasks/served.py writes it beside the safetensors weights."""
         ...
 
     def from_serving(self, served: nn.Module, meta: Mapping[str, Any]) -> nn.Module | None:
-        """A registered model made to take stored rows (the inverse of `serving_model`), to evaluate it on a
+        """A registered model made to take stored rows (the inverse of `serving_inputs`), to evaluate it on a
         stored split; None when `meta` lacks what that needs."""
         ...

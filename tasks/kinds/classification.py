@@ -189,12 +189,9 @@ class Classification:
     def metrics(self, counts: torch.Tensor, with_teacher: bool) -> dict[str, float]:
         return metrics_from_counts(counts, with_teacher)
 
-    def serving_model(self, model: nn.Module, meta: Mapping[str, Any]) -> tuple[nn.Module, np.ndarray]:
-        """The student behind the training split's standardization, so it takes the user's raw features."""
-        mean = np.asarray(meta["mean"], np.float32)
-        std = np.asarray(meta["std"], np.float32)
-        wrapped = Standardized(model, torch.from_numpy(mean), torch.from_numpy(std)).eval()
-        return wrapped, mean.reshape(1, -1)
+    def serving_inputs(self, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The training split's standardization: the served student takes the user's raw features."""
+        return {"mean": np.asarray(meta["mean"], np.float32), "std": np.asarray(meta["std"], np.float32)}
 
     def from_serving(self, served: nn.Module, meta: Mapping[str, Any]) -> nn.Module | None:
         if "mean" not in meta or "std" not in meta:

@@ -1,0 +1,148 @@
+"""A real two-node Ray cluster on one host: a head and a second node joined to it on loopback.
+
+Each node is a `ray start --block` in its own process group, so a test can stop exactly one node
+(os.killpg) and nothing else on the machine. A second node on the same host needs its own port for
+every per-node service (raylet, object manager, dashboard agent, metrics, runtime-env agent, workers)
+and its own --temp-dir: with a shared one both nodes' runtime-env agents would unpack (and delete)
+the same working_dir package folder.
+Used by tests/test_cluster.py and benchmarks/bench_cluster.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_range(size: int = 60) -> tuple[int, int]:
+    """A block of ports nobody listens on now, for one node's workers (two raylets must not share one)."""
+    for _ in range(200):
+        lo = random.randrange(20000, 40000)
+        ok = True
+        for p in range(lo, lo + size, 7):  # a sample: enough to dodge a range another Ray already uses
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return lo, lo + size - 1
+    raise RuntimeError("no free port range")
+
+
+def node_ports() -> list[str]:
+    lo, hi = free_range()
+    return [*(f"--{name}={free_port()}" for name in (
+        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port")), f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
+
+
+class Node:
+    def __init__(self, proc: subprocess.Popen, temp: Path, log: Path) -> None:
+        self.proc, self.temp, self.log = proc, temp, log
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group: raylet, its workers, its agents (a lost machine)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=60)
+        self.kill()  # whatever is left in the group
+
+
+class TwoNodes:
+    """Head (jobs API on `address`, GCS on `gcs`) plus one worker node; `stop()` ends both."""
+
+    def __init__(self, root: Path, cpus: int = 4, env: dict[str, str] | None = None,
+                 shared_temp: bool = False) -> None:
+        self.root = root  # logs; the temp dirs go under a short path (Ray's socket paths must fit 107 bytes)
+        self.temp = Path(tempfile.mkdtemp(prefix="kd2n-", dir="/tmp"))
+        self.shared_temp = shared_temp  # only to show what goes wrong without a temp dir per node
+        self.cpus = cpus
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[Node] = []
+        self.address = ""
+        self.gcs = ""
+
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Node:
+        temp = self.temp / ("head" if self.shared_temp else name)
+        temp.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"{name}.log"
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args, *node_ports(),
+                                 f"--num-cpus={self.cpus}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                                env={**self.env, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        node = Node(proc, temp, log)
+        self.nodes.append(node)
+        return node
+
+    def start(self, timeout: float = 300) -> TwoNodes:
+        import requests
+
+        port, dash = free_port(), free_port()
+        head = self._start("head", ["--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                                    f"--ray-client-server-port={free_port()}"])
+        self.address, self.gcs = f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
+        from orchestrator.jobs import auth_headers
+
+        self._wait(lambda: requests.get(f"{self.address}/api/version", headers=auth_headers(), timeout=2).ok,
+                   head, timeout)
+        # a joining node authenticates with the cluster's token (~/.ray/auth_token, written by the head),
+        # and only tries to when told: RAY_AUTH_MODE=token
+        self._start("worker", [f"--address={self.gcs}", "--node-ip-address=127.0.0.1"], {"RAY_AUTH_MODE": "token"})
+        self._wait(lambda: len(self.alive_nodes()) == 2, self.nodes[1], timeout)
+        return self
+
+    def _wait(self, ready, node: Node, timeout: float) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {node.proc.returncode}: {node.log.read_text()[-2000:]}")
+            with contextlib.suppress(Exception):
+                if ready():
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"node not ready within {timeout}s: {node.log.read_text()[-2000:]}")
+
+    def alive_nodes(self) -> list[dict]:  # type: ignore[type-arg]
+        import requests
+
+        from orchestrator.jobs import auth_headers
+
+        r = requests.get(f"{self.address}/nodes?view=summary", headers=auth_headers(), timeout=5)
+        summary = r.json()["data"]["summary"]
+        return [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
+
+    @property
+    def worker(self) -> Node:
+        return self.nodes[1]
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+        shutil.rmtree(self.temp, ignore_errors=True)
