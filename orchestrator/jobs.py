@@ -77,6 +77,20 @@ def submit(args: argparse.Namespace) -> int:
     return follow(c, job_id)
 
 
+def result_line(logs: str) -> str | None:
+    """The job's `kdflow run --json` result: the last log line that is a JSON object with a status.
+
+    Not simply the last line: Ray may log after the driver printed it (a lost node's notices, say)."""
+    import json
+
+    for line in reversed(logs.strip().splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                if "status" in json.loads(line):
+                    return line
+    return None
+
+
 def follow(c: Any, job_id: str, logs_to: Any = None) -> int:
     """Stream the job's logs (to stderr by default) until it ends; exit 0 only if it SUCCEEDED."""
     import asyncio
@@ -91,9 +105,9 @@ def follow(c: Any, job_id: str, logs_to: Any = None) -> int:
     while (status := str(c.get_job_status(job_id))) .split(".")[-1] not in TERMINAL:
         time.sleep(1)
     status = status.split(".")[-1]
-    logs = c.get_job_logs(job_id).strip().splitlines()
-    if logs and logs[-1].startswith("{") and logs_to is None:
-        print(logs[-1])
+    result = result_line(c.get_job_logs(job_id))
+    if result is not None and logs_to is None:
+        print(result)
     print(f"job {job_id}: {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
 

@@ -444,7 +444,10 @@ def test_corrupted_shard_or_foreign_manifest_exits_2_naming_it_and_deletes_nothi
 
     proc = kdflow("run", str(wf), "--json", cwd=workdir)
     assert_user_error(proc, str(shard), "checksum mismatch", f"kdflow cache rm {m['key']}")
-    assert proc.stdout == "" and snapshot(entry) == before
+    # with --json a failed run still prints its one result object, and nothing stored changed
+    result = json.loads(proc.stdout)
+    assert result["status"] == "failed" and result["stage"] == "soft targets" and "checksum mismatch" in result["message"]
+    assert snapshot(entry) == before
 
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
