@@ -112,34 +112,12 @@ def _gate_summary(gates: list[dict[str, Any]]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from orchestrator.registry import history
 
     client = client_for(args)
     out = console()
     if args.action == "list":
-        rows = []
-        for m in client.search_registered_models():
-            versions = client.search_model_versions(f"name='{m.name}'")
-            rows.append({"name": m.name, "versions": len(versions),
-                         "latest": max((int(v.version) for v in versions), default=None),
-                         "aliases": {a: int(v) for a, v in sorted((m.aliases or {}).items())},
-                         "updated": _when(m.last_updated_timestamp)})
-        if args.json:
-            print(json.dumps(rows))
-            return 0
-        if not rows:
-            out.print("no registered models")
-            return 0
-        table = Table(title="registered models", title_justify="left")
-        for col in ("model", "versions", "latest", "aliases", "updated (UTC)"):
-            table.add_column(col, justify="right" if col in ("versions", "latest") else "left")
-        for r in rows:
-            table.add_row(r["name"], str(r["versions"]), f"v{r['latest']}" if r["latest"] else "-",
-                          "  ".join(f"@{a} v{v}" for a, v in r["aliases"].items()) or "-", r["updated"])
-        out.print(table)
-        return 0
+        return _models_list(client, out, args.json)
     if not args.name:
         raise UserError(f"models {args.action} needs a NAME (see `kdflow models list`)")
     if args.action == "history":
@@ -150,6 +128,40 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 0
         print_history(out, args.name, moves)
         return 0
+    return _models_show(client, out, args)
+
+
+def _models_list(client: Any, out: Any, as_json: bool) -> int:
+    from rich.table import Table
+
+    rows = []
+    for m in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{m.name}'")
+        rows.append({"name": m.name, "versions": len(versions),
+                     "latest": max((int(v.version) for v in versions), default=None),
+                     "aliases": {a: int(v) for a, v in sorted((m.aliases or {}).items())},
+                     "updated": _when(m.last_updated_timestamp)})
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        out.print("no registered models")
+        return 0
+    table = Table(title="registered models", title_justify="left")
+    for col in ("model", "versions", "latest", "aliases", "updated (UTC)"):
+        table.add_column(col, justify="right" if col in ("versions", "latest") else "left")
+    for r in rows:
+        table.add_row(r["name"], str(r["versions"]), f"v{r['latest']}" if r["latest"] else "-",
+                      "  ".join(f"@{a} v{v}" for a, v in r["aliases"].items()) or "-", r["updated"])
+    out.print(table)
+    return 0
+
+
+def _models_show(client: Any, out: Any, args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from orchestrator.registry import history
+
     versions = versions_of(client, args.name)
     moves = history(client, args.name)
     if args.json:
@@ -166,10 +178,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         table.add_row(f"v{v['version']}", " ".join(f"@{a}" for a in v["aliases"]) or "-",
                       *(_num(v["metrics"][m], m) for m, _ in HEADLINE), _gate_summary(v["gates"]), v["created"])
     out.print(table)
-    last = {}
-    for m in moves:
-        last[m["alias"]] = m
-    model = _model(client, args.name)
+    _print_aliases(out, _model(client, args.name), moves, versions)
+    shown = [v for v in versions if v["version"] == args.version] if args.version else versions[-1:]
+    if not shown:
+        raise UserError(f"no version {args.version}", where=args.name)
+    _print_version(out, shown[0])
+    return 0
+
+
+def _print_aliases(out: Any, model: Any, moves: list[dict[str, Any]], versions: list[dict[str, Any]]) -> None:
+    last = {m["alias"]: m for m in moves}  # moves are in time order: the last one per alias wins
     out.print("\n[bold]aliases[/]")
     for alias, version in sorted((model.aliases or {}).items()):
         m = last.get(alias)
@@ -180,10 +198,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         failed = [g for g in v["gates"] if not g["passed"]]
         if v["promotion"] or failed:
             out.print(f"  v{v['version']} when registered: {v['promotion'] or ''}")
-    shown = [v for v in versions if v["version"] == args.version] if args.version else versions[-1:]
-    if not shown:
-        raise UserError(f"no version {args.version}", where=args.name)
-    v = shown[0]
+
+
+def _print_version(out: Any, v: dict[str, Any]) -> None:
     out.print(f"\n[bold]v{v['version']}[/] gates and lineage (run {v['run_id']})")
     for g in v["gates"]:
         out.print(f"  {'pass' if g['passed'] else 'FAIL':<4}  {g['gate']:<14} {g['rule']}"
@@ -191,7 +208,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     width = max((len(k) for k in v["lineage"]), default=0)
     for k, val in sorted(v["lineage"].items()):
         out.print(f"  {k.removeprefix('kdflow.'):<{width}}  {val}")
-    return 0
 
 
 def _value(v: Any) -> str:
