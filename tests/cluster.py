@@ -83,8 +83,8 @@ class TwoNodes:
         self.temp = Path(tempfile.mkdtemp(prefix="kd2n-", dir="/tmp"))
         self.shared_temp = shared_temp  # only to show what goes wrong without a temp dir per node
         self.cpus = cpus
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-        self.env.pop("RAY_ADDRESS", None)
+        inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        self.env = {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.nodes: list[Node] = []
         self.address = ""
         self.gcs = ""

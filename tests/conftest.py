@@ -50,9 +50,16 @@ def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tracking URI one test set must not send the next test's `kdflow` runs elsewhere."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _no_leaked_tracking_uri() -> Iterator[None]:
+    """A tracking URI one test set must not send the next test's `kdflow` runs elsewhere.
+
+    `mlflow.set_tracking_uri` writes MLFLOW_TRACKING_URI into os.environ, so it is cleared after each test
+    too: a module- or session-scoped fixture set up between two tests (a `ray start --head`, whose jobs
+    inherit its environment) must not inherit a server that the previous test's fixture has stopped.
+    """
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     temp = tmp_path_factory.mktemp("rayhead")
     port, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):  # jobs inherit the head's environment
+        env.pop(inherited, None)
     # every port with a fixed default gets a free one: another Ray on the machine must not collide
     ports = [f"--{name}={free_port()}" for name in (
         "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
