@@ -126,7 +126,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), env=env)
     url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/health", timeout=120, proc=proc)
+    wait_for_http(f"{url}/health", timeout=300, proc=proc)  # a loaded 2-core box needs minutes
     yield url
     proc.terminate()
     try:
@@ -135,11 +135,30 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.kill()
 
 
-def kdflow(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real `kdflow` command as a user would."""
+def session_ray_address() -> str:
+    """The GCS address of the session's local Ray (started here on first use)."""
+    import ray
+
+    from orchestrator.runtime import ensure_ray
+
+    ensure_ray()
+    return ray.get_runtime_context().gcs_address
+
+
+def kdflow(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600,
+           own_ray: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `kdflow` command as a user would.
+
+    `kdflow run` joins the session's Ray (RAY_ADDRESS, as inside a Ray job) instead of starting its own:
+    starting a local Ray costs 10-30 s on two cores, most of a small test run. `own_ray=True` (or a
+    RAY_ADDRESS in `env`) keeps what a user's first `kdflow run` does, a Ray of its own.
+    """
+    env = {**os.environ, **(env or {})}
+    if args and args[0] == "run" and not own_ray and "RAY_ADDRESS" not in env:
+        # joining needs token auth on, as `ray start --address` does
+        env.update(RAY_ADDRESS=session_ray_address(), RAY_AUTH_MODE="token")
     return subprocess.run([str(BIN / "kdflow"), *args], check=False, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          timeout=timeout, env=env)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
