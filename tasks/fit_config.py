@@ -46,7 +46,7 @@ class Resources:
     placement: str  # pack | spread: Ray's placement strategy for the workers (train.placement)
     # torch threads per worker when not its CPUs: a local run with no cpus_per_worker set shares the
     # machine's cores among the workers that run at once (orchestrator/configs.py decides)
-    torch_threads: int | None = None
+    torch_threads: int | None
 
     @property
     def threads(self) -> int:
