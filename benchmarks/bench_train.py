@@ -17,7 +17,13 @@ Each `fit` row is compared with a plain-loop measurement taken right before and 
 rounds (median, range in brackets). A last run
 checkpoints every epoch to measure what a checkpoint costs the loop.
 
-Run from the repository root: ``python benchmarks/bench_train.py`` (table on stdout, progress on stderr).
+With ``--threads``, only the thread rows: the 1-worker train stage against a plain single-process
+loop at PyTorch's default threads (what a person gets without setting any), with the worker's torch
+threads as before (`cpus_per_worker`, 1) and as a local run now sets them when `cpus_per_worker` is not
+set (the machine's cores, `orchestrator.configs.torch_threads`), in ROUNDS rounds.
+
+Run from the repository root: ``python benchmarks/bench_train.py [--threads]`` (table on stdout, progress
+on stderr).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ STUDENT = {"hidden": [100, 100]}
 LOSS = LossConfig(kind="kl", temperature=4.0, alpha=0.7, beta=0.5)
 OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9)
 TASK = task_kind("classification")
+DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice, read before anything here changes it
 
 
 def progress(msg: str) -> None:
@@ -114,8 +121,8 @@ def plain_loop(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, model: torch.n
     return rates
 
 
-def plain(storage: Storage, manifest: dict[str, Any]) -> float:
-    torch.set_num_threads(1)
+def plain(storage: Storage, manifest: dict[str, Any], threads: int = 1) -> float:
+    torch.set_num_threads(threads)
     x, y, t = rows_in_memory(storage, manifest)
     return statistics.median(plain_loop(x, y, t, student(manifest))[1:])
 
@@ -209,7 +216,7 @@ def kdflow(storage: Storage, manifest: dict[str, Any], workers: int, **extra: An
                        early_stopping=None, data=ShardSource(storage, manifest, "train"),
                        val=ShardSource(storage, manifest, "val"), checkpoint_every=None, checkpoint_interval_s=30.0,
                        resources=Resources(workers=workers, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0,
-                                           max_failures=0, placement="pack"), epoch_hook=None)
+                                           max_failures=0, placement="pack", torch_threads=None), epoch_hook=None)
     config = dataclasses.replace(config, **extra)
     t0 = time.perf_counter()
     result = fit(config, storage=storage, run_name=f"bench-{workers}w-{time.time_ns()}")
@@ -227,9 +234,47 @@ def main() -> None:
     ensure_ray()
     root = tempfile.mkdtemp(prefix="kdflow-bench-train-")
     try:
-        measure_and_print(root, t_start)
+        if "--threads" in sys.argv[1:]:
+            measure_threads(root, t_start)
+        else:
+            measure_and_print(root, t_start)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def measure_threads(root: str, t_start: float) -> None:
+    """The 1-worker train stage against a plain loop at PyTorch's default threads, threads before and after."""
+    from orchestrator.configs import machine_cores
+
+    storage, manifest = make_store(root)
+    cores = machine_cores()
+    runs = {"before": lambda: kdflow(storage, manifest, 1).samples_per_s,  # cpus_per_worker 1: one thread
+            "after": lambda: kdflow(storage, manifest, 1, resources=Resources(
+                workers=1, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, max_failures=0,
+                placement="pack", torch_threads=cores)).samples_per_s}
+    pairs: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+    before = plain(storage, manifest, DEFAULT_THREADS)
+    for r in range(ROUNDS):
+        for name, run in runs.items():
+            value = run()
+            after = plain(storage, manifest, DEFAULT_THREADS)
+            pairs[name].append((value, (before + after) / 2))
+            progress(f"round {r + 1} {name}: {value:,.0f} samples/s; plain before {before:,.0f}, after {after:,.0f}")
+            before = after
+    load = os.getloadavg()
+    print(f"MNIST-1D {manifest['splits']['train']['rows']} training rows, MLP 40-100-100-10, batch {BATCH}, "
+          f"{EPOCHS} epochs; plain loop at PyTorch's default {DEFAULT_THREADS} thread(s); {cores} cores.\n")
+    print("| train stage, 1 worker (`fit`) | worker's torch threads | samples/s | plain loop samples/s | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, threads in (("before: threads = cpus_per_worker", 1), ("after: local run, cpus_per_worker unset",
+                                                                      cores)):
+        ps = pairs[name.split(":")[0]]
+        each = [v / b for v, b in ps]
+        print(f"| {name} | {threads} | {statistics.median(v for v, _ in ps):,.0f} | "
+              f"{statistics.median(b for _, b in ps):,.0f} | **{statistics.median(each):.2f}** "
+              f"({min(each):.2f}-{max(each):.2f}) |")
+    print(f"\nTotal {time.perf_counter() - t_start:.0f} s; load average at the end "
+          f"{', '.join(f'{v:.1f}' for v in load)} on {os.cpu_count()} CPUs.")
 
 
 def measure_and_print(root: str, t_start: float) -> None:

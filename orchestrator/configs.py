@@ -6,6 +6,7 @@ frozen result and adds nothing to it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from orchestrator.spec import OptimizerSpec, TeacherSpec, Workflow
@@ -25,11 +26,28 @@ def _optimizer(o: OptimizerSpec) -> OptimizerConfig:
     return OptimizerConfig(name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
 
 
-def _resources(spec: Workflow) -> Resources:
+def machine_cores() -> int:
+    """The cores this process may run on (what plain PyTorch sizes its thread pool by)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads(spec: Workflow, concurrent: int = 1) -> int | None:
+    """Torch threads per worker: on a local run with `train.cpus_per_worker` not set, the machine's cores
+    shared by the workers that run at once (`concurrent` fits of `train.workers` each); None (the worker's
+    CPUs) when cpus_per_worker is set or on a cluster, where a node's cores are not this machine's."""
+    if "cpus_per_worker" in spec.train.model_fields_set or os.environ.get("RAY_ADDRESS"):
+        return None
+    return max(1, machine_cores() // (spec.train.workers * max(1, concurrent)))
+
+
+def _resources(spec: Workflow, concurrent: int = 1) -> Resources:
     t = spec.train
     return Resources(workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
                      gpus_per_worker=t.gpus_per_worker, max_failures=t.max_failures,
-                     placement=t.placement)
+                     placement=t.placement, torch_threads=torch_threads(spec, concurrent))
 
 
 def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConfig:
@@ -50,8 +68,9 @@ def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConf
 
 
 def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storage,
-                       epoch_hook: Any) -> FitConfig:
-    """The student: distillation from the stored soft targets with the train and distill sections."""
+                       epoch_hook: Any, concurrent: int = 1) -> FitConfig:
+    """The student: distillation from the stored soft targets with the train and distill sections;
+    `concurrent` fits like it run at once (a search's trials), sharing the machine's cores."""
     task = task_for(spec)
     es = spec.train.early_stopping
     d = spec.distill
@@ -64,4 +83,4 @@ def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storag
         val=ShardSource(storage, manifest, "val") if manifest["splits"]["val"]["rows"] else None,
         early_stopping=EarlyStopping(es.metric, es.patience, es.direction == "max") if es else None,
         checkpoint_every=spec.train.checkpoint_every, checkpoint_interval_s=spec.train.checkpoint_interval_s,
-        resources=_resources(spec), epoch_hook=epoch_hook)
+        resources=_resources(spec, concurrent), epoch_hook=epoch_hook)

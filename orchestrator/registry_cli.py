@@ -366,6 +366,10 @@ def print_summary(out: Any, result: dict[str, Any]) -> None:
     if result.get("search"):
         se = result["search"]
         c.print(f"search        study {se.get('study')}, best trial {se.get('best_trial')}")
+        if se.get("wall_s") is not None:
+            c.print(f"              {_secs(se['wall_s'])} of trials, {_secs(se['train_s'])} of it training steps "
+                    f"over {se.get('concurrency') or 0} slot(s)"
+                    + (f" (efficiency {se['efficiency']:.2f})" if se.get("efficiency") is not None else ""))
     c.print(f"student       {s['epochs']} epochs ({s.get('stop_reason') or 'done'}), {s['samples_per_s']:,.0f} samples/s"
             + (f", resumed from {s['resumed_from']}" if s.get("resumed_from") else ""))
     stages = result.get("stages") or {}

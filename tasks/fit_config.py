@@ -44,11 +44,14 @@ class Resources:
     gpus_per_worker: float
     max_failures: int
     placement: str  # pack | spread: Ray's placement strategy for the workers (train.placement)
+    # torch threads per worker when not its CPUs: a local run with no cpus_per_worker set shares the
+    # machine's cores among the workers that run at once (orchestrator/configs.py decides)
+    torch_threads: int | None
 
     @property
     def threads(self) -> int:
-        """Torch threads per worker: its CPUs, at least one."""
-        return max(1, int(self.cpus_per_worker))
+        """Torch threads per worker: `torch_threads` when set, else its CPUs, at least one."""
+        return self.torch_threads or max(1, int(self.cpus_per_worker))
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,42 @@ def train_epoch(task: TaskKind, model: nn.Module, opt: torch.optim.Optimizer, sc
     return sums
 
 
+class Session(Protocol):
+    """Where the loop runs: its rank among `world` workers, the checkpoint it resumes from, where reports go.
+    `RayTrainSession` inside a Ray Train worker group; a warm trial actor brings its own (tasks/warm.py)."""
+
+    rank: int
+    world: int
+
+    def checkpoint(self) -> dict[str, Any] | None: ...
+
+    def report(self, metrics: dict[str, Any], folder: str | None) -> None: ...
+
+
+class RayTrainSession:
+    """The loop inside a Ray Train worker: rank and world from its context, checkpoints through Ray Train."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return None
+        with ckpt.as_directory() as d:
+            return dict(torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False))
+
+    def report(self, metrics: dict[str, Any], folder: str | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+
 class Reporter:
     """Sends `ray.train.report` calls from a background thread, at most one in flight.
 
@@ -155,7 +191,8 @@ class Reporter:
     checkpoint a restarted run resumes from is at most two behind the newest one written.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, session: Session) -> None:
+        self.session = session
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdflow-report")
         self.pending: Future[None] | None = None
 
@@ -167,12 +204,9 @@ class Reporter:
             torch.save(payload, os.path.join(folder, "state.pt"))
         self.pending = self.pool.submit(self._report, metrics, folder)
 
-    @staticmethod
-    def _report(metrics: dict[str, Any], folder: str | None) -> None:
-        import ray.train
-
+    def _report(self, metrics: dict[str, Any], folder: str | None) -> None:
         try:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+            self.session.report(metrics, folder)
         finally:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -273,36 +307,39 @@ class Worker:
             log(f"[{self.cfg.log_prefix}] {msg}")
 
 
-def setup_worker(cfg: FitConfig) -> Worker:
+def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
     """Device, this worker's share of the rows (train and val), the model and its optimizer."""
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session or RayTrainSession()
+    rank, world = session.rank, session.world
     torch.set_num_threads(cfg.resources.threads)
-    device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+    if cfg.resources.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
     n = cfg.data.rows()
     share = cfg.task.place(cfg.data.load(*shard_ranges(n, world)[rank]), cfg.dims, device)
     val_rows = cfg.val.load(*shard_ranges(cfg.val.rows(), world)[rank]) if cfg.val is not None else None
     torch.manual_seed(cfg.seed)
     core = cfg.task.build_model(cfg.model, cfg.params, cfg.dims)
-    model = ray.train.torch.prepare_model(core) if world > 1 or device.type != "cpu" else core
+    if world > 1 or device.type != "cpu":
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(core)
+    else:
+        model = core
     core = model.module if hasattr(model, "module") else model
     return Worker(cfg, rank, world, device, share, n // world, val_rows, model, core,
                   make_optimizer(model, cfg.optimizer),
                   torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))
 
 
-def resume(w: Worker) -> LoopState:
-    """The loop state of Ray Train's latest checkpoint (weights and optimizer loaded), or a fresh one."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if not ckpt:
+def resume(w: Worker, session: Session | None = None) -> LoopState:
+    """The loop state of the session's latest checkpoint (weights and optimizer loaded), or a fresh one."""
+    saved = (session or RayTrainSession()).checkpoint()
+    if saved is None:
         return LoopState()
-    with ckpt.as_directory() as d:
-        saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
     w.core.load_state_dict(saved["model"])
     w.opt.load_state_dict(saved["optimizer"])
     if w.scaler.is_enabled() and saved.get("scaler"):  # absent or empty when saved without fp16
@@ -374,16 +411,19 @@ def checkpoint(w: Worker, state: LoopState, reporter: Reporter, metrics: dict[st
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every worker: setup, resume, then per epoch train + validate, decide, maybe checkpoint."""
+    """Runs on every worker: setup, resume, then per epoch train + validate, decide, maybe checkpoint.
+
+    `config["session"]` says where it runs; absent, in a Ray Train worker group."""
     quiet_report_lines()
     cfg: FitConfig = config["fit"]
-    w = setup_worker(cfg)
-    state = resume(w)
+    session: Session = config.get("session") or RayTrainSession()
+    w = setup_worker(cfg, session)
+    state = resume(w, session)
     state.nodes = worker_nodes(w.world)
     es: EarlyStopping | None = cfg.early_stopping
     watch, maximize = (es.metric, es.maximize) if es else cfg.task.best_by
     gen = torch.Generator()
-    reporter = Reporter()
+    reporter = Reporter(session)
     last_ckpt = last_log = time.monotonic()
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         metrics = run_epoch(w, epoch, gen)
@@ -456,13 +496,17 @@ def fit(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    return fit_result(saved, result.metrics or {}, res.workers)
+
+
+def fit_result(saved: dict[str, Any], metrics: dict[str, Any], workers: int) -> FitResult:
+    """The FitResult of a finished fit: its final checkpoint (`saved`) and its last report's metrics."""
     history = saved["history"]
-    metrics = result.metrics or {}
     return FitResult(
         state_dict=saved["best_state"] or saved["model"], history=history,
         stop_reason=StopReason(metrics.get("stop_reason", StopReason.COMPLETED.value)),
         resumed_from=saved["resumed_from"], best_epoch=saved["best_epoch"],
-        samples_per_s=steady_samples_per_s(history), workers=int(metrics.get("world_size", res.workers)),
+        samples_per_s=steady_samples_per_s(history), workers=int(metrics.get("world_size", workers)),
         checkpoints=int(saved.get("checkpoints", 0)), checkpoint_s=float(saved.get("checkpoint_s", 0.0)),
         nodes=list(saved.get("nodes", [])),
     )

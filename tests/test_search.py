@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +422,138 @@ def test_killed_search_resumes_keeping_its_finished_trials(workdir: Path, store:
     assert len(rerun) == trials - len(before)
     assert re.search(rf"resuming study .*: {len(before)} of {trials} trials already done", second.stderr)
     assert re.search(rf"trial {trials}/{trials} #\d+ \[complete\] .*val_accuracy=", second.stderr)
+
+
+# ---------------------------------------------------------------- warm trial slots
+
+
+def crashing_mlp(num_features: int, num_classes: int, hidden: int = 16, marker: str = "") -> nn.Module:
+    """An MLP whose process dies (as a killed actor does) at its 50th training step, once per `marker` file:
+    the first process to claim the file exits mid-trial; every later one trains normally."""
+    calls = [0]
+
+    class Crash(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                calls[0] += 1
+                if calls[0] == 50:
+                    try:
+                        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    except FileExistsError:
+                        return x
+                    os._exit(1)
+            return x
+
+    return nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes), Crash())
+
+
+def test_a_trial_whose_worker_dies_is_retried_on_a_fresh_one_from_its_checkpoint(
+        workdir: Path, store: Path, teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    seed_store(workdir, store)
+    marker = workdir / "crashed"
+    out = run_here(workdir, monkeypatch, teacher, **{
+        "train.epochs": 4, "train.checkpoint_every": 1, "train.max_failures": 1,
+        "student.model": f"{__name__}:crashing_mlp", "student.params": {"hidden": 16, "marker": str(marker)},
+        "search": {"trials": 3, "concurrency": 2, "pruner": "none",
+                   "space": {"distill.alpha": {"type": "float", "low": 0.2, "high": 0.95}}}})
+    assert marker.exists()  # a worker did die mid-trial
+    s = out["search"]
+    assert (s["completed"], s["pruned"], s["failed"]) == (3, 0, 0)  # every trial accounted for
+    study = load_study(s["storage"])
+    (retried,) = [t for t in study.trials if t.user_attrs.get("retries")]
+    assert retried.user_attrs["retries"] == 1 and retried.user_attrs["resumed_from"] >= 1  # not from scratch
+    assert retried.user_attrs["epochs"] == 4 and retried.state.name == "COMPLETE"
+    assert {t.user_attrs["slot"] for t in study.trials} <= {0, 1}  # two slots for three trials
+    runs = {int(r.data.tags["kdflow.search.trial"]): r for r in trial_runs(out)}
+    assert sorted(runs) == [0, 1, 2] and all(r.info.status == "FINISHED" for r in runs.values())
+    steps = [m.step for m in MlflowClient().get_metric_history(runs[retried.number].info.run_id, "val_accuracy")]
+    assert steps == [1, 2, 3, 4]  # the retried epochs logged once each
+    # where the time went: training steps are part of the slots' wall time
+    assert 0 < s["train_s"] <= s["wall_s"] * s["concurrency"] and s["concurrency"] == 2
+    assert s["efficiency"] == pytest.approx(s["train_s"] / (s["wall_s"] * 2), abs=1e-3)
+    assert sum(t.user_attrs["train_s"] for t in study.trials) == pytest.approx(s["train_s"], rel=1e-3)
+    assert set(out["stages"]) >= {"data", "soft targets", "search", "evaluate"} and min(out["stages"].values()) >= 0
+
+
+def _student_config(spec_overrides: dict[str, Any], teacher: Path, root: Path, hook: Any) -> Any:
+    """A student FitConfig over the soft targets stored under `root` (the one entry there)."""
+    from orchestrator.configs import student_fit_config
+    from orchestrator.workspace import storage_for
+    from tasks.soft_targets import SoftTargetStore
+
+    spec = validate(base(teacher, **{"storage.root": str(root), **spec_overrides}))
+    storage = storage_for(spec)
+    (entry,) = SoftTargetStore(storage).entries()
+    manifest = SoftTargetStore(storage).require(entry["key"])
+    return student_fit_config(spec, manifest, storage, hook), storage
+
+
+def test_a_pruned_trial_releases_its_warm_worker_at_once(tmp_path: Path, store: Path, teacher: Path) -> None:
+    import optuna
+
+    from orchestrator.search.pool import Slot
+
+    # a real study and monitor whose pruner prunes every trial once past its warm-up: a trial set to run
+    # 2000 epochs must come back within a few epochs, and the slot's same worker then takes the next trial
+    url = f"sqlite:///{tmp_path}/study.db"
+    pruner = optuna.pruners.ThresholdPruner(lower=1.5, n_warmup_steps=1)
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize", pruner=pruner)
+    slot = Slot(0)
+    try:
+        pids = []
+        for _ in range(2):
+            trial = study.ask()
+            monitor = slot.watch(url, "s", trial._trial_id, pruner, "val_accuracy", 2000)
+            cfg, storage = _student_config({"train.epochs": 2000}, teacher, store, monitor)
+            result, retries = slot.fit(cfg, storage, f"prune-{uuid.uuid4().hex}")
+            epochs = [h["epoch"] for h in result.history]
+            assert result.stop_reason.value == "pruned" and 1 <= len(epochs) <= 3 and retries == 0
+            assert [e["epoch"] for e in ray_get(monitor.history.remote())] == epochs
+            pids.append(ray_get(slot.worker.info.remote())["pid"])
+        assert pids[0] == pids[1] and ray_get(slot.worker.info.remote())["fits"] == 2
+    finally:
+        slot.close()
+
+
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref, timeout=120)
+
+
+def test_a_warm_worker_never_serves_one_cache_keys_rows_for_another(tmp_path: Path, store: Path,
+                                                                   teacher: Path) -> None:
+    from orchestrator import stages
+    from orchestrator.search.pool import start_worker
+    from orchestrator.teachers import load_teachers
+    from orchestrator.workspace import storage_for
+
+    # a second store over other rows (another split: another data fingerprint, another cache key)
+    other = tmp_path / "other" / ".kdflow"
+    split = {"data.split": {"val": 0.25, "test": 0.15}}
+    spec = validate(base(teacher, **{"storage.root": str(other), **split}))
+    storage = storage_for(spec)
+    data = stages.load_data(spec, storage)
+    stages.compute_soft_targets(spec, data, load_teachers(spec, data, storage), storage)
+
+    cfg_a, storage_a = _student_config({"train.epochs": 2}, teacher, store, None)
+    cfg_b, storage_b = _student_config({"train.epochs": 2, **split}, teacher, other, None)
+    key_a, key_b = cfg_a.data.manifest["key"], cfg_b.data.manifest["key"]
+    assert key_a != key_b
+    warm, fresh = start_worker(1.0), start_worker(1.0)
+    try:
+        a = ray_get(warm.fit.remote(cfg_a, storage_a, f"cache-a-{uuid.uuid4().hex}"))
+        b_warm = ray_get(warm.fit.remote(cfg_b, storage_b, f"cache-b1-{uuid.uuid4().hex}"))  # A's rows are in its cache now
+        b_fresh = ray_get(fresh.fit.remote(cfg_b, storage_b, f"cache-b2-{uuid.uuid4().hex}"))
+        assert ray_get(warm.info.remote())["cache_keys"] == sorted([key_a, key_b])
+        # same seed, same rows: B on the warm worker is exactly B on a fresh one, and not A
+        assert [h["val_accuracy"] for h in b_warm.history] == [h["val_accuracy"] for h in b_fresh.history]
+        assert [h["train_loss"] for h in b_warm.history] == [h["train_loss"] for h in b_fresh.history]
+        assert [h["train_loss"] for h in b_warm.history] != [h["train_loss"] for h in a.history]
+    finally:
+        import ray
+
+        ray.kill(warm)
+        ray.kill(fresh)

@@ -1,9 +1,10 @@
-"""Distillation-aware hyperparameter search: an Optuna study in the driver, each trial a Ray Train run.
+"""Distillation-aware hyperparameter search: an Optuna study in the driver, each trial a call on a warm actor.
 
-`concurrency` driver threads each run `study.optimize(objective, n_trials=1)` until the study has its
-trials; each objective trains one student with `stages.train_student` (a TorchTrainer with
-`train.workers` workers), reading the soft targets the pipeline computed once. Per-epoch values reach
-the pruner through a small Ray actor (`study.TrialMonitor`). The study lives in an Optuna storage
+`concurrency` driver threads (trial slots, `pool.Slot`) each run `study.optimize(objective, n_trials=1)`
+until the study has its trials; each objective trains one student from the soft targets the pipeline
+computed once: a single-worker CPU trial on its slot's long-lived `TrialWorker` actor (the one train
+loop, rows kept decoded), a data-parallel one as a Ray Train run (`train.fit`). Per-epoch values reach
+the pruner through the slot's `study.TrialMonitor` actor. The study lives in an Optuna storage
 (sqlite under the storage root by default), so rerunning an interrupted workflow finds it, keeps its
 finished trials and runs only the missing ones. Each finished trial's best weights go to
 `search/<study>/trial-N.pt` under the storage root; the chosen student is restored from there. MLflow
@@ -12,8 +13,10 @@ gets a nested run per trial and the study's plots on the workflow's run (`tracki
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import progress, stages
-from orchestrator.configs import task_for
+from orchestrator.configs import student_fit_config, task_for
+from orchestrator.search.pool import Slot, warm_fits
 from orchestrator.search.selection import Candidate, pareto_front, select_trial
 from orchestrator.search.space import Space, apply, check_space
 from orchestrator.search.study import (
@@ -40,7 +44,7 @@ from tasks.errors import StageFailed, UserError
 from tasks.layout import checkpoints_path, trial_weights_path
 from tasks.models import num_params
 from tasks.storage import Storage
-from tasks.train import FitResult, StopReason
+from tasks.train import FitResult, StopReason, fit
 
 
 @dataclass
@@ -64,6 +68,11 @@ def load_weights(storage: Storage, path: str) -> FitResult:
     return FitResult(state_dict=saved["state_dict"], history=saved["history"],
                      stop_reason=StopReason(saved["stop_reason"]), resumed_from=None, best_epoch=saved["best_epoch"],
                      samples_per_s=saved["samples_per_s"], workers=saved.get("workers", 1))
+
+
+def train_seconds(history: list[dict[str, float]]) -> float:
+    """Seconds a fit spent in training steps (each epoch's `epoch_s`: no validation, start-up or checkpoint)."""
+    return float(sum(h.get("epoch_s", 0.0) for h in history))
 
 
 def best_epoch_metrics(result: FitResult) -> dict[str, float]:
@@ -110,6 +119,8 @@ class Search:
             raise UserError(f"study {self.name!r}: {exc}", where="search.study") from None
         self.trials = OptunaTrials(self.study)
         self.runs = TrialRuns(self.name, parent_run_id, spec.experiment)
+        self.train_s = 0.0  # training-step seconds of the trials run here (summed in several threads)
+        self.lock = threading.Lock()
 
     # ------------------------------------------------ resume
 
@@ -143,8 +154,10 @@ class Search:
 
     # ------------------------------------------------ one trial
 
-    def objective(self, trial: Any) -> float | tuple[float, ...]:
-        """One trial: its values applied, one student trained on Ray, its weights kept when it completes."""
+    def objective(self, trial: Any, slot: Slot | None = None) -> float | tuple[float, ...]:
+        """One trial: its values applied, one student trained on Ray, its weights kept when it completes.
+
+        On a slot, the trial's monitor (and for a single CPU worker, its fit) runs on the slot's warm actors."""
         import optuna
 
         values = self.space.suggest(trial)
@@ -160,25 +173,35 @@ class Search:
             size = num_params(self.task.build_model(trial_spec.student.model, trial_spec.student.params,
                                                     self.task.dims(self.manifest)))
             trial.set_user_attr("num_params", size)
-            monitor = start_monitor(self.url, self.name, self.trials.trial_id(trial), self.pruner,
-                                    self.objectives[0][0] if self.prunes else None, trial_spec.train.epochs)
-            result = stages.train_student(trial_spec, self.manifest, self.storage, run_name=run_name,
-                                          epoch_hook=monitor)
+            watch = (self.url, self.name, self.trials.trial_id(trial), self.pruner,
+                     self.objectives[0][0] if self.prunes else None, trial_spec.train.epochs)
+            monitor = slot.watch(*watch) if slot is not None else start_monitor(*watch)
+            cfg = student_fit_config(trial_spec, self.manifest, self.storage, monitor,
+                                     concurrent=self.search.concurrency)
+            if slot is not None and warm_fits(cfg):
+                trial.set_user_attr("slot", slot.index)
+                result, _ = slot.fit(cfg, self.storage, run_name,
+                                     on_retry=functools.partial(trial.set_user_attr, "retries"))
+                trial.set_user_attr("resumed_from", result.resumed_from)
+            else:
+                result = fit(cfg, storage=self.storage, run_name=run_name)
         except Exception as exc:
             history = self.monitored(monitor)
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
             trial.set_user_attr("epochs", len(history))
+            self.count_train(trial, history)
             self.runs.finish(run_id, "failed", history, {"num_params": size} if size is not None else {},
                              error="".join(traceback.format_exception(exc)))
             raise
         finally:
-            if monitor is not None:
+            if monitor is not None and slot is None:
                 import ray
 
                 ray.kill(monitor)
             self.storage.rm(checkpoints_path(self.storage, run_name))  # the best weights are kept below
 
         trial.set_user_attr("epochs", len(result.history))
+        self.count_train(trial, result.history)
         if result.stop_reason == StopReason.PRUNED:
             self.runs.finish(run_id, "pruned", result.history, {"num_params": size})
             raise optuna.TrialPruned(f"pruned after epoch {len(result.history)}")
@@ -193,6 +216,12 @@ class Search:
                                                               "best_epoch": result.best_epoch})
         objective_values = tuple(float(best[m]) for m, _ in self.objectives)
         return objective_values[0] if len(objective_values) == 1 else objective_values
+
+    def count_train(self, trial: Any, history: list[dict[str, float]]) -> None:
+        seconds = train_seconds(history)
+        trial.set_user_attr("train_s", seconds)
+        with self.lock:
+            self.train_s += seconds
 
     @staticmethod
     def monitored(monitor: Any) -> list[dict[str, float]]:
@@ -250,6 +279,8 @@ class Search:
         from optuna.trial import TrialState
 
         remaining = self.resume()
+        t0 = time.perf_counter()
+        jobs = 0
         if remaining:
             jobs = min(self.search.concurrency, remaining)
             note = "" if self.prunes or self.search.pruner == "none" else \
@@ -259,6 +290,7 @@ class Search:
             self.run_trials(remaining, jobs)
         else:
             progress.info(f"  study {self.name} already has {self.search.trials} finished trials: none to run")
+        wall_s = time.perf_counter() - t0
 
         trials = self.study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -281,6 +313,10 @@ class Search:
             "best": values, "best_trial": chosen.number,
             "best_values": {m: v for (m, _), v in zip(self.objectives, chosen.values)},
             "num_params": chosen.user_attrs.get("num_params"), "select": self.search.select, "restored": restored,
+            # where the time went: the trials' wall clock here, their summed training steps, and the share
+            # of the slots' time that was training (the rest is start-up, validation, bookkeeping)
+            "wall_s": round(wall_s, 3), "train_s": round(self.train_s, 3), "concurrency": jobs,
+            "efficiency": round(self.train_s / (wall_s * jobs), 3) if jobs and wall_s > 0 else None,
         }
         if len(self.objectives) > 1:
             summary["pareto"] = [{"trial": c.number, "values": {m: c.metrics[m] for m, _ in self.objectives},
@@ -305,20 +341,26 @@ class Search:
         lock = threading.Lock()
         errors: list[BaseException] = []
 
-        def slot() -> None:
-            while True:
-                with lock:
-                    if left[0] == 0 or errors:
+        def run_slot(index: int) -> None:
+            slot = Slot(index)
+            objective = functools.partial(self.objective, slot=slot)
+            try:
+                while True:
+                    with lock:
+                        if left[0] == 0 or errors:
+                            return
+                        left[0] -= 1
+                    try:
+                        self.study.optimize(objective, n_trials=1, catch=(Exception,),
+                                            callbacks=[self.on_trial_done], gc_after_trial=False)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
+                        errors.append(exc)
                         return
-                    left[0] -= 1
-                try:
-                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
-                                        callbacks=[self.on_trial_done], gc_after_trial=False)
-                except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
-                    errors.append(exc)
-                    return
+            finally:
+                slot.close()
 
-        threads = [threading.Thread(target=slot, name=f"kdflow-trial-slot-{i}", daemon=True) for i in range(jobs)]
+        threads = [threading.Thread(target=run_slot, args=(i,), name=f"kdflow-trial-slot-{i}", daemon=True)
+                   for i in range(jobs)]
         for t in threads:
             t.start()
         for t in threads:

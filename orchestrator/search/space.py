@@ -48,8 +48,11 @@ class Space:
 
 
 def apply(spec: Workflow, values: dict[str, Any]) -> Workflow:
-    """The workflow with a trial's values set at their dotted keys, validated again."""
-    raw = spec.model_dump(mode="json")
+    """The workflow with a trial's values set at their dotted keys, validated again.
+
+    Only the keys the workflow set are carried over, so that what it left to a default (such as
+    `train.cpus_per_worker`, whose absence shares the machine's cores) stays unset in the trial too."""
+    raw = spec.model_dump(mode="json", exclude_unset=True)
     for key, value in values.items():
         set_dotted(raw, key, value)
     return Workflow.model_validate(raw)

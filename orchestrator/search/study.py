@@ -143,12 +143,19 @@ class TrialMonitor:
     synchronous and exact (the pruner sees every other trial's values as stored), where an actor that
     only held a flag set by a polling driver thread would answer one epoch late and need a thread per
     trial. The actor is pinned to the driver's node, so a sqlite or journal file path means the same
-    file for both. It takes no CPU; the driver kills it when the trial ends. The last epoch is reported
-    but never pruned: the run is over, and a finished trial is a candidate.
+    file for both. It takes no CPU. A search keeps one per trial slot and `begin`s it for each trial
+    (the study stays loaded: starting an actor per trial cost more than a short trial's epochs). The
+    last epoch is reported but never pruned: the run is over, and a finished trial is a candidate.
     """
 
     def __init__(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None,
                  last_epoch: int) -> None:
+        self.loaded: dict[str, Any] = {}  # (url, study) -> the study, loaded once
+        self.begin(url, study, trial_id, pruner, metric, last_epoch)
+
+    def begin(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None,
+              last_epoch: int) -> None:
+        """Watch another trial (of this or another study) from its first epoch."""
         self.metric = metric
         self.last_epoch = last_epoch
         self.epochs: list[dict[str, float]] = []
@@ -157,15 +164,22 @@ class TrialMonitor:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            loaded = optuna.load_study(study_name=study, storage=open_storage(url), pruner=pruner,
-                                       sampler=optuna.samplers.RandomSampler())
+            key = f"{url}\n{study}"
+            if key not in self.loaded:
+                self.loaded[key] = optuna.load_study(study_name=study, storage=open_storage(url), pruner=pruner,
+                                                     sampler=optuna.samplers.RandomSampler())
+            loaded = self.loaded[key]
+            loaded.pruner = pruner
             self.trial = optuna.trial.Trial(loaded, trial_id)
 
     def report(self, epoch: int, metrics: dict[str, float]) -> bool:
-        self.epochs.append(dict(metrics))
+        # a trial retried from its checkpoint repeats the epochs after it: keep the newest of each
+        repeated = any(int(e["epoch"]) >= epoch for e in self.epochs)
+        self.epochs = [e for e in self.epochs if int(e["epoch"]) < epoch] + [dict(metrics)]
         if self.trial is None or self.metric not in metrics:
             return False
-        self.trial.report(float(metrics[self.metric]), epoch)
+        if not repeated:  # Optuna keeps the first value of a step (and warns about a second)
+            self.trial.report(float(metrics[self.metric]), epoch)
         return epoch < self.last_epoch and bool(self.trial.should_prune())
 
     def history(self) -> list[dict[str, float]]:

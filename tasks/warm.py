@@ -1,0 +1,93 @@
+"""The one train loop on a single warm process: no Ray Train run, checkpoints straight to the storage.
+
+A search's trials are short (a small student, a few epochs, many of them pruned), and starting a Ray
+Train run for each costs seconds of controller, worker group and placement group before the first
+step. A long-lived trial actor (orchestrator/search/pool.py) instead calls `fit_here`, which runs the
+same `train_loop` with a `LocalSession`: rank 0 of 1, its checkpoints written to the run's folder under
+`checkpoints/`, so a retry of the trial on a fresh actor resumes from the newest one. `RowCache` keeps
+the decoded soft-target rows between trials, keyed by the store entry's cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tasks.fit_config import FitConfig
+from tasks.layout import checkpoints_path
+from tasks.soft_targets import TargetBatch
+from tasks.storage import Storage
+from tasks.train import FitResult, ShardSource, fit_result, train_loop
+
+STATE = "state.pt"
+
+
+class LocalSession:
+    """The loop as the only worker of this process; checkpoints go to `checkpoints/<run_name>/state.pt`."""
+
+    rank = 0
+    world = 1
+
+    def __init__(self, storage: Storage, run_name: str) -> None:
+        self.storage = storage
+        self.path = f"{checkpoints_path(storage, run_name)}/{STATE}"
+        self.metrics: dict[str, Any] = {}
+        self.saved: bytes | None = None  # the newest checkpoint, also kept here: the result is read from it
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        if not self.storage.exists(self.path):
+            return None
+        return dict(torch.load(io.BytesIO(self.storage.read_bytes(self.path)), map_location="cpu",
+                               weights_only=False))
+
+    def report(self, metrics: dict[str, Any], folder: str | None) -> None:
+        self.metrics = metrics
+        if folder is not None:
+            with open(os.path.join(folder, STATE), "rb") as f:
+                self.saved = f.read()
+            self.storage.write_bytes(self.path, self.saved)  # atomic: a crash leaves the previous one
+
+
+@dataclass
+class CachedSource:
+    """A ShardSource whose decoded rows are kept in `cache` under (store root, cache key, split, range).
+
+    The cache key names the soft targets' content (teachers x data x format), so two searches over
+    different targets never read each other's rows, even from one warm process."""
+
+    source: ShardSource
+    cache: dict[tuple[str, str, str, int, int], TargetBatch]
+
+    def rows(self) -> int:
+        return self.source.rows()
+
+    def load(self, start: int, stop: int) -> TargetBatch:
+        key = (self.source.storage.base, str(self.source.manifest["key"]), self.source.split, start, stop)
+        if key not in self.cache:
+            self.cache[key] = self.source.load(start, stop)
+        return self.cache[key]
+
+
+def with_cache(cfg: FitConfig, cache: dict[tuple[str, str, str, int, int], TargetBatch]) -> FitConfig:
+    """The config with its stored rows (train and val) read through `cache`."""
+    def wrap(src: Any) -> Any:
+        return CachedSource(src, cache) if isinstance(src, ShardSource) else src
+
+    return dataclasses.replace(cfg, data=wrap(cfg.data), val=wrap(cfg.val))
+
+
+def fit_here(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
+    """One worker's fit in this process (resuming from the run's checkpoint when one exists)."""
+    if cfg.resources.workers != 1:
+        raise ValueError("fit_here runs a single worker; data-parallel fits go through tasks.train.fit")
+    session = LocalSession(storage, run_name)
+    train_loop({"fit": cfg, "session": session})
+    if session.saved is None:
+        raise RuntimeError(f"training run {run_name} produced no checkpoint")
+    saved = torch.load(io.BytesIO(session.saved), map_location="cpu", weights_only=False)
+    return fit_result(saved, session.metrics, 1)
