@@ -36,6 +36,10 @@ def load_data(spec: Workflow, storage: Storage) -> Dataset:
                  else f"{data.num_features} features, {data.num_classes} classes")
         progress.info(f"  {shape}, rows: "
                       + ", ".join(f"{k} {data.rows(k)}" for k in data.y) + f", fingerprint {data.fingerprint[:12]}")
+    st = spec.soft_targets
+    if st.format == "topk" and st.top_k and st.top_k > data.num_classes:  # before any teacher work
+        raise UserError(f"top_k {st.top_k} is larger than the {data.num_classes} classes (vocabulary) it selects from",
+                        where="soft_targets.top_k")
     return data
 
 
@@ -55,9 +59,6 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
     st = spec.soft_targets
     key = soft_target_key(spec, data, teachers)
     store = SoftTargetStore(storage)
-    if st.format == "topk" and st.top_k and st.top_k > data.num_classes:
-        raise UserError(f"top_k {st.top_k} is larger than the {data.num_classes} classes (vocabulary) it selects from",
-                        where="soft_targets.top_k")
     with progress.stage("soft targets", f"{st.format}/{st.dtype} key {key}"):
         splits = {"train": data.distillation_rows(spec.seed), "val": (data.x["val"], data.y["val"]),
                   "test": (data.x["test"], data.y["test"])}

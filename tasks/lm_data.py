@@ -153,8 +153,13 @@ def split_documents(docs: list[Document], *, val: float, test: float, seed: int)
 
 
 def tokenizer_hash(tok: Any) -> str:
-    """The tokenizer's identity: a hash of its canonical JSON (vocabulary, merges, normalisation, specials)."""
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+    """The tokenizer's identity for distillation: a hash of its token -> id map (special tokens included).
+
+    Two models can share soft targets exactly when their ids mean the same tokens; a tokenizer re-saved by
+    transformers (other post-processing, the same vocabulary) keeps its hash.
+    """
+    vocab = json.dumps(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Any:
