@@ -71,7 +71,8 @@ class CorpusSpec(Strict):
     max_files: int | None = Field(None, ge=1)
 
 
-# data: keys that only one task kind reads; set on the other kind's workflow they are an error
+# data: keys that only one task kind reads; set to anything but their default on the other kind's workflow,
+# they are an error
 LM_DATA_KEYS = ("text", "prompt", "completion", "seq_len", "tokenizer", "corpus")
 CLASSIFICATION_DATA_KEYS = ("features", "label", "transfer")
 
@@ -377,9 +378,13 @@ class Workflow(Strict):
     @model_validator(mode="after")
     def _keys_of_this_task(self) -> Workflow:
         """A key the workflow's task kind does not read is an error naming it, never silently ignored."""
-        d = self.data
+        d, default = self.data, DataSpec()
+
+        def changed(keys: tuple[str, ...]) -> list[str]:  # set to anything but its default
+            return [f"data.{k}" for k in keys if getattr(d, k) != getattr(default, k)]
+
         if self.task == "causal_lm":
-            wrong = [f"data.{k}" for k in CLASSIFICATION_DATA_KEYS if k in d.model_fields_set]
+            wrong = changed(CLASSIFICATION_DATA_KEYS)
             if "teacher" in self.model_fields_set and not isinstance(self.teacher, list) and self.teacher.checkpoint:
                 wrong.append("teacher.checkpoint")
             if wrong:
@@ -395,7 +400,7 @@ class Workflow(Strict):
                 raise ValueError("teacher: a causal_lm workflow names its teacher (e.g. model: llama, params: "
                                  "{layers: 4, width: 128, heads: 4})")
         else:
-            wrong = [f"data.{k}" for k in LM_DATA_KEYS if k in d.model_fields_set]
+            wrong = changed(LM_DATA_KEYS)
             if self.distill.baseline:
                 wrong.append("distill.baseline")
             if wrong:
