@@ -91,7 +91,28 @@ def finish_lm(spec: Workflow, chosen: Workflow, data: Any, fit_result: FitResult
     progress.info(f"  perplexity: teacher {teacher['perplexity']:.3f}, student {student['perplexity']:.3f}"
                   + (f", baseline (no KD) {student['baseline_perplexity']:.3f}" if baseline is not None else "")
                   + f" ({student['num_params']:,} params, {student['tokens_per_s']:,.0f} tokens/s)")
-    return student, teacher, None
+    with progress.stage("register", spec.registered_model):
+        registration = register_lm(spec, chosen, model, data, student, teacher, teachers, manifest, storage, run_id,
+                                   source, search_summary)
+    return student, teacher, registration
+
+
+def register_lm(spec: Workflow, chosen: Workflow, model: nn.Module, data: Any, student: dict[str, Any],
+                teacher: dict[str, Any], teachers: list[Teacher], manifest: dict[str, Any], storage: Storage,
+                run_id: str, source: str | None, search_summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The student with its tokenizer (transformers directory, safetensors) as a pyfunc that generates text,
+    registered and gated like a classifier (gates on perplexity, perplexity_ratio, num_params, ...)."""
+    from orchestrator.pipeline import lineage_tags
+    from orchestrator.registry import PIP_REQUIREMENTS, lineage_extras, register
+    from tasks.served_lm import log_lm_pyfunc
+
+    model_uri = log_lm_pyfunc(model, data.extra["tokenizer"],
+                              pip_requirements=[*PIP_REQUIREMENTS, "transformers", "tokenizers"])
+    lineage = lineage_tags(spec, chosen, manifest, storage, teachers, search_summary)
+    lineage.update(lineage_extras(chosen, source, teachers))
+    lineage["kdflow.tokenizer"] = str(manifest.get("tokenizer_hash"))
+    return register(chosen, model_uri, run_id, {**student, "teacher_perplexity": teacher["perplexity"]}, manifest,
+                    storage, lineage)
 
 
 def bytes_per_token(manifest: dict[str, Any]) -> float | None:

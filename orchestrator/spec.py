@@ -308,7 +308,9 @@ def _gate(v: Any) -> Gate:
 # What a gate can compare: every metric a run records for the student (registry.py stores them as
 # kdflow.<metric> tags on the version, so `kdflow promote` can re-check them later).
 GATE_METRICS = ("test_accuracy", "retention", "num_params", "latency_ms", "model_bytes", "teacher_agreement",
-                "teacher_test_accuracy", "samples_per_s", "epochs")
+                "teacher_test_accuracy", "samples_per_s", "epochs",
+                # causal_lm (orchestrator/lm_run.py): perplexity_ratio is the student's over the teacher's
+                "perplexity", "perplexity_ratio", "teacher_perplexity", "baseline_perplexity", "tokens_per_s")
 
 
 GateRule = Annotated[str, BeforeValidator(lambda v: v if v is None else _gate(v))]
@@ -394,6 +396,9 @@ class Workflow(Strict):
             if self.distill.loss not in TOKEN_LOSSES:
                 raise ValueError(f"distill.loss: {self.distill.loss!r} has no per-token form for causal_lm; "
                                  f"use one of {', '.join(TOKEN_LOSSES)}")
+            if self.registry.promote and self.registry.promote.gates.beats_alias:
+                raise ValueError("registry.promote.gates.beats_alias: not available for causal_lm yet (gate on "
+                                 "perplexity or perplexity_ratio)")
             if "source" not in d.model_fields_set:
                 d.source = "python-stdlib"
             if "teacher" not in self.model_fields_set:

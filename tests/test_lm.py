@@ -275,6 +275,8 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path) -> None:
                       "optimizer": {"schedule": "cosine", "warmup_steps": 2, "grad_clip": 1.0}})
     raw["teacher"]["train"] = {"epochs": 2, "batch_size": 8}
     raw["distill"]["baseline"] = True
+    raw["registry"] = {"model": "t-lm-student", "promote": {"alias": "champion",
+                                                            "gates": {"perplexity_ratio": "<= 1000"}}}
     (workdir / "lm.yaml").write_text(yaml.safe_dump(raw))
     proc = kdflow("run", "lm.yaml", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -285,3 +287,18 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path) -> None:
     assert s["tokens_per_s"] > 0 and len(s["nodes"]) == 2  # one Ray node id per rank: two workers ran
     st = result["soft_targets"]
     assert st["format"] == "topk" and st["top_k"] == 8 and st["seq_len"] == 16 and st["bytes_per_token"] > 0
+    # registered with its tokenizer, promoted by the perplexity gate, and it generates from models:/NAME@ALIAS
+    assert "champion" in result["registry"]["aliases"]
+    import mlflow
+    import pandas as pd
+
+    from tasks.served_lm import generate, load_lm
+
+    mlflow.set_tracking_uri(result["mlflow"]["tracking_uri"])
+    served = mlflow.pyfunc.load_model("models:/t-lm-student@champion")
+    out = served.predict(pd.DataFrame({"prompt": ["def main("]}), params={"max_new_tokens": 10})
+    assert list(out.columns) == ["completion"] and len(out) == 1
+    model, tok = load_lm("models:/t-lm-student@champion")
+    (row,) = generate(model, tok, ["def main("], 10)
+    assert len(row["token_ids"]) == 10 and row["completion"] == out["completion"][0]
+    assert tok.eos_token == "<|endoftext|>" and len(tok) == model.config.vocab_size
