@@ -401,9 +401,10 @@ class Workflow(Strict):
                                  "perplexity or perplexity_ratio)")
             if "source" not in d.model_fields_set:
                 d.source = "python-stdlib"
-            if "teacher" not in self.model_fields_set:
-                raise ValueError("teacher: a causal_lm workflow names its teacher (e.g. model: llama, params: "
-                                 "{layers: 4, width: 128, heads: 4})")
+            for key in ("teacher", "student"):
+                if key not in self.model_fields_set:
+                    raise ValueError(f"{key}: a causal_lm workflow names its {key} (e.g. model: llama, params: "
+                                     "{layers: 2, width: 64, heads: 4})")
         else:
             wrong = changed(LM_DATA_KEYS)
             if self.distill.baseline:
