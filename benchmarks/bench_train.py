@@ -54,7 +54,8 @@ ROUNDS = 2
 BATCH = 128
 STUDENT = {"hidden": [100, 100]}
 LOSS = LossConfig(kind="kl", temperature=4.0, alpha=0.7, beta=0.5)
-OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9)
+OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9, schedule="constant",
+                            warmup_steps=0, grad_clip=None)
 TASK = task_kind("classification")
 
 

@@ -15,10 +15,9 @@ class OptimizerConfig:
     lr: float
     weight_decay: float
     momentum: float  # sgd only
-    # the schedule keys default to what changes nothing, so that a config made without them behaves as before
-    schedule: str = "constant"  # constant | cosine (decay to 0 over the fit's steps)
-    warmup_steps: int = 0  # linear warmup from 0
-    grad_clip: float | None = None  # max global gradient norm
+    schedule: str  # constant | cosine (decay to 0 over the fit's steps)
+    warmup_steps: int  # linear warmup from 0
+    grad_clip: float | None  # max global gradient norm; None: no clipping
 
 
 @dataclass(frozen=True)

@@ -174,9 +174,11 @@ def test_losses_against_a_hand_computation() -> None:
 
 
 def test_schedule_warms_up_then_decays_and_is_off_by_default() -> None:
-    plain = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.0, momentum=0.9)
+    plain = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.0, momentum=0.9, schedule="constant",
+                            warmup_steps=0, grad_clip=None)
     assert schedule_for(plain, 1, 10, 5) is None
-    cfg = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.0, momentum=0.9, schedule="cosine", warmup_steps=4)
+    cfg = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.0, momentum=0.9, schedule="cosine", warmup_steps=4,
+                          grad_clip=None)
     sched = schedule_for(cfg, 1, 10, 5)
     assert [sched.factor(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert sched.factor(4) == pytest.approx(1.0) and sched.factor(27) == pytest.approx(0.5)
