@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import stages
-from orchestrator.configs import task_for
+from orchestrator.configs import data_meta, task_for
 from orchestrator.spec import load_workflow
 from orchestrator.teachers import load_teachers
 from orchestrator.workspace import storage_for
@@ -51,22 +51,27 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--teacher-file", help="a stored teacher (teachers/KEY/model.pt) to use as it is")
     args = ap.parse_args()
     spec = load_workflow(WORKFLOW, args.overrides)
     storage = storage_for(spec)
     task = task_for(spec)
     data = stages.load_data(spec, storage)
-    teachers = load_teachers(spec, data, storage)
-    if not any(not t.trained for t in teachers):
-        print("(the teacher was trained just now: it was not in the store)", file=sys.stderr)
+    if args.teacher_file:
+        t = spec.teachers[0]
+        model = task.build_model(t.model, t.params, task.dims(data_meta(data)))
+        model.load_state_dict(torch.load(args.teacher_file, map_location="cpu")["state_dict"])
+        models = [model.eval()]
+    else:
+        models = [t.model for t in load_teachers(spec, data, storage)]  # trained first when not in the store
     x, y = data.x["val"][:ROWS], data.y["val"][:ROWS]
-    logits = task.teacher_outputs([t.model for t in teachers], x, "mean_probs")  # [n, S, V] float32
+    logits = task.teacher_outputs(models, x, "mean_probs")  # [n, S, V] float32
     n, s, vocab = logits.shape
     real = torch.from_numpy(y >= 0).reshape(-1)
     flat = logits.reshape(-1, vocab)[real]
     tokens = n * s
     dense = len(encode_rows(np.arange(n), x, y, logits, "logits", "float16", None)) / tokens
-    print(f"teacher: {sum(p.numel() for p in teachers[0].model.parameters()):,} params, vocabulary {vocab}, "
+    print(f"teacher: {sum(p.numel() for p in models[0].parameters()):,} params, vocabulary {vocab}, "
           f"{int(real.sum()):,} real tokens of {n} validation rows; dense fp16 logits: {dense:.0f} bytes/token\n")
     print("| k | bytes/token | T | KL exact tail (kdflow) | KL uniform tail, no mass | KL buckets (loss) | "
           "top-k mass |")
