@@ -304,3 +304,28 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path) -> None:
     (row,) = generate(model, tok, ["def main("], 10)
     assert len(row["token_ids"]) == 10 and row["completion"] == out["completion"][0]
     assert tok.eos_token == "<|endoftext|>" and len(tok) == model.config.vocab_size
+
+
+def test_run_summary_shows_the_perplexity_table() -> None:
+    import io
+
+    from orchestrator.registry_cli import print_summary
+
+    result = {
+        "workflow": "lm-stdlib", "status": "succeeded", "seconds": 500.0,
+        "teacher": {"perplexity": 9.329, "num_params": 894080, "count": 1},
+        "student": {"perplexity": 11.424, "baseline_perplexity": 12.142, "num_params": 127296,
+                    "teacher_agreement": 0.597, "baseline_agreement": 0.566, "tokens_per_s": 5593.0, "epochs": 8,
+                    "stop_reason": "completed", "samples_per_s": 43.7, "resumed_from": None},
+        "soft_targets": {"reused": False, "rows": 2053, "format": "topk", "dtype": "float16", "bytes": 23119896,
+                         "uri": "/tmp/x/.kdflow/soft_targets/7c2c"},
+        "search": None, "stages": {"teacher": 60.0}, "registry": None,
+        "mlflow": {"tracking_uri": "sqlite:////x/.kdflow/mlflow.db", "experiment": "lm-stdlib", "run_id": "a7"},
+    }
+    out = io.StringIO()
+    print_summary(out, result)
+    lines = out.getvalue().splitlines()
+    row = {name: next(x for x in lines if x.startswith(name)) for name in ("teacher", "student (KD)",
+                                                                         "student (no KD)")}
+    assert "9.329" in row["teacher"] and "11.424" in row["student (KD)"] and "12.142" in row["student (no KD)"]
+    assert "14.2%" in row["student (KD)"] and "5,593" in row["student (KD)"] and "0.566" in row["student (no KD)"]
