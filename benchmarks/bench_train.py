@@ -60,7 +60,8 @@ ROUNDS = 2
 BATCH = 128
 STUDENT = {"hidden": [100, 100]}
 LOSS = LossConfig(kind="kl", temperature=4.0, alpha=0.7, beta=0.5)
-OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9)
+OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9, schedule="constant",
+                            warmup_steps=0, grad_clip=None)
 TASK = task_kind("classification")
 DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice, read before anything here changes it
 

@@ -18,12 +18,13 @@ from tasks.train import ArraySource, ShardSource
 
 
 def task_for(spec: Workflow) -> TaskKind:
-    """The workflow's task kind; classification is the only one so far."""
-    return task_kind("classification")
+    """The workflow's task kind (`task:`; classification by default)."""
+    return task_kind(spec.task)
 
 
 def _optimizer(o: OptimizerSpec) -> OptimizerConfig:
-    return OptimizerConfig(name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    return OptimizerConfig(name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                           schedule=o.schedule, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
 
 
 def machine_cores() -> int:
@@ -50,17 +51,24 @@ def _resources(spec: Workflow, concurrent: int = 1) -> Resources:
                      placement=t.placement, torch_threads=torch_threads(spec, concurrent))
 
 
+def data_meta(data: Dataset) -> dict[str, Any]:
+    """What the task kind's `dims` reads from a Dataset (the same keys a manifest carries)."""
+    return {"num_features": data.num_features, "num_classes": data.num_classes, **data.extra.get("meta", {})}
+
+
 def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConfig:
     """A teacher trained here: hard labels only, AdamW with teacher.train's values, the train stage's resources."""
     import ray
 
     task = task_for(spec)
     # teacher.train has no optimizer section: AdamW, with momentum (unused by AdamW) from the spec's default
-    optimizer = _optimizer(OptimizerSpec(name="adamw", lr=t.train.lr, weight_decay=t.train.weight_decay))
+    optimizer = _optimizer(OptimizerSpec(name="adamw", lr=t.train.lr, weight_decay=t.train.weight_decay,
+                                         schedule=t.train.schedule, warmup_steps=t.train.warmup_steps,
+                                         grad_clip=t.train.grad_clip))
     val = ArraySource(ray.put(data.x["val"]), ray.put(data.y["val"])) if data.rows("val") else None
     return FitConfig(
         log_prefix="teacher", task=task, model=t.model, params=t.params,
-        dims=task.dims({"num_features": data.num_features, "num_classes": data.num_classes}), seed=spec.seed,
+        dims=task.dims(data_meta(data)), seed=spec.seed,
         epochs=t.train.epochs, batch_size=t.train.batch_size, optimizer=optimizer, precision=spec.train.precision,
         loss=None, data=ArraySource(ray.put(data.x["train"]), ray.put(data.y["train"])), val=val,
         early_stopping=None, checkpoint_every=spec.train.checkpoint_every,

@@ -47,8 +47,7 @@ def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
 
 def preflight(spec: Workflow) -> None:
     """Fail before any work on what can be checked up front: model factories that do not import."""
-    from tasks.models import resolve_factory
-
+    task = task_for(spec)
     named = [("student.model", spec.student.model)]
     for i, t in enumerate(spec.teachers):
         where = f"teacher[{i}].model" if isinstance(spec.teacher, list) else "teacher.model"
@@ -56,7 +55,7 @@ def preflight(spec: Workflow) -> None:
             named.append((where, t.model))
     for where, name in named:
         try:
-            resolve_factory(name)
+            task.check_name(name)
         except UserError as exc:
             raise UserError(str(exc), where=where) from None
 
@@ -93,19 +92,9 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
         log_history(fit_result.history)
         if fit_result.nodes:  # the Ray node of each rank: where the student's workers ran
             mlflow.set_tag("kdflow.student.nodes", ",".join(fit_result.nodes))
-        with progress.stage("evaluate", "test split"):
-            model = stages.student_model(chosen, manifest, fit_result)
-            student, teacher = evaluate_student(task, model, fit_result, teachers, manifest, storage)
-        with progress.stage("register", spec.registered_model):
-            # issue-10's pickle-free pyfunc: weights plus a recipe (factory, params, the user's feature names
-            # and class labels, the training split's standardization) that rebuilds the served model
-            model_uri = log_student(model, **task.serving_inputs(manifest), factory=chosen.student.model,
-                                    params=chosen.student.params, feature_names=data.feature_names,
-                                    classes=data.classes)
-            lineage = lineage_tags(spec, chosen, manifest, storage, teachers, search_summary)
-            lineage.update(lineage_extras(chosen, source, teachers))
-            registration = register(chosen, model_uri, run_id, {**student, "teacher_test_accuracy":
-                                                                teacher["test_accuracy"]}, manifest, storage, lineage)
+        finish = finisher(task)
+        student, teacher, registration = finish(spec, chosen, data, fit_result, teachers, manifest, storage, run_id,
+                                                source, search_summary)
     return {
         "workflow": spec.name,
         "status": "succeeded",
@@ -118,6 +107,37 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
         "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run_id},
         "stages": {name: round(seconds, 1) for name, seconds in progress.TIMINGS},
     }
+
+
+def finisher(task: TaskKind) -> Any:
+    """The driver-side half of the task-kind seam: the test-split report and the registration of the student
+    (tasks/ cannot reach MLflow's registry or the orchestrator's stages). Classification's is below, causal
+    LMs' in orchestrator/lm_run.py."""
+    if task.name == "causal_lm":
+        from orchestrator.lm_run import finish_lm
+
+        return finish_lm
+    return finish_classification
+
+
+def finish_classification(spec: Workflow, chosen: Workflow, data: Any, fit_result: FitResult, teachers: list[Teacher],
+                          manifest: dict[str, Any], storage: Storage, run_id: str, source: str | None,
+                          search_summary: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    task = task_for(spec)
+    with progress.stage("evaluate", "test split"):
+        model = stages.student_model(chosen, manifest, fit_result)
+        student, teacher = evaluate_student(task, model, fit_result, teachers, manifest, storage)
+    with progress.stage("register", spec.registered_model):
+        # issue-10's pickle-free pyfunc: weights plus a recipe (factory, params, the user's feature names
+        # and class labels, the training split's standardization) that rebuilds the served model
+        model_uri = log_student(model, **task.serving_inputs(manifest), factory=chosen.student.model,
+                                params=chosen.student.params, feature_names=data.feature_names,
+                                classes=data.classes)
+        lineage = lineage_tags(spec, chosen, manifest, storage, teachers, search_summary)
+        lineage.update(lineage_extras(chosen, source, teachers))
+        registration = register(chosen, model_uri, run_id, {**student, "teacher_test_accuracy":
+                                                            teacher["test_accuracy"]}, manifest, storage, lineage)
+    return student, teacher, registration
 
 
 def train_or_search(spec: Workflow, manifest: dict[str, Any], storage: Storage,
@@ -175,4 +195,7 @@ def soft_targets_result(manifest: dict[str, Any], precompute: PrecomputeStats, s
     return {"uri": SoftTargetStore(storage).uri(manifest["key"]), "cache_key": manifest["key"],
             "reused": precompute.reused, "computed_shards": precompute.computed_shards,
             "teacher_forward_rows": precompute.forward_rows, "rows": manifest["rows"], "bytes": manifest["bytes"],
-            "format": manifest["format"], "dtype": manifest["dtype"]}
+            "format": manifest["format"], "dtype": manifest["dtype"],
+            **({"top_k": manifest["top_k"], "seq_len": manifest["seq_len"], "tokenizer_hash": manifest["tokenizer_hash"],
+                "bytes_per_token": manifest["bytes"] / max(1, manifest["rows"] * manifest["seq_len"])}
+               if manifest.get("seq_len") else {})}

@@ -352,6 +352,27 @@ def print_summary(out: Any, result: dict[str, Any]) -> None:
     t, s, reg = result["teacher"], result["student"], result.get("registry") or {}
     c.print(f"[bold]{result['workflow']}[/]: {result['status']} in {_secs(result['seconds'])}")
     table = Table(box=None, show_header=True, pad_edge=False, padding=(0, 2))
+    if "perplexity" in s:  # a causal LM run (orchestrator/lm_run.py)
+        lm_table(table, t, s)
+    else:
+        classification_table(table, t, s)
+    c.print(table)
+    rest_of_summary(c, result, s, reg)
+
+
+def lm_table(table: Any, t: dict[str, Any], s: dict[str, Any]) -> None:
+    for col in ("", "test perplexity", "params", "share of teacher", "top-1 agreement", "tokens/s"):
+        table.add_column(col, justify="left" if not col else "right")
+    share = s["num_params"] / t["num_params"] if t.get("num_params") else 0.0
+    table.add_row("teacher", f"{t['perplexity']:.3f}", f"{t['num_params']:,}", "", "", "")
+    table.add_row("student (KD)", f"{s['perplexity']:.3f}", f"{s['num_params']:,}", f"{share:.1%}",
+                  f"{s['teacher_agreement']:.3f}", f"{s['tokens_per_s']:,.0f}")
+    if "baseline_perplexity" in s:
+        table.add_row("student (no KD)", f"{s['baseline_perplexity']:.3f}", f"{s['num_params']:,}", f"{share:.1%}",
+                      f"{s['baseline_agreement']:.3f}", "")
+
+
+def classification_table(table: Any, t: dict[str, Any], s: dict[str, Any]) -> None:
     for col in ("", "test accuracy", "params", "share of teacher", "retention", "latency ms"):
         table.add_column(col, justify="left" if not col else "right")
     share = s["num_params"] / t["num_params"] if t.get("num_params") else 0.0
@@ -359,7 +380,9 @@ def print_summary(out: Any, result: dict[str, Any]) -> None:
                   f"{t['num_params']:,}", "", "", "")
     table.add_row("student", f"{s['test_accuracy']:.4f}", f"{s['num_params']:,}", f"{share:.1%}",
                   f"{s['retention']:.3f}", f"{s['latency_ms']:.3f}")
-    c.print(table)
+
+
+def rest_of_summary(c: Any, result: dict[str, Any], s: dict[str, Any], reg: dict[str, Any]) -> None:
     st = result["soft_targets"]
     c.print(f"soft targets  {'reused' if st['reused'] else 'computed'} {st['rows']:,} rows "
             f"({st['format']}/{st['dtype']}, {st['bytes']:,} bytes) at {st['uri']}")

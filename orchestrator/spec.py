@@ -56,13 +56,41 @@ class SplitSpec(Strict):
         return self
 
 
+class TokenizerSpec(Strict):
+    """task causal_lm: a local tokenizer directory (tokenizer.json), or a byte-level BPE trained on the
+    training documents with this vocabulary size (kept in the store, reused by reruns)."""
+
+    path: str | None = None
+    vocab_size: int = Field(512, ge=260, description="BPE vocabulary: 256 bytes + EOS + merges")
+
+
+class CorpusSpec(Strict):
+    """The built-in corpus (source: python-stdlib): a deterministic subset of the interpreter's stdlib."""
+
+    max_bytes: int | None = Field(2_000_000, ge=1000)
+    max_files: int | None = Field(None, ge=1)
+
+
+# data: keys that only one task kind reads; set to anything but their default on the other kind's workflow,
+# they are an error
+LM_DATA_KEYS = ("text", "prompt", "completion", "seq_len", "tokenizer", "corpus")
+CLASSIFICATION_DATA_KEYS = ("features", "label", "transfer")
+
+
 class DataSpec(Strict):
     source: str = "sklearn:digits"
     features: list[str] | str | None = None
     label: str = "label"
     split: SplitSpec = SplitSpec()
     transfer: int | str | None = None
-    limit: int | None = Field(None, ge=10, description="use only the first N rows (quick tries)")
+    limit: int | None = Field(None, ge=1, description="use only the first N rows (documents for causal_lm)")
+    # task causal_lm only
+    text: str | None = Field(None, description="the text column (default 'text')")
+    prompt: str | None = Field(None, description="prompt column: its tokens are inputs, never targets")
+    completion: str | None = Field(None, description="completion column (with prompt)")
+    seq_len: int = Field(128, ge=2, description="tokens per packed row")
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    corpus: CorpusSpec = CorpusSpec()
 
     @field_validator("transfer")
     @classmethod
@@ -72,7 +100,15 @@ class DataSpec(Strict):
         return v
 
 
-class TeacherTrainSpec(Strict):
+class ScheduleKeys(Strict):
+    """The learning-rate schedule and gradient clipping; the defaults change nothing (constant lr, no clip)."""
+
+    schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to 0 over the fit")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many steps")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradients' global norm to this")
+
+
+class TeacherTrainSpec(ScheduleKeys):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -109,6 +145,7 @@ class DistillSpec(Strict):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)
     beta: float = Field(0.5, ge=0, le=1, description="generalized JSD mixture weight (loss: jsd)")
+    baseline: bool = Field(False, description="causal_lm: also train the student on hard labels only (no KD)")
 
     @field_validator("loss")
     @classmethod
@@ -120,7 +157,7 @@ class DistillSpec(Strict):
         return v
 
 
-class OptimizerSpec(Strict):
+class OptimizerSpec(ScheduleKeys):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -199,7 +236,7 @@ SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discrimi
 
 # What a trial can be judged on: the train loop's per-epoch metrics (read at the best epoch) and the size.
 OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "val_agreement", "train_loss", "train_kd", "train_ce",
-                     "samples_per_s", "num_params")
+                     "samples_per_s", "num_params", "val_perplexity")
 
 
 class Objective(Strict):
@@ -271,7 +308,9 @@ def _gate(v: Any) -> Gate:
 # What a gate can compare: every metric a run records for the student (registry.py stores them as
 # kdflow.<metric> tags on the version, so `kdflow promote` can re-check them later).
 GATE_METRICS = ("test_accuracy", "retention", "num_params", "latency_ms", "model_bytes", "teacher_agreement",
-                "teacher_test_accuracy", "samples_per_s", "epochs")
+                "teacher_test_accuracy", "samples_per_s", "epochs",
+                # causal_lm (orchestrator/lm_run.py): perplexity_ratio is the student's over the teacher's
+                "perplexity", "perplexity_ratio", "teacher_perplexity", "baseline_perplexity", "tokens_per_s")
 
 
 GateRule = Annotated[str, BeforeValidator(lambda v: v if v is None else _gate(v))]
@@ -312,6 +351,8 @@ class RegistrySpec(Strict):
 
 class Workflow(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification", description="the task kind (tasks/kinds): rows -> a class, or causal language models")
     seed: int = 0
     storage: StorageSpec = StorageSpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -335,6 +376,42 @@ class Workflow(Strict):
     @property
     def registered_model(self) -> str:
         return self.registry.model or f"{self.name}-student"
+
+    @model_validator(mode="after")
+    def _keys_of_this_task(self) -> Workflow:
+        """A key the workflow's task kind does not read is an error naming it, never silently ignored."""
+        d, default = self.data, DataSpec()
+
+        def changed(keys: tuple[str, ...]) -> list[str]:  # set to anything but its default
+            return [f"data.{k}" for k in keys if getattr(d, k) != getattr(default, k)]
+
+        if self.task == "causal_lm":
+            wrong = changed(CLASSIFICATION_DATA_KEYS)
+            if "teacher" in self.model_fields_set and not isinstance(self.teacher, list) and self.teacher.checkpoint:
+                wrong.append("teacher.checkpoint")
+            if wrong:
+                raise ValueError(f"{wrong[0]}: a classification key, but task is causal_lm")
+            from tasks.losses import TOKEN_LOSSES
+
+            if self.distill.loss not in TOKEN_LOSSES:
+                raise ValueError(f"distill.loss: {self.distill.loss!r} has no per-token form for causal_lm; "
+                                 f"use one of {', '.join(TOKEN_LOSSES)}")
+            if self.registry.promote and self.registry.promote.gates.beats_alias:
+                raise ValueError("registry.promote.gates.beats_alias: not available for causal_lm yet (gate on "
+                                 "perplexity or perplexity_ratio)")
+            if "source" not in d.model_fields_set:
+                d.source = "python-stdlib"
+            for key in ("teacher", "student"):
+                if key not in self.model_fields_set:
+                    raise ValueError(f"{key}: a causal_lm workflow names its {key} (e.g. model: llama, params: "
+                                     "{layers: 2, width: 64, heads: 4})")
+        else:
+            wrong = changed(LM_DATA_KEYS)
+            if self.distill.baseline:
+                wrong.append("distill.baseline")
+            if wrong:
+                raise ValueError(f"{wrong[0]}: a causal_lm key, but task is {self.task} (set task: causal_lm)")
+        return self
 
     @model_validator(mode="after")
     def _search_keys_exist(self) -> Workflow:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from orchestrator import progress
-from orchestrator.configs import teacher_fit_config
+from orchestrator.configs import data_meta, task_for, teacher_fit_config
 from orchestrator.spec import TeacherSpec, Workflow
 from orchestrator.workspace import digest
 from tasks.data import Dataset
@@ -26,8 +26,18 @@ from tasks.train import fit
 
 
 def is_external(t: TeacherSpec) -> bool:
-    """Loaded from outside kdflow (a checkpoint, a registry URI, a model file) rather than trained here."""
-    return bool(t.checkpoint) or t.model.startswith("models:/") or t.model.endswith((".pt", ".pth"))
+    """Loaded from outside kdflow (a checkpoint, a registry URI, a model file or directory) rather than trained here."""
+    return (bool(t.checkpoint) or t.model.startswith("models:/") or t.model.endswith((".pt", ".pth"))
+            or os.path.isdir(t.model))
+
+
+def build_for(spec: Workflow, t: TeacherSpec, data: Dataset, where: str) -> nn.Module:
+    """The teacher's model as the task kind builds it (a bad name or params exits 2 naming the teacher key)."""
+    task = task_for(spec)
+    try:
+        return task.build_model(t.model, t.params, task.dims(data_meta(data)))
+    except UserError as exc:
+        raise exc.under(where) from None
 
 
 @dataclass
@@ -39,7 +49,9 @@ class Teacher:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_external(t: TeacherSpec, where: str, data: Dataset) -> nn.Module:
+def _load_external(spec: Workflow, t: TeacherSpec, where: str, data: Dataset) -> nn.Module:
+    if os.path.isdir(t.model):  # a save_pretrained directory (causal_lm): the task kind reads it
+        return build_for(spec, t, data, where)
     if t.model.startswith("models:/"):
         from tasks.served import load_module
 
@@ -75,10 +87,10 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
         where = f"teacher[{i}]" if isinstance(spec.teacher, list) else "teacher"
         with progress.stage(f"teacher {i}" if len(spec.teachers) > 1 else "teacher", t.model):
             if is_external(t):
-                model = _load_external(t, where, data)
+                model = _load_external(spec, t, where, data)
                 out.append(Teacher(model, t.checkpoint or t.model, weights_digest(model)))
                 continue
-            build_model(t.model, t.params, data.num_features, data.num_classes)  # fail fast on bad params
+            build_for(spec, t, data, where)  # fail fast on bad params
             key = digest({"model": t.model, "params": t.params, "train": t.train.model_dump(),
                           "data": data.labeled_fingerprint, "seed": spec.seed})
             path = teacher_path(storage, key)
@@ -91,7 +103,7 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
                 saved = {"state_dict": result.state_dict, "history": result.history}
                 storage.write_torch(path, saved)
                 trained = True
-            model = build_model(t.model, t.params, data.num_features, data.num_classes)
+            model = build_for(spec, t, data, where)
             model.load_state_dict(saved["state_dict"])
             model.eval()
             out.append(Teacher(model, storage.uri(TEACHERS, key), weights_digest(model), trained,

@@ -34,6 +34,8 @@ class Dataset:
     labeled_fingerprint: str  # train, val and test only: what a teacher trained here depends on
     classes: list[Any] = field(default_factory=list)
     feature_names: list[str] = field(default_factory=list)  # the user's column names (registered model's input)
+    # what another task kind carries beside the rows (causal_lm: the tokenizer, and "meta" for the manifest)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_features(self) -> int:

@@ -15,6 +15,9 @@ class OptimizerConfig:
     lr: float
     weight_decay: float
     momentum: float  # sgd only
+    schedule: str  # constant | cosine (decay to 0 over the fit's steps)
+    warmup_steps: int  # linear warmup from 0
+    grad_clip: float | None  # max global gradient norm; None: no clipping
 
 
 @dataclass(frozen=True)

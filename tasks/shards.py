@@ -64,18 +64,28 @@ def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
 
 def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch.Tensor, format: str,
                 dtype: str, top_k: int | None) -> bytes:
+    """One shard's Parquet bytes. Classification rows: float features, one label, logits [n, C]. Sequence
+    rows (causal LMs): int token ids [n, S], labels [n, S] and logits [n, S, V], every per-token column
+    flattened into one list per row (top-k: [n, S * k] values and ids, [n, S] tail log-mass)."""
+    seq = logits.dim() == 3
+    n = len(row_ids)
     cols: dict[str, pa.Array] = {
         "row_id": pa.array(row_ids, type=pa.int64()),
-        "x": _fixed_list(x.astype(np.float32), pa.float32()),
-        "label": pa.array(y, type=pa.int64()),
+        "x": _fixed_list(x.astype(np.int32), pa.int32()) if np.issubdtype(x.dtype, np.integer)
+        else _fixed_list(x.astype(np.float32), pa.float32()),
+        "label": _fixed_list(y.astype(np.int32), pa.int32()) if y.ndim == 2 else pa.array(y, type=pa.int64()),
     }
+    flat = logits.reshape(-1, logits.shape[-1]) if seq else logits
     if format == "logits":
-        cols["logits"] = _store_array(logits, dtype)
+        cols["logits"] = _store_array(flat.reshape(n, -1) if seq else flat, dtype)
     else:
-        values, indices, tail = encode_topk(logits.float(), int(top_k or 1))
+        values, indices, tail = encode_topk(flat.float(), int(top_k or 1))
+        if seq:
+            values, indices, tail = values.reshape(n, -1), indices.reshape(n, -1), tail.reshape(n, -1)
         cols["topk_values"] = _store_array(values, dtype)
         cols["topk_indices"] = _fixed_list(indices.numpy().astype(np.int32), pa.int32())
-        cols["tail_logmass"] = pa.array(tail.numpy().astype(np.float32), type=pa.float32())
+        cols["tail_logmass"] = _fixed_list(tail.numpy().astype(np.float32), pa.float32()) if seq \
+            else pa.array(tail.numpy().astype(np.float32), type=pa.float32())
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf, compression="zstd")
     return buf.getvalue()
@@ -103,6 +113,13 @@ class TargetBatch:
                            {k: torch.cat([p.targets[k] for p in parts]) for k in parts[0].targets})
 
 
+def _scalar_or_list(table: pa.Table, name: str) -> torch.Tensor:
+    """A per-row column ([n]) or a per-token one (a fixed-size list per row: [n, S])."""
+    if pa.types.is_fixed_size_list(table.schema.field(name).type):
+        return _load_array(table.column(name), "float32")
+    return torch.from_numpy(_column_numpy(table, name))
+
+
 def decode_rows(data: bytes, dtype: str) -> TargetBatch:
     table = pq.read_table(io.BytesIO(data))
     targets: dict[str, torch.Tensor] = {}
@@ -111,10 +128,10 @@ def decode_rows(data: bytes, dtype: str) -> TargetBatch:
     else:
         targets["topk_values"] = _load_array(table.column("topk_values"), dtype)
         targets["topk_indices"] = _load_array(table.column("topk_indices"), "int32")
-        targets["tail_logmass"] = torch.from_numpy(_column_numpy(table, "tail_logmass"))
+        targets["tail_logmass"] = _scalar_or_list(table, "tail_logmass")
     return TargetBatch(
         row_id=torch.from_numpy(_column_numpy(table, "row_id")),
         x=_load_array(table.column("x"), "float32"),
-        y=torch.from_numpy(_column_numpy(table, "label")),
+        y=_scalar_or_list(table, "label").long(),
         targets=targets,
     )

@@ -130,16 +130,48 @@ def loss_step(task: TaskKind, model: nn.Module, xb: torch.Tensor, yb: torch.Tens
     return task.objective(logits, yb, tb, loss)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rate per step (linear warmup, then constant or cosine to 0) and gradient clipping."""
+
+    cfg: OptimizerConfig
+    first_step: int  # the global step of this epoch's first step
+    total_steps: int
+
+    def factor(self, step: int) -> float:
+        warm = self.cfg.warmup_steps
+        if warm and step < warm:
+            return (step + 1) / warm
+        if self.cfg.schedule == "cosine":
+            done = (step - warm) / max(1, self.total_steps - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+
+
+def schedule_for(cfg: OptimizerConfig, epoch: int, steps_per_epoch: int, epochs: int) -> Schedule | None:
+    """None when no schedule key is set: the step is then exactly the plain one."""
+    if cfg.schedule == "constant" and not cfg.warmup_steps and cfg.grad_clip is None:
+        return None
+    return Schedule(cfg, (epoch - 1) * steps_per_epoch, epochs * steps_per_epoch)
+
+
 def train_epoch(task: TaskKind, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 share: Share, order: torch.Tensor, batch_size: int, loss: LossConfig | None,
-                precision: str) -> torch.Tensor:
+                precision: str, schedule: Schedule | None = None) -> torch.Tensor:
     """One pass over `order`; returns the summed [total, kd, ce] over the steps (one host sync per epoch)."""
     sums = torch.zeros(3, device=share.device)
-    for s in range(0, len(order), batch_size):
+    for i, s in enumerate(range(0, len(order), batch_size)):
         xb, yb, tb = share.batch(order[s:s + batch_size])
+        if schedule is not None:
+            f = schedule.factor(schedule.first_step + i)
+            for g in opt.param_groups:
+                g["lr"] = schedule.cfg.lr * f
         loss_value, parts = loss_step(task, model, xb, yb, tb, loss, precision)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss_value).backward()
+        if schedule is not None and schedule.cfg.grad_clip is not None:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), schedule.cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
         sums += parts
@@ -358,8 +390,9 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
     order = torch.randperm(len(w.share), generator=gen)[:w.per_worker].to(w.share.rows_device)
     w.model.train()
     t0 = time.perf_counter()
+    steps = math.ceil(w.per_worker / cfg.batch_size)
     sums_t = train_epoch(cfg.task, w.model, w.opt, w.scaler, w.share, order, cfg.batch_size, cfg.loss,
-                         cfg.precision)
+                         cfg.precision, schedule_for(cfg.optimizer, epoch, steps, cfg.epochs))
     if w.device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize(w.device)
     train_s = time.perf_counter() - t0
@@ -367,7 +400,6 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
         torch.distributed.all_reduce(sums_t)
         sums_t /= w.world
     sums = sums_t.tolist()
-    steps = math.ceil(w.per_worker / cfg.batch_size)
     metrics: dict[str, float] = {"epoch": epoch, "train_loss": sums[0] / steps, "train_kd": sums[1] / steps,
                                  "train_ce": sums[2] / steps, "samples_per_s": w.per_worker * w.world / train_s,
                                  "epoch_s": train_s}

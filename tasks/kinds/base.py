@@ -12,7 +12,8 @@ What a kind decides:
 - validation: counts summable across workers, and the metrics made from them (`eval_counts`, `metrics`);
 - what the registered model takes as input (`serving_inputs`, `from_serving`).
 
-Only classification exists today (tasks/kinds/classification.py).
+Two kinds exist: classification (tasks/kinds/classification.py) and causal_lm (tasks/kinds/lm.py).
+The driver-side half (the test-split report and registration) is orchestrator/kind_runs.py.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class TaskKind(Protocol):
 
     def dims(self, meta: Mapping[str, Any]) -> dict[str, int]:
         """The shapes a model is built for, from a Dataset's or a manifest's metadata."""
+        ...
+
+    def check_name(self, name: str) -> None:
+        """Fail before any work when a workflow's model name cannot be built (an unknown factory or family)."""
         ...
 
     def build_model(self, name: str, params: Mapping[str, Any], dims: Mapping[str, int]) -> nn.Module: ...

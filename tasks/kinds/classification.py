@@ -160,6 +160,11 @@ class Classification:
     def dims(self, meta: Mapping[str, Any]) -> dict[str, int]:
         return {"num_features": int(meta["num_features"]), "num_classes": int(meta["num_classes"])}
 
+    def check_name(self, name: str) -> None:
+        from tasks.models import resolve_factory
+
+        resolve_factory(name)
+
     def build_model(self, name: str, params: Mapping[str, Any], dims: Mapping[str, int]) -> nn.Module:
         return build_model(name, dict(params), dims["num_features"], dims["num_classes"])
 

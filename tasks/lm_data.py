@@ -1,0 +1,292 @@
+"""Language-model data: documents read, split by document, tokenized and packed into fixed-length rows.
+
+A row is `seq_len` input token ids (x) and `seq_len` next-token labels (y); a label of -1 is masked out of
+every loss and metric: padding after the last document, and the prompt's tokens when the source gives
+prompt/completion columns. Documents are split train/val/test by a seeded permutation *before* packing, so
+no document straddles two splits. The tokenizer is a local directory (`tokenizer.json`) or a byte-level BPE
+trained here on the training documents only and kept in the store beside the soft targets. The Dataset's
+fingerprint covers the text, the split, the tokenizer's hash, seq_len and the packing scheme, so a change
+to any of them is a new soft-target key.
+
+Errors name the `data:` keys (`source`, `text`, `prompt`, `tokenizer.path`, ...); the orchestrator prefixes
+them with `data`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sysconfig
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import UserError
+from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
+
+STDLIB = "python-stdlib"
+PACKING = "concat-eos-v1"  # documents joined with EOS, cut into seq_len + 1 windows, last one padded
+EOS = "<|endoftext|>"
+IGNORE = -1  # the label of a masked token (padding, prompt)
+
+
+@dataclass
+class Document:
+    text: str
+    prompt: str = ""  # tokens of the prompt are inputs, never targets
+
+
+def stdlib_documents(max_bytes: int | None, max_files: int | None) -> list[Document]:
+    """The running interpreter's standard-library .py sources (no tests, no site-packages), in a fixed order.
+
+    Files are ordered by the hash of their relative path (not alphabetically, which would take only the
+    a*.py modules), then taken until `max_files` or `max_bytes`; the same Python gives the same corpus.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith(("site-packages", "dist-packages", "test/", "idlelib/idle_test", "lib2to3/tests")) or \
+                "/tests/" in rel or "/test/" in rel:
+            continue
+        files.append(rel)
+    files.sort(key=lambda r: hashlib.sha256(r.encode()).hexdigest())
+    docs: list[Document] = []
+    total = 0
+    for rel in files:
+        if max_files is not None and len(docs) >= max_files:
+            break
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        if max_bytes is not None and total + len(text) > max_bytes:
+            if docs:
+                continue  # a smaller file further on may still fit
+            text = text[:max_bytes]
+        docs.append(Document(text))
+        total += len(text)
+    return docs
+
+
+def _read_table(source: str, storage: Storage | None) -> Any:
+    """A Parquet file/folder/glob or a JSON-lines file (local or s3://) as a pyarrow Table."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    if source.endswith((".jsonl", ".json", ".ndjson")):
+        fs = filesystem_for(source, storage.s3_options() if storage is not None else {})
+        path = source.removeprefix("s3://")
+        try:
+            if not fs.exists(path):
+                raise UserError(f"no such file: {source}", where="source")
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            return pj.read_json(io.BytesIO(data))
+        except (*S3_ERRORS, pa.ArrowException) as exc:
+            raise UserError(f"cannot read JSON lines from {source}: {describe_s3_error(exc)}", where="source") from None
+    from tasks.data import read_parquet_table
+
+    return read_parquet_table(source, storage, "source")
+
+
+def table_documents(source: str, options: Mapping[str, Any], storage: Storage | None) -> list[Document]:
+    table = _read_table(source, storage)
+    names = table.column_names
+
+    def column(key: str) -> list[Any]:
+        name = options.get(key) or ("text" if key == "text" else None)
+        if name not in names:
+            raise UserError(f"no column {name!r} in {source} (columns: {', '.join(names)})", where=key)
+        return table.column(name).to_pylist()
+
+    if options.get("prompt") or options.get("completion"):
+        if not (options.get("prompt") and options.get("completion")):
+            raise UserError("prompt and completion are set together", where="prompt" if not options.get("prompt")
+                            else "completion")
+        return [Document(str(c or ""), str(p or "")) for p, c in zip(column("prompt"), column("completion"),
+                                                                      strict=True)]
+    return [Document(str(t or "")) for t in column("text")]
+
+
+def read_documents(options: Mapping[str, Any], storage: Storage | None) -> list[Document]:
+    """The corpus named by `source`, limited by `limit` documents; empty or whitespace-only text is refused."""
+    source = options["source"]
+    corpus = options.get("corpus") or {}
+    if source == STDLIB:
+        docs = stdlib_documents(corpus.get("max_bytes"), corpus.get("max_files"))
+    elif source.endswith((".parquet", ".jsonl", ".json", ".ndjson")) or "*" in source or source.startswith("s3://") \
+            or os.path.isdir(source):
+        docs = table_documents(source, options, storage)
+    else:
+        raise UserError(f"unknown LM source {source!r}: the built-in corpus is {STDLIB!r}, or a Parquet / "
+                        "JSON-lines file (local or s3://)", where="source")
+    if options.get("limit"):
+        docs = docs[: int(options["limit"])]
+    docs = [d for d in docs if (d.prompt + d.text).strip()]
+    if not docs:
+        key = "completion" if options.get("completion") else "text"
+        raise UserError(f"the corpus {source} holds no text (empty or whitespace only)", where=key)
+    return docs
+
+
+def split_documents(docs: list[Document], *, val: float, test: float, seed: int) -> dict[str, list[Document]]:
+    n = len(docs)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = max(1, round(n * test)), round(n * val)
+    if val > 0:
+        n_val = max(1, n_val)
+    if n - n_test - n_val < 1:
+        raise UserError(f"{n} documents are too few for this split", where="split")
+    return {"test": [docs[i] for i in perm[:n_test]], "val": [docs[i] for i in perm[n_test:n_test + n_val]],
+            "train": [docs[i] for i in perm[n_test + n_val:]]}
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def tokenizer_hash(tok: Any) -> str:
+    """The tokenizer's identity for distillation: a hash of its token -> id map (special tokens included).
+
+    Two models can share soft targets exactly when their ids mean the same tokens; a tokenizer re-saved by
+    transformers (other post-processing, the same vocabulary) keeps its hash.
+    """
+    vocab = json.dumps(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE over `texts` with one special token, EOS (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_tokenizer_dir(path: str) -> Any:
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise UserError(f"no tokenizer.json in {path} (a tokenizer directory, e.g. save_pretrained output)",
+                        where="tokenizer.path")
+    return Tokenizer.from_file(str(file))
+
+
+def get_tokenizer(options: Mapping[str, Any], train_docs: list[Document], storage: Storage | None) -> Any:
+    """A local tokenizer directory, or a BPE trained on the training documents, cached in the store by
+    (training text, vocab size) so reruns and searches reuse the very same one."""
+    spec = options.get("tokenizer") or {}
+    if spec.get("path"):
+        return load_tokenizer_dir(spec["path"])
+    vocab = int(spec.get("vocab_size") or 512)
+    h = hashlib.sha256(f"bpe-v1|{vocab}|".encode())
+    for d in train_docs:
+        h.update(d.prompt.encode())
+        h.update(b"\0")
+        h.update(d.text.encode())
+        h.update(b"\1")
+    key = h.hexdigest()[:20]
+    if storage is not None:
+        path = storage.path("tokenizers", key, "tokenizer.json")
+        if storage.exists(path):
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_str(storage.read_bytes(path).decode())
+    tok = train_bpe([d.prompt + d.text for d in train_docs], vocab)
+    if storage is not None:
+        storage.write_bytes(path, tok.to_str().encode())
+    return tok
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack(docs: list[Document], tok: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [N, seq_len] and labels [N, seq_len]: documents joined, each followed by EOS, cut into
+    windows of seq_len + 1 (x = window[:-1], y = window[1:]); prompt tokens and padding get label -1."""
+    eos = tok.token_to_id(EOS)
+    eos = 0 if eos is None else eos
+    ids: list[int] = []
+    keep: list[bool] = []  # whether this token may be a target
+    prompts = [d.prompt for d in docs]
+    texts = [d.text for d in docs]
+    enc_p = tok.encode_batch(prompts) if any(prompts) else None
+    enc_t = tok.encode_batch(texts)
+    for i in range(len(docs)):
+        p = enc_p[i].ids if enc_p is not None else []
+        t = enc_t[i].ids
+        ids.extend(p)
+        keep.extend([False] * len(p))
+        ids.extend(t)
+        keep.extend([True] * len(t))
+        ids.append(eos)
+        keep.append(True)
+    window = seq_len + 1
+    n = max(1, int(np.ceil((len(ids) - 1) / seq_len)))
+    total = n * seq_len + 1
+    arr = np.full(total, eos, dtype=np.int64)
+    ok = np.zeros(total, dtype=bool)
+    arr[:len(ids)] = ids[:total]
+    ok[:len(keep)] = keep[:total]
+    x = np.lib.stride_tricks.sliding_window_view(arr, window)[::seq_len][:n]
+    m = np.lib.stride_tricks.sliding_window_view(ok, window)[::seq_len][:n]
+    y = np.where(m[:, 1:], x[:, 1:], IGNORE)
+    return np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(y)
+
+
+@dataclass
+class LMData:
+    """What `load_lm_data` makes; tasks/kinds/lm.py turns it into the pipeline's Dataset."""
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    tokenizer: Any
+    tokenizer_hash: str
+    vocab_size: int
+    seq_len: int
+    fingerprint: str
+    documents: dict[str, int]
+
+
+def load_lm_data(options: Mapping[str, Any], *, seed: int, storage: Storage | None) -> LMData:
+    seq_len = int(options.get("seq_len") or 128)
+    split = options.get("split") or {}
+    docs = read_documents(options, storage)
+    parts = split_documents(docs, val=split.get("val", 0.1), test=split.get("test", 0.1), seed=seed)
+    tok = get_tokenizer(options, parts["train"], storage)
+    th = tokenizer_hash(tok)
+    xs, ys = {}, {}
+    h = hashlib.sha256(f"{PACKING}|seq_len={seq_len}|tokenizer={th}|seed={seed}|".encode())
+    for name in ("train", "val", "test"):
+        xs[name], ys[name] = pack(parts[name], tok, seq_len) if parts[name] else (
+            np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), np.int64))
+        h.update(name.encode())
+        h.update(xs[name].tobytes())
+        h.update(ys[name].tobytes())
+    if int((ys["train"] >= 0).sum()) == 0:
+        raise UserError("the training split has no target tokens", where="completion" if options.get("completion")
+                        else "text")
+    return LMData(xs, ys, tok, th, tok.get_vocab_size(), seq_len, h.hexdigest(),
+                  {k: len(v) for k, v in parts.items()})
+
+
+def save_tokenizer_dir(tok: Any, folder: str | Path) -> None:
+    """A transformers-loadable tokenizer directory (PreTrainedTokenizerFast) beside a model."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+    fast.save_pretrained(str(folder))
+    Path(folder, "kdflow_tokenizer.json").write_text(json.dumps({"hash": tokenizer_hash(tok)}))
