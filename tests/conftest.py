@@ -26,6 +26,12 @@ os.environ.setdefault("TMPDIR", _TMP)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
+# moto's test credentials for every process from the start: Ray workers take their environment when the
+# session's Ray starts (often before the S3 server fixture), and they read S3 with their own credentials,
+# as a cluster node does (the endpoint travels with the Storage value; credentials never do).
+for _var, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_var, _value)
 
 
 def free_port() -> int:
@@ -145,16 +151,16 @@ def session_ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def kdflow(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600,
-           own_ray: bool = False) -> subprocess.CompletedProcess:
+def kdflow(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `kdflow` command as a user would.
 
     `kdflow run` joins the session's Ray (RAY_ADDRESS, as inside a Ray job) instead of starting its own:
-    starting a local Ray costs 10-30 s on two cores, most of a small test run. `own_ray=True` (or a
-    RAY_ADDRESS in `env`) keeps what a user's first `kdflow run` does, a Ray of its own.
+    starting a local Ray costs 10-30 s on two cores, most of a small test run. A RAY_ADDRESS in `env` wins;
+    tests that start `kdflow run` themselves (test_failures' two runs at once) keep a Ray of their own each,
+    as a user's first runs do.
     """
     env = {**os.environ, **(env or {})}
-    if args and args[0] == "run" and not own_ray and "RAY_ADDRESS" not in env:
+    if args and args[0] == "run" and "RAY_ADDRESS" not in env:
         # joining needs token auth on, as `ray start --address` does
         env.update(RAY_ADDRESS=session_ray_address(), RAY_AUTH_MODE="token")
     return subprocess.run([str(BIN / "kdflow"), *args], check=False, cwd=cwd, capture_output=True, text=True,

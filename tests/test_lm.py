@@ -271,8 +271,10 @@ def test_prompt_completion_parquet_and_fingerprint(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_lm_workflow_runs_with_two_workers(workdir: Path) -> None:
+def test_lm_workflow_runs_with_two_workers(workdir: Path, s3_bucket: str) -> None:
+    """The whole LM path once: stored on the loopback S3 server (tokenizer, teacher, per-token shards)."""
     raw = lm_workflow(source="python-stdlib", corpus={"max_bytes": 30000}, split={"val": 0.1, "test": 0.1})
+    raw["storage"] = {"root": f"s3://{s3_bucket}/lm"}
     raw.update(train={"epochs": 2, "batch_size": 8, "workers": 2,
                       "optimizer": {"schedule": "cosine", "warmup_steps": 2, "grad_clip": 1.0}})
     raw["teacher"]["train"] = {"epochs": 2, "batch_size": 8}
@@ -289,6 +291,13 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path) -> None:
     assert s["tokens_per_s"] > 0 and len(s["nodes"]) == 2  # one Ray node id per rank: two workers ran
     st = result["soft_targets"]
     assert st["format"] == "topk" and st["top_k"] == 8 and st["seq_len"] == 16 and st["bytes_per_token"] > 0
+    from tasks.storage import Storage
+
+    store = Storage(f"s3://{s3_bucket}/lm")
+    entry = store.path("soft_targets", st["cache_key"])
+    assert store.exists(store.path("soft_targets", st["cache_key"], "manifest.json"))
+    assert any(p.endswith(".parquet") for p in store.ls(store.path("soft_targets", st["cache_key"], "train"))), entry
+    assert store.ls(store.path("tokenizers"))  # the BPE trained on the training split is kept with the cache
     # registered with its tokenizer, promoted by the perplexity gate, and it generates from models:/NAME@ALIAS
     assert "champion" in result["registry"]["aliases"]
     import mlflow
