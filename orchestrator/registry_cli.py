@@ -393,7 +393,8 @@ def rest_of_summary(c: Any, result: dict[str, Any], s: dict[str, Any], reg: dict
             c.print(f"              {_secs(se['wall_s'])} of trials, {_secs(se['train_s'])} of it training steps "
                     f"over {se.get('concurrency') or 0} slot(s)"
                     + (f" (efficiency {se['efficiency']:.2f})" if se.get("efficiency") is not None else ""))
-    c.print(f"student       {s['epochs']} epochs ({s.get('stop_reason') or 'done'}), {s['samples_per_s']:,.0f} samples/s"
+    rate = f"{s['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in s else f"{s['samples_per_s']:,.0f} samples/s"
+    c.print(f"student       {s['epochs']} epochs ({s.get('stop_reason') or 'done'}), {rate}"
             + (f", resumed from {s['resumed_from']}" if s.get("resumed_from") else ""))
     stages = result.get("stages") or {}
     if stages:

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -382,6 +383,14 @@ def resume(w: Worker, session: Session | None = None) -> LoopState:
     return state
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (what a worker's share of the rows costs it)."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
     """Train on a fresh order of this worker's rows (seeded by epoch: a resumed run repeats it), then validate
     on every worker's share of val, summed, so that all ranks see the same numbers."""
@@ -402,7 +411,7 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
     sums = sums_t.tolist()
     metrics: dict[str, float] = {"epoch": epoch, "train_loss": sums[0] / steps, "train_kd": sums[1] / steps,
                                  "train_ce": sums[2] / steps, "samples_per_s": w.per_worker * w.world / train_s,
-                                 "epoch_s": train_s}
+                                 "epoch_s": train_s, "peak_rss_mb": peak_rss_mb()}
     if w.val_rows is not None:
         counts = cfg.task.eval_counts(w.core, w.val_rows, cfg.dims, w.device)
         if w.world > 1:
@@ -442,6 +451,17 @@ def checkpoint(w: Worker, state: LoopState, reporter: Reporter, metrics: dict[st
     state.checkpoint_s += time.perf_counter() - t0
 
 
+def epoch_summary(metrics: dict[str, float], dims: Mapping[str, Any]) -> str:
+    """The progress line's numbers in the task's own terms: a causal LM's rows are token sequences, judged by
+    perplexity (its next-token accuracy is not what anyone reads), a classifier's by accuracy."""
+    line = f"loss {metrics['train_loss']:.4f}"
+    if "val_perplexity" in metrics:
+        return line + f" val_ppl {metrics['val_perplexity']:.3f} {metrics['samples_per_s'] * int(dims['seq_len']):,.0f} tokens/s"
+    if "val_accuracy" in metrics:
+        line += f" val_acc {metrics['val_accuracy']:.4f}"
+    return line + f" {metrics['samples_per_s']:,.0f} samples/s"
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every worker: setup, resume, then per epoch train + validate, decide, maybe checkpoint.
 
@@ -464,9 +484,8 @@ def train_loop(config: dict[str, Any]) -> None:
         last = stopped is not None or epoch == cfg.epochs
         if epoch == 1 or last or time.monotonic() - last_log >= PROGRESS_EVERY_S:
             last_log = time.monotonic()
-            w.log(f"epoch {epoch}/{cfg.epochs} loss {metrics['train_loss']:.4f}"
-                  + (f" val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
-                  + f" {metrics['samples_per_s']:,.0f} samples/s" + (f" ({stopped.value})" if stopped else ""))
+            w.log(f"epoch {epoch}/{cfg.epochs} {epoch_summary(metrics, cfg.dims)}"
+                  + (f" ({stopped.value})" if stopped else ""))
         # a report costs a controller round trip, so none without a checkpoint
         if last or checkpoint_due(cfg, epoch, time.monotonic() - last_ckpt):
             checkpoint(w, state, reporter, metrics, (stopped or StopReason.COMPLETED) if last else StopReason.RUNNING)
