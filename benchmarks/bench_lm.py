@@ -15,13 +15,30 @@ values, int32 ids, float32 tail log-mass, Parquet zstd) and rebuilt three ways:
 The KL columns are mean KL(teacher_T || rebuilt_T) per real token, in nats.
 
 Run from the repository root: ``python benchmarks/bench_lm.py [--set key=value ...]`` (table on stdout).
+
+With ``--throughput`` it measures instead, side by side in one run, on the workflow's teacher and student
+(fresh weights: speed does not depend on them) over the standard library corpus at THROUGHPUT_BYTES:
+
+- precompute tokens/s: `SoftTargetStore.precompute` (Ray tasks, one torch thread each, top-32 + tail
+  written as Parquet) against a plain `torch.no_grad()` loop over the same rows and teacher at PyTorch's
+  default threads, the plain loop measured before and after each precompute (first with fresh Ray
+  workers, then with warm ones);
+- train tokens/s: the train stage with 1 worker (`tasks.train.fit` through Ray Train, reading the store;
+  FitResult.samples_per_s x seq_len, median epoch after the first, training steps only) against a plain
+  single-process loop over the same rows, model and objective, both at the machine's cores in threads;
+- a worker's peak RSS (`peak_rss_mb` of its epoch metrics) training on 1x and 8x the corpus.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +59,9 @@ WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "lm-stdlib.yaml"
 TOP_KS = (8, 32, 128)
 TEMPERATURES = (1.0, 2.0)
 ROWS = 48
+THROUGHPUT_BYTES = 100_000  # the 1x corpus (the example reads 400,000)
+TRAIN_EPOCHS = 3
+BATCH = 16
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -52,7 +72,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--teacher-file", help="a stored teacher (teachers/KEY/model.pt) to use as it is")
+    ap.add_argument("--throughput", action="store_true", help="precompute/train tokens/s against plain loops, "
+                    "and a worker's peak memory at 1x and 8x the corpus")
+    ap.add_argument("--corpus-bytes", type=int, default=THROUGHPUT_BYTES, help="the 1x corpus of --throughput")
     args = ap.parse_args()
+    if args.throughput:
+        throughput(args.overrides, args.corpus_bytes)
+        return
     spec = load_workflow(WORKFLOW, args.overrides)
     storage = storage_for(spec)
     task = task_for(spec)
@@ -94,6 +120,178 @@ def main() -> None:
             kl_buckets = kl(p_buckets, teacher_buckets(values, tail, vocab, temp)).mean()
             print(f"| {k} | {len(data_bytes) / tokens:.0f} | {temp:g} | {kl_exact:.2e} | {kl_guess:.2e} | "
                   f"{kl_buckets:.2e} | {mass:.4f} |")
+
+
+# ---------------------------------------------------------------- --throughput
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def corpus(root: str, scale: int, size: int, overrides: list[str]) -> tuple[Any, Any, Any]:
+    """The workflow at `scale` x `size` bytes of the corpus, storing under `root`: (spec, storage, data)."""
+    spec = load_workflow(WORKFLOW, [*overrides, f"storage.root={root}",
+                                    f"data.corpus.max_bytes={size * scale}"])
+    storage = storage_for(spec)
+    return spec, storage, stages.load_data(spec, storage)
+
+
+def seeded(task: Any, model: Any, dims: dict[str, Any]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return task.build_model(model.model, model.params, dims)
+
+
+def store_targets(storage: Any, data: Any, teacher: torch.nn.Module, key: str, task: Any) -> tuple[dict, float]:
+    from tasks.soft_targets import SoftTargetStore
+
+    splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
+    t0 = time.perf_counter()
+    manifest, _ = SoftTargetStore(storage).precompute(
+        key, [teacher], splits, task=task, shards=8, format="topk", dtype="float16", top_k=32, ensemble="mean_probs",
+        meta={"num_classes": data.num_classes, "num_features": data.num_features, **data.extra["meta"]})
+    return manifest, time.perf_counter() - t0
+
+
+def plain_forward(teacher: torch.nn.Module, x: np.ndarray, threads: int) -> float:
+    """Tokens/s of the loop a person writes to get teacher logits: no_grad, batches of 16, nothing stored."""
+    torch.set_num_threads(threads)
+    teacher.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(x), BATCH):
+            teacher(torch.from_numpy(x[i:i + BATCH]).long())
+    return x.size / (time.perf_counter() - t0)
+
+
+def plain_train(storage: Any, manifest: dict, task: Any, student_spec: Any, loss: Any, threads: int) -> float:
+    """Tokens/s of a plain single-process loop: the rows in memory, randperm + index, the same objective and
+    AdamW as the train stage (median epoch after the first)."""
+    from tasks.kinds.lm import teacher_tuple
+    from tasks.soft_targets import SoftTargetStore
+
+    torch.set_num_threads(threads)
+    dims = task.dims(manifest)
+    rows = SoftTargetStore(storage).read(manifest, "train")
+    x, y = rows.x.long(), rows.y.long()
+    values, ids, tail = teacher_tuple(rows.targets, dims["seq_len"], dims["vocab_size"])
+    model = seeded(task, student_spec, dims)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    rates = []
+    for _ in range(TRAIN_EPOCHS):
+        order = torch.randperm(len(y), generator=gen)
+        t0 = time.perf_counter()
+        for i in range(0, len(order), BATCH):
+            idx = order[i:i + BATCH]
+            total, _ = task.objective(model(x[idx]), y[idx], (values[idx], ids[idx], tail[idx]), loss)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+        rates.append(len(order) * dims["seq_len"] / (time.perf_counter() - t0))
+    return statistics.median(rates[1:])
+
+
+def train_stage(storage: Any, manifest: dict, task: Any, student_spec: Any, loss: Any, threads: int,
+                epochs: int = TRAIN_EPOCHS) -> Any:
+    """The train stage with one worker, as `kdflow run` fits the student (no schedule/clip, like the plain loop)."""
+    from tasks.fit_config import FitConfig, OptimizerConfig, Resources
+    from tasks.train import ShardSource, fit
+
+    config = FitConfig(
+        log_prefix="student", task=task, model=student_spec.model, params=student_spec.params,
+        dims=task.dims(manifest), seed=0, epochs=epochs, batch_size=BATCH,
+        optimizer=OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9, schedule="constant",
+                                  warmup_steps=0, grad_clip=None),
+        precision="fp32", loss=loss, data=ShardSource(storage, manifest, "train"),
+        val=ShardSource(storage, manifest, "val"), early_stopping=None, checkpoint_every=None,
+        checkpoint_interval_s=3600.0, epoch_hook=None,
+        resources=Resources(workers=1, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, max_failures=0,
+                            placement="pack", torch_threads=threads))
+    return fit(config, storage=storage, run_name=f"bench-lm-{time.time_ns()}")
+
+
+def throughput(overrides: list[str], size: int) -> None:
+    from orchestrator.configs import machine_cores
+    from orchestrator.runtime import ensure_ray
+    from tasks.fit_config import LossConfig
+
+    t_start = time.perf_counter()
+    for attempt in range(3):  # on an overloaded box a raylet can miss Ray's fixed 30 s start-up window
+        try:
+            ensure_ray()
+            break
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            import ray
+
+            ray.shutdown()
+    cores = machine_cores()
+    threads = torch.get_num_threads()
+    root = tempfile.mkdtemp(prefix="kdflow-bench-lm-")
+    spec, storage, data = corpus(root, 1, size, overrides)
+    task = task_for(spec)
+    dims = task.dims(data_meta(data))
+    teacher = seeded(task, spec.teachers[0], dims)
+    loss = LossConfig(kind=spec.distill.loss, temperature=spec.distill.temperature, alpha=spec.distill.alpha,
+                      beta=spec.distill.beta)
+    x_all = np.concatenate([data.x[s] for s in ("train", "val", "test")])
+    tokens = x_all.size
+    progress(f"1x corpus: {tokens:,} tokens in {len(x_all)} rows of {dims['seq_len']}; teacher "
+             f"{sum(p.numel() for p in teacher.parameters()):,} params")
+
+    # precompute vs a plain no_grad loop, the plain loop right before and after each
+    pre: list[tuple[str, float, float]] = []
+    before = plain_forward(teacher, x_all, threads)
+    manifest = None
+    for label, key in (("fresh Ray workers", "bench-a"), ("warm Ray workers", "bench-b")):
+        manifest, seconds = store_targets(storage, data, teacher, key, task)
+        after = plain_forward(teacher, x_all, threads)
+        pre.append((label, tokens / seconds, (before + after) / 2))
+        progress(f"precompute ({label}): {tokens / seconds:,.0f} tokens/s; plain {before:,.0f} / {after:,.0f}")
+        before = after
+
+    # the train stage with 1 worker vs a plain loop, same threads, the plain loop before and after
+    p_before = plain_train(storage, manifest, task, spec.student, loss, cores)
+    fitted = train_stage(storage, manifest, task, spec.student, loss, cores)
+    p_after = plain_train(storage, manifest, task, spec.student, loss, cores)
+    stage_tps = fitted.samples_per_s * dims["seq_len"]
+    rss1 = max(h["peak_rss_mb"] for h in fitted.history)
+    train_tokens1 = int((data.y["train"] >= 0).sum())
+    progress(f"train stage: {stage_tps:,.0f} tokens/s; plain {p_before:,.0f} / {p_after:,.0f}; peak RSS {rss1:.0f} MiB")
+
+    # a worker's peak memory on 8x the corpus (the same student and targets of the same shape)
+    spec8, storage8, data8 = corpus(os.path.join(root, "x8"), 8, size, overrides)
+    dims8 = task.dims(data_meta(data8))
+    # the student as the teacher of this store: the stored rows (top-32 + tail per token) are the same size
+    manifest8, _ = store_targets(storage8, data8, seeded(task, spec8.student, dims8), "bench-x8", task)
+    fitted8 = train_stage(storage8, manifest8, task, spec8.student, loss, cores, epochs=1)
+    rss8 = max(h["peak_rss_mb"] for h in fitted8.history)
+    train_tokens8 = int((data8.y["train"] >= 0).sum())
+    load = os.getloadavg()
+
+    print(f"Workflow {WORKFLOW.name}: teacher {spec.teachers[0].params}, student {spec.student.params}, seq_len "
+          f"{dims['seq_len']}, vocabulary {dims['vocab_size']}, top-32 fp16 + tail; 1x corpus = "
+          f"{size:,} bytes of stdlib source = {tokens:,} token positions ({len(x_all)} rows). "
+          f"Plain loops at PyTorch's default {threads} thread(s); {cores} cores.\n")
+    print("| stage | kdflow tokens/s | plain loop tokens/s (before/after mean) | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, value, base in pre:
+        print(f"| precompute, teacher forward + top-k + Parquet write ({label}) | {value:,.0f} | {base:,.0f} "
+              f"(no_grad loop) | **{value / base:.2f}** |")
+    base = (p_before + p_after) / 2
+    print(f"| train stage, 1 worker (`fit`, {cores} torch threads, batch {BATCH}, median epoch after the first) | "
+          f"{stage_tps:,.0f} | {base:,.0f} (single process, {cores} threads) | **{stage_tps / base:.2f}** |")
+    print("\n| corpus | train tokens | worker peak RSS (MiB) |")
+    print("| --- | ---: | ---: |")
+    print(f"| 1x ({size:,} bytes) | {train_tokens1:,} | {rss1:.0f} |")
+    print(f"| 8x ({size * 8:,} bytes) | {train_tokens8:,} | {rss8:.0f} |")
+    print(f"\nGrowth: {rss8 - rss1:.0f} MiB for {train_tokens8 - train_tokens1:,} more training tokens "
+          f"({(rss8 - rss1) * 2**20 / max(1, train_tokens8 - train_tokens1):.0f} bytes/token).")
+    print(f"Total {time.perf_counter() - t_start:.0f} s; load average at the end "
+          f"{', '.join(f'{v:.1f}' for v in load)} on {os.cpu_count()} CPUs.")
 
 
 if __name__ == "__main__":
