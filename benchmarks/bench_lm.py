@@ -26,7 +26,8 @@ With ``--throughput`` it measures instead, side by side in one run, on the workf
 - train tokens/s: the train stage with 1 worker (`tasks.train.fit` through Ray Train, reading the store;
   FitResult.samples_per_s x seq_len, median epoch after the first, training steps only) against a plain
   single-process loop over the same rows, model and objective, both at the machine's cores in threads;
-- a worker's peak RSS (`peak_rss_mb` of its epoch metrics) training on 1x and 8x the corpus.
+- a worker's peak RSS (`peak_rss_mb` of its epoch metrics) training on 1x and 8x the corpus, holding its
+  share (the default under `train.hold_share_mb`) and streaming it.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def plain_train(storage: Any, manifest: dict, task: Any, student_spec: Any, loss
 
 
 def train_stage(storage: Any, manifest: dict, task: Any, student_spec: Any, loss: Any, threads: int,
-                epochs: int = TRAIN_EPOCHS) -> Any:
+                epochs: int = TRAIN_EPOCHS, hold: int = 2**30) -> Any:
     """The train stage with one worker, as `kdflow run` fits the student (no schedule/clip, like the plain loop)."""
     from tasks.fit_config import FitConfig, OptimizerConfig, Resources
     from tasks.train import ShardSource, fit
@@ -208,7 +209,7 @@ def train_stage(storage: Any, manifest: dict, task: Any, student_spec: Any, loss
         val=ShardSource(storage, manifest, "val"), early_stopping=None, checkpoint_every=None,
         checkpoint_interval_s=3600.0, epoch_hook=None,
         resources=Resources(workers=1, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, max_failures=0,
-                            placement="pack", torch_threads=threads))
+                            placement="pack", torch_threads=threads), hold_share_bytes=hold)
     return fit(config, storage=storage, run_name=f"bench-lm-{time.time_ns()}")
 
 
@@ -269,6 +270,9 @@ def throughput(overrides: list[str], size: int) -> None:
     manifest8, _ = store_targets(storage8, data8, seeded(task, spec8.student, dims8), "bench-x8", task)
     fitted8 = train_stage(storage8, manifest8, task, spec8.student, loss, cores, epochs=1)
     rss8 = max(h["peak_rss_mb"] for h in fitted8.history)
+    # the same 8x share streamed (train.hold_share_mb below its stored size): shard by shard, one read ahead
+    streamed8 = train_stage(storage8, manifest8, task, spec8.student, loss, cores, epochs=1, hold=0)
+    rss8s = max(h["peak_rss_mb"] for h in streamed8.history)
     train_tokens8 = int((data8.y["train"] >= 0).sum())
     load = os.getloadavg()
 
@@ -288,6 +292,7 @@ def throughput(overrides: list[str], size: int) -> None:
     print("| --- | ---: | ---: |")
     print(f"| 1x ({size:,} bytes) | {train_tokens1:,} | {rss1:.0f} |")
     print(f"| 8x ({size * 8:,} bytes) | {train_tokens8:,} | {rss8:.0f} |")
+    print(f"| 8x, streamed (`train.hold_share_mb: 0`) | {train_tokens8:,} | {rss8s:.0f} |")
     print(f"\nGrowth: {rss8 - rss1:.0f} MiB for {train_tokens8 - train_tokens1:,} more training tokens "
           f"({(rss8 - rss1) * 2**20 / max(1, train_tokens8 - train_tokens1):.0f} bytes/token).")
     print(f"Total {time.perf_counter() - t_start:.0f} s; load average at the end "
