@@ -44,7 +44,7 @@ def torch_threads(spec: Workflow, concurrent: int = 1) -> int | None:
     return max(1, machine_cores() // (spec.train.workers * max(1, concurrent)))
 
 
-def resources(spec: Workflow, concurrent: int = 1) -> Resources:
+def _resources(spec: Workflow, concurrent: int = 1) -> Resources:
     t = spec.train
     return Resources(workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
                      gpus_per_worker=t.gpus_per_worker, max_failures=t.max_failures,
@@ -72,7 +72,7 @@ def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConf
         epochs=t.train.epochs, batch_size=t.train.batch_size, optimizer=optimizer, precision=spec.train.precision,
         loss=None, data=ArraySource(ray.put(data.x["train"]), ray.put(data.y["train"])), val=val,
         early_stopping=None, checkpoint_every=spec.train.checkpoint_every,
-        checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=resources(spec), epoch_hook=None)
+        checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec), epoch_hook=None)
 
 
 def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storage,
@@ -91,4 +91,4 @@ def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storag
         val=ShardSource(storage, manifest, "val") if manifest["splits"]["val"]["rows"] else None,
         early_stopping=EarlyStopping(es.metric, es.patience, es.direction == "max") if es else None,
         checkpoint_every=spec.train.checkpoint_every, checkpoint_interval_s=spec.train.checkpoint_interval_s,
-        resources=resources(spec, concurrent), epoch_hook=epoch_hook)
+        resources=_resources(spec, concurrent), epoch_hook=epoch_hook)

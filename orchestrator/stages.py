@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from orchestrator import progress
-from orchestrator.configs import resources, student_fit_config, task_for
+from orchestrator.configs import student_fit_config, task_for, torch_threads
 from orchestrator.search.pool import Slot, fit_on
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher
@@ -76,7 +76,8 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
 
         runner = None
         if warm is not None and sum(len(y) for _, y in splits.values()) <= WARM_PRECOMPUTE_ROWS:
-            threads = resources(spec).threads
+            # the fits' thread rule (Resources.threads): the machine's cores on a local run, else its CPUs
+            threads = torch_threads(spec) or max(1, int(spec.train.cpus_per_worker))
             runner = functools.partial(warm.shard, threads=threads)
         try:
             manifest, stats = store.precompute(
