@@ -217,7 +217,8 @@ def kdflow(storage: Storage, manifest: dict[str, Any], workers: int, **extra: An
                        early_stopping=None, data=ShardSource(storage, manifest, "train"),
                        val=ShardSource(storage, manifest, "val"), checkpoint_every=None, checkpoint_interval_s=30.0,
                        resources=Resources(workers=workers, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0,
-                                           max_failures=0, placement="pack", torch_threads=None), epoch_hook=None)
+                                           max_failures=0, placement="pack", torch_threads=None), epoch_hook=None,
+                       hold_share_bytes=2**30)
     config = dataclasses.replace(config, **extra)
     t0 = time.perf_counter()
     result = fit(config, storage=storage, run_name=f"bench-{workers}w-{time.time_ns()}")

@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if os.getcwd() not in sys.path:  # 'mypackage.models:make' in the user's folder imports, as with python -m
         sys.path.insert(0, os.getcwd())
+    from orchestrator.quiet import quiet_mlflow_info
+
+    quiet_mlflow_info()
     try:
         return int(args.fn(args) or 0)
     except UserError as exc:

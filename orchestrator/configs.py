@@ -72,7 +72,8 @@ def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConf
         epochs=t.train.epochs, batch_size=t.train.batch_size, optimizer=optimizer, precision=spec.train.precision,
         loss=None, data=ArraySource(ray.put(data.x["train"]), ray.put(data.y["train"])), val=val,
         early_stopping=None, checkpoint_every=spec.train.checkpoint_every,
-        checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec), epoch_hook=None)
+        checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec), epoch_hook=None,
+        hold_share_bytes=int(spec.train.hold_share_mb * 2**20))
 
 
 def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storage,
@@ -91,4 +92,5 @@ def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storag
         val=ShardSource(storage, manifest, "val") if manifest["splits"]["val"]["rows"] else None,
         early_stopping=EarlyStopping(es.metric, es.patience, es.direction == "max") if es else None,
         checkpoint_every=spec.train.checkpoint_every, checkpoint_interval_s=spec.train.checkpoint_interval_s,
-        resources=_resources(spec, concurrent), epoch_hook=epoch_hook)
+        resources=_resources(spec, concurrent), epoch_hook=epoch_hook,
+        hold_share_bytes=int(spec.train.hold_share_mb * 2**20))

@@ -6,9 +6,10 @@ although nothing is wrong; everything else a worker or library prints still reac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Lines Ray workers print that never concern the user (matched per line, on the worker's text).
@@ -17,11 +18,41 @@ RAY_WORKER_NOISE = (
     # logs it at ERROR level (ray-project/ray#53727) on every run.
     re.compile(r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"),
 )
+# Lines that open a logged traceback that never concerns the user: the line and the traceback under it go.
+RAY_WORKER_NOISE_WITH_TRACEBACK = (
+    # Ray Train's controller asks the autoscaling coordinator for resources with a short timeout; on a busy
+    # machine the ask times out and it logs the exception, though the run goes on and (as its own message
+    # says) a transient timeout is safe to ignore. A local cluster has no autoscaler to ask at all.
+    re.compile(r"Failed to send resource request for train-"),
+)
+_TRACEBACK_BODY = re.compile(r"^(Traceback \(most recent call last\):|\s)")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Timeout)\b")
+
+
+def drop_noise(lines: list[str], skipping: bool) -> tuple[list[str], bool]:
+    """`lines` without the noise lines and the tracebacks that follow those that open one. `skipping` says
+    whether the previous batch of this process ended inside such a traceback; returns the same for this one."""
+    out = []
+    for line in lines:
+        if skipping:
+            if _TRACEBACK_BODY.match(line):
+                continue
+            skipping = False
+            if _EXCEPTION_LINE.match(line):  # the traceback's last line: the exception itself
+                continue
+        if any(p.search(line) for p in RAY_WORKER_NOISE_WITH_TRACEBACK):
+            skipping = True
+            continue
+        if not any(p.search(line) for p in RAY_WORKER_NOISE):
+            out.append(line)
+    return out, skipping
 
 
 def _filtered(handle: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    inside: dict[Any, bool] = {}  # per worker process: its last batch ended inside a dropped traceback
+
     def emit(data: dict[str, Any]) -> None:
-        lines = [line for line in data.get("lines", []) if not any(p.search(line) for p in RAY_WORKER_NOISE)]
+        lines, inside[data.get("pid")] = drop_noise(data.get("lines", []), inside.get(data.get("pid"), False))
         if lines or not data.get("lines"):
             handle({**data, "lines": lines})
 
@@ -43,3 +74,27 @@ def filter_ray_worker_logs() -> None:
 def quiet_ray_start() -> None:
     """Ray's notice that a local cluster uses token auth (the default, and what kdflow wants) is not a warning."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+def quiet_mlflow_info() -> None:
+    """MLflow's INFO lines while it creates its local database or logs a model ("Creating initial MLflow
+    database tables", "Validating input example against model signature") are not about the workflow;
+    warnings and errors still show."""
+    for name in ("mlflow.pyfunc", "mlflow.models", "mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def no_mlflow_eprint() -> Iterator[None]:
+    """Silence the lines MLflow prints (not logs) around one registry call ("Successfully registered model",
+    "Created version"): the register stage prints its own line with the version and the alias. Its errors
+    still arrive, as exceptions."""
+    from mlflow.utils import logging_utils
+
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    was = stream.enabled
+    stream.enabled = False
+    try:
+        yield
+    finally:
+        stream.enabled = was

@@ -22,6 +22,7 @@ from torch import nn
 
 from orchestrator import progress
 from orchestrator.configs import task_for
+from orchestrator.quiet import no_mlflow_eprint
 from orchestrator.spec import GATE_METRICS, Gate, Workflow
 from tasks.errors import UserError
 from tasks.soft_targets import SoftTargetStore
@@ -202,7 +203,8 @@ def register(spec: Workflow, model_uri: str, run_id: str, metrics: dict[str, Any
         tags["kdflow.gates"] = json.dumps({"alias": promote.alias, "gates": gates}, default=str)
         tags.update({f"kdflow.gate.{g['gate']}": gate_line(g) for g in gates})
     try:
-        mv = mlflow.register_model(model_uri, name, tags=tags)
+        with no_mlflow_eprint():
+            mv = mlflow.register_model(model_uri, name, tags=tags)
     except mlflow.exceptions.MlflowException as exc:
         raise UserError(f"cannot register {name!r}: {exc.message}", where="registry.model") from None
     version = int(mv.version)

@@ -192,6 +192,9 @@ class TrainSpec(Strict):
     checkpoint_every: int | None = Field(None, ge=1, description="epochs between checkpoints; default by time")
     checkpoint_interval_s: float = Field(30.0, ge=0, description="seconds between checkpoints (docs/training.md)")
     early_stopping: EarlyStoppingSpec | None = None
+    hold_share_mb: float = Field(
+        1024, ge=0, description="a worker holds its share of the rows in memory when their stored size is at most "
+                                "this; above it reads them shard by shard, one ahead (0: always stream)")
 
 
 class FloatParam(Strict):

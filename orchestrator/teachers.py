@@ -49,8 +49,8 @@ class Teacher:
 
 
 def _load_external(spec: Workflow, t: TeacherSpec, where: str, data: Dataset) -> nn.Module:
-    if os.path.isdir(t.model):  # a save_pretrained directory (causal_lm): the task kind reads it
-        return build_for(spec, t, data, where)
+    if os.path.isdir(t.model) or (spec.task == "causal_lm" and t.model.startswith("models:/")):
+        return build_for(spec, t, data, where)  # a causal LM's directory or registered model: the task kind reads it
     if t.model.startswith("models:/"):
         from tasks.served import load_module
 

@@ -77,3 +77,4 @@ class FitConfig:
     checkpoint_interval_s: float
     resources: Resources
     epoch_hook: Any  # the search's pruner hook (an actor with report(epoch, metrics) -> stop), or None
+    hold_share_bytes: int  # a worker holds its share when its stored rows take at most this; else it streams

@@ -81,12 +81,17 @@ def log_lm_pyfunc(model: nn.Module, tokenizer: Any, *, pip_requirements: list[st
     return info.model_uri
 
 
-def load_lm(uri: str) -> tuple[Any, Any]:
-    """A registered causal-LM student's model and tokenizer."""
+def registered_dir(uri: str) -> Path:
+    """The save_pretrained directory (weights, config, tokenizer) of a registered causal LM, downloaded."""
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     found = next((p.parent for p in local.rglob("tokenizer.json") if (p.parent / "config.json").is_file()), None)
     if found is None:
         raise ValueError(f"{uri} holds no transformers model directory")
-    return load_from_dir(found)
+    return found
+
+
+def load_lm(uri: str) -> tuple[Any, Any]:
+    """A registered causal-LM student's model and tokenizer."""
+    return load_from_dir(registered_dir(uri))

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks import stream
 from tasks.fit_config import EarlyStopping, FitConfig, LossConfig, OptimizerConfig
 from tasks.kinds import Share, TaskKind
 from tasks.kinds.classification import place_share  # noqa: F401 - kept importable from here (tests, benchmarks)
@@ -49,6 +50,10 @@ class StopReason(str, Enum):
 
 
 class RowSource(Protocol):
+    """Rows a fit reads by range. A source may also say its stored size (`stored_bytes(start, stop)`) and
+    where its pieces end (`blocks(start, stop)`): then a share over the fit's `hold_share_bytes` streams
+    (tasks/stream.py)."""
+
     def rows(self) -> int: ...
 
     def load(self, start: int, stop: int) -> TargetBatch: ...
@@ -73,6 +78,12 @@ class ArraySource:
         # copies: the object store's arrays are read-only, and a tensor over them warns (and must not be written)
         return TargetBatch(torch.arange(start, stop), torch.tensor(x[start:stop]), torch.tensor(y[start:stop]), {})
 
+    def stored_bytes(self, start: int, stop: int) -> int:
+        import ray
+
+        x, y = ray.get(self.x), ray.get(self.y)
+        return (stop - start) * (x[:1].nbytes + y[:1].nbytes)
+
 
 @dataclass
 class ShardSource:
@@ -87,6 +98,18 @@ class ShardSource:
 
     def load(self, start: int, stop: int) -> TargetBatch:
         return SoftTargetStore(self.storage).read(self.manifest, self.split, start, stop)
+
+    def _shards(self, start: int, stop: int) -> list[tuple[int, int, dict[str, Any]]]:
+        """The shards overlapping [start, stop), each with the part of the range it holds."""
+        return [(max(start, s["row_start"]), min(stop, s["row_stop"]), s)
+                for s in self.manifest["splits"][self.split]["shards"]
+                if s["row_stop"] > start and s["row_start"] < stop]
+
+    def blocks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        return [(a, b) for a, b, _ in self._shards(start, stop)]
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        return int(sum(s["bytes"] * (b - a) / s["rows"] for a, b, s in self._shards(start, stop)))
 
 
 class EpochHook(Protocol):
@@ -326,13 +349,15 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    share: Share
+    share: Share | None  # the rows, held; None when they stream (`blocks`)
     per_worker: int  # rows per epoch on every rank: the same number of steps everywhere, as DDP requires
-    val_rows: TargetBatch | None
+    val_rows: TargetBatch | None  # None when there is no val split, or when it streams (`val_blocks`)
     model: nn.Module  # DDP-wrapped when distributed
     core: nn.Module  # the model itself
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    blocks: list[tuple[int, int]] | None = None  # this rank's train rows, read block by block (tasks/stream.py)
+    val_blocks: list[tuple[int, int]] | None = None
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -351,8 +376,18 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
     else:
         device = torch.device("cpu")
     n = cfg.data.rows()
-    share = cfg.task.place(cfg.data.load(*shard_ranges(n, world)[rank]), cfg.dims, device)
-    val_rows = cfg.val.load(*shard_ranges(cfg.val.rows(), world)[rank]) if cfg.val is not None else None
+    a, b = shard_ranges(n, world)[rank]
+    share, train_blocks, val_rows, val_blocks = None, None, None, None
+    if stream.streams(cfg.data, a, b, cfg.hold_share_bytes):
+        train_blocks = stream.blocks(cfg.data, a, b)
+    else:
+        share = cfg.task.place(cfg.data.load(a, b), cfg.dims, device)
+    if cfg.val is not None:
+        va, vb = shard_ranges(cfg.val.rows(), world)[rank]
+        if stream.streams(cfg.val, va, vb, cfg.hold_share_bytes):
+            val_blocks = stream.blocks(cfg.val, va, vb)
+        else:
+            val_rows = cfg.val.load(va, vb)
     torch.manual_seed(cfg.seed)
     core = cfg.task.build_model(cfg.model, cfg.params, cfg.dims)
     if world > 1 or device.type != "cpu":
@@ -364,7 +399,7 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
     core = model.module if hasattr(model, "module") else model
     return Worker(cfg, rank, world, device, share, n // world, val_rows, model, core,
                   make_optimizer(model, cfg.optimizer),
-                  torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))
+                  torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), train_blocks, val_blocks)
 
 
 def resume(w: Worker, session: Session | None = None) -> LoopState:
@@ -387,12 +422,24 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
     on every worker's share of val, summed, so that all ranks see the same numbers."""
     cfg = w.cfg
     gen.manual_seed(cfg.seed * 100_003 + epoch * 1000 + w.rank)
-    order = torch.randperm(len(w.share), generator=gen)[:w.per_worker].to(w.share.rows_device)
     w.model.train()
     t0 = time.perf_counter()
     steps = math.ceil(w.per_worker / cfg.batch_size)
-    sums_t = train_epoch(cfg.task, w.model, w.opt, w.scaler, w.share, order, cfg.batch_size, cfg.loss,
-                         cfg.precision, schedule_for(cfg.optimizer, epoch, steps, cfg.epochs))
+    schedule = schedule_for(cfg.optimizer, epoch, steps, cfg.epochs)
+    if w.share is not None:
+        order = torch.randperm(len(w.share), generator=gen)[:w.per_worker].to(w.share.rows_device)
+        sums_t = train_epoch(cfg.task, w.model, w.opt, w.scaler, w.share, order, cfg.batch_size, cfg.loss,
+                             cfg.precision, schedule)
+    else:  # streamed: chunks of whole batches, the next block read while this one trains
+        assert w.blocks is not None
+        sums_t, done = torch.zeros(3, device=w.device), 0
+        source = getattr(cfg.data, "uncached", cfg.data)  # a warm process caches held shares only
+        for chunk, order in stream.epoch_chunks(cfg.task, source, w.blocks, w.per_worker, cfg.batch_size, gen,
+                                                cfg.dims, w.device):
+            part = None if schedule is None else replace(schedule, first_step=schedule.first_step + done)
+            sums_t += train_epoch(cfg.task, w.model, w.opt, w.scaler, chunk, order.to(chunk.rows_device),
+                                  cfg.batch_size, cfg.loss, cfg.precision, part)
+            done += math.ceil(len(order) / cfg.batch_size)
     if w.device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize(w.device)
     train_s = time.perf_counter() - t0
@@ -403,11 +450,17 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
     metrics: dict[str, float] = {"epoch": epoch, "train_loss": sums[0] / steps, "train_kd": sums[1] / steps,
                                  "train_ce": sums[2] / steps, "samples_per_s": w.per_worker * w.world / train_s,
                                  "epoch_s": train_s}
-    if w.val_rows is not None:
-        counts = cfg.task.eval_counts(w.core, w.val_rows, cfg.dims, w.device)
+    if w.val_rows is not None or w.val_blocks is not None:
+        if w.val_rows is not None:
+            counts = cfg.task.eval_counts(w.core, w.val_rows, cfg.dims, w.device)
+            with_teacher = bool(w.val_rows.targets)
+        else:
+            assert w.val_blocks is not None
+            counts, with_teacher = stream.streamed_counts(cfg.task, w.core, getattr(cfg.val, "uncached", cfg.val),
+                                                          w.val_blocks, cfg.dims, w.device)
         if w.world > 1:
             torch.distributed.all_reduce(counts)
-        metrics.update({f"val_{k}": v for k, v in cfg.task.metrics(counts, bool(w.val_rows.targets)).items()})
+        metrics.update({f"val_{k}": v for k, v in cfg.task.metrics(counts, with_teacher).items()})
     return metrics
 
 

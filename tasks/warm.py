@@ -72,6 +72,17 @@ class CachedSource:
             self.cache[key] = self.source.load(start, stop)
         return self.cache[key]
 
+    def blocks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        return self.source.blocks(start, stop)
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        return self.source.stored_bytes(start, stop)
+
+    @property
+    def uncached(self) -> ShardSource:
+        """What a streamed share reads through: its blocks are not kept (they are what does not fit)."""
+        return self.source
+
 
 def with_cache(cfg: FitConfig, cache: dict[tuple[str, str, str, int, int], TargetBatch]) -> FitConfig:
     """The config with its stored rows (train and val) read through `cache`."""

@@ -97,10 +97,18 @@ def load_pretrained(path: str, dims: Mapping[str, Any]) -> nn.Module:
 
 def build_lm(name: str, params: Mapping[str, Any], dims: Mapping[str, Any]) -> nn.Module:
     if name not in ARCHITECTURES:
+        if name.startswith("models:/"):  # a registered causal LM (a kdflow student): its directory, checked alike
+            from tasks.served_lm import registered_dir
+
+            try:
+                path = registered_dir(name)
+            except Exception as exc:  # noqa: BLE001 - the registry's or the download's error: the user's to fix
+                raise UserError(f"cannot load {name}: {str(exc).splitlines()[0]}", where="model") from None
+            return load_pretrained(str(path), dims)
         if os.path.isdir(name) or "/" in name:
             return load_pretrained(name, dims)
-        raise UserError(f"unknown causal LM {name!r}: {', '.join(ARCHITECTURES)} (built from params) or a "
-                        "local save_pretrained directory", where="model")
+        raise UserError(f"unknown causal LM {name!r}: {', '.join(ARCHITECTURES)} (built from params), a "
+                        "local save_pretrained directory or models:/NAME@ALIAS", where="model")
     from transformers import AutoModelForCausalLM
 
     config = hf_config(name, params, int(dims["vocab_size"]), int(dims["seq_len"]))
@@ -224,9 +232,9 @@ class CausalLMKind:
         return out
 
     def check_name(self, name: str) -> None:
-        if name not in ARCHITECTURES and not os.path.isdir(name):
-            raise UserError(f"unknown causal LM {name!r}: {', '.join(ARCHITECTURES)} (built from params) or a "
-                            "local save_pretrained directory")
+        if name not in ARCHITECTURES and not os.path.isdir(name) and not name.startswith("models:/"):
+            raise UserError(f"unknown causal LM {name!r}: {', '.join(ARCHITECTURES)} (built from params), a "
+                            "local save_pretrained directory or models:/NAME@ALIAS")
 
     def build_model(self, name: str, params: Mapping[str, Any], dims: Mapping[str, Any]) -> nn.Module:
         return build_lm(name, params, dims)

@@ -1,0 +1,165 @@
+"""How a `kdflow run` scales with the rows of a Parquet source: peak memory, stage times, bytes per row.
+
+For each size it writes a synthetic table (32 float32 features, 10 classes from a fixed random linear
+rule, 1M-row Parquet row groups) to local disk, then runs one `kdflow run` on it in a fresh process
+with its own local Ray and a fresh store: a 32-64-10 MLP teacher trained by the workflow for one epoch,
+soft targets as float16 logits in 8 shards, a 16-unit student for one epoch, registered to a local
+MLflow store.
+
+Measured, from the operating system, not from kdflow:
+  - driver peak RSS: the `kdflow run` process's VmHWM (/proc/PID/status), read just before it exits;
+  - worker peak RSS: the largest VmHWM of any train worker process (Ray Train's RayTrainWorker or a warm
+    TrialWorker), polled every 0.2 s while the run lasts (a process's VmHWM only grows, so the poll
+    misses nothing but a worker that starts and ends between two polls);
+  - stage seconds from the run's result JSON, bytes per row from its soft-target manifest.
+
+Run from the repository root: ``python benchmarks/bench_scale.py [--rows 200000 2000000 ...]``
+(a markdown table on stdout, progress on stderr; 20M rows needs about 20 GB free for today's path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURES, CLASSES, ROW_GROUP = 32, 10, 1_000_000
+WORKER_TITLES = ("RayTrainWorker", "TrialWorker")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_table(path: Path, rows: int, seed: int = 0) -> None:
+    """`rows` rows of FEATURES float32 columns and an int label, written one row group at a time."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(FEATURES, CLASSES)).astype(np.float32)
+    names = [f"f{i}" for i in range(FEATURES)]
+    schema = pa.schema([(n, pa.float32()) for n in names] + [("label", pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, ROW_GROUP):
+            n = min(ROW_GROUP, rows - start)
+            x = rng.normal(size=(n, FEATURES)).astype(np.float32)
+            y = np.argmax(x @ w + rng.normal(scale=0.5, size=(n, CLASSES)), axis=1)
+            cols = [pa.array(x[:, i]) for i in range(FEATURES)] + [pa.array(y.astype(np.int64))]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=ROW_GROUP)
+
+
+WORKFLOW = """\
+name: scale-{rows}
+seed: 0
+storage: {{root: {root}}}
+tracking: {{uri: null, experiment: scale}}
+data: {{source: {source}, label: label, split: {{val: 0.05, test: 0.05}}}}
+teacher:
+  model: mlp
+  params: {{hidden: [64]}}
+  train: {{epochs: 1, batch_size: 1024, lr: 0.003}}
+soft_targets: {{shards: 8, format: logits, dtype: float16}}
+student: {{model: mlp, params: {{hidden: [16]}}}}
+distill: {{loss: kl, temperature: 2.0, alpha: 0.5}}
+train: {{epochs: 1, batch_size: 1024, workers: 1, optimizer: {{name: adamw, lr: 0.003}}}}
+registry: {{model: scale-student}}
+"""
+
+
+def vm_hwm(pid: int) -> int | None:
+    """Peak resident set of a live process, bytes (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+def worker_pids() -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(t in cmd for t in WORKER_TITLES):
+            out.append(int(p.name))
+    return out
+
+
+def run_once(rows: int, work: Path) -> dict[str, float]:
+    source = work / f"table-{rows}.parquet"
+    if not source.exists():
+        t0 = time.perf_counter()
+        write_table(source, rows)
+        log(f"  wrote {rows:,} rows ({source.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f}s")
+    root = work / f"store-{rows}"
+    shutil.rmtree(root, ignore_errors=True)
+    wf = work / f"scale-{rows}.yaml"
+    wf.write_text(WORKFLOW.format(rows=rows, root=root, source=source))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    out, err = work / f"result-{rows}.json", work / f"stderr-{rows}.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen([str(ROOT / ".venv/bin/kdflow"), "run", "--json", str(wf)], cwd=ROOT, env=env,
+                                stdout=stdout, stderr=stderr)
+        driver_peak, worker_peak = 0, 0
+        t0 = time.perf_counter()
+        while proc.poll() is None:
+            driver_peak = max(driver_peak, vm_hwm(proc.pid) or 0)
+            for pid in worker_pids():
+                worker_peak = max(worker_peak, vm_hwm(pid) or 0)
+            time.sleep(0.2)
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"kdflow run on {rows} rows exited {proc.returncode}; see {err}")
+    result = json.loads(out.read_text())
+    stages = result.get("stages", {})
+    st = result["soft_targets"]
+    return {"rows": rows, "wall_s": wall, "driver_gb": driver_peak / 1e9, "worker_gb": worker_peak / 1e9,
+            **{f"{k}_s": float(v) for k, v in stages.items()},
+            "bytes_per_row": st["bytes"] / st["rows"] if st.get("rows") else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 2_000_000])
+    ap.add_argument("--work", type=Path, default=None, help="where tables and stores go (default: a temp dir)")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="kdflow-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"work dir {work}; load average {os.getloadavg()}")
+    results = []
+    for rows in args.rows:
+        log(f"{rows:,} rows")
+        r = run_once(rows, work)
+        log(f"  {json.dumps({k: round(v, 3) for k, v in r.items()})}")
+        results.append(r)
+    stages = [k for k in results[0] if k.endswith("_s") and k != "wall_s"]
+    base = results[0]
+    print(f"load average at the end: {os.getloadavg()}\n")
+    print("| rows | driver peak RSS | worker peak RSS | " + " | ".join(f"{s[:-2]} s" for s in stages)
+          + " | wall | bytes/row |")
+    print("| ---: | ---: | ---: | " + " | ".join("---:" for _ in stages) + " | ---: | ---: |")
+    for r in results:
+        ratio = "" if r is base else (f" ({r['driver_gb'] / base['driver_gb']:.1f}x)", f" ({r['worker_gb'] / base['worker_gb']:.1f}x)")
+        d = f"{r['driver_gb']:.2f} GB" + (ratio[0] if ratio else "")
+        w = f"{r['worker_gb']:.2f} GB" + (ratio[1] if ratio else "")
+        print(f"| {r['rows']:,} | {d} | {w} | " + " | ".join(f"{r.get(s, float('nan')):.1f}" for s in stages)
+              + f" | {r['wall_s']:.0f} s | {r['bytes_per_row']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

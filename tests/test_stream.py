@@ -1,0 +1,157 @@
+"""A worker streams its share when it is over `train.hold_share_mb`: block by block, one read ahead, every
+step a whole batch, every row once per epoch, the order seeded; and a streamed fit learns as a held one."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from orchestrator.configs import student_fit_config
+from orchestrator.spec import Workflow
+from tasks import stream
+from tasks.data import load_dataset
+from tasks.kinds import task_kind
+from tasks.shards import TargetBatch
+from tasks.soft_targets import SoftTargetStore
+from tasks.storage import Storage
+from tasks.train import ShardSource
+from tasks.warm import fit_here
+from tests.helpers import workflow
+from tests.test_train import quick_teacher
+
+CLASSIFICATION = task_kind("classification")
+
+
+@dataclass
+class Blocks:
+    """Rows in memory cut into fixed blocks, recording every load and how many run at once."""
+
+    rows_total: int
+    block: int
+    loads: list[tuple[int, int]] = field(default_factory=list)
+    running: int = 0
+    most_at_once: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def rows(self) -> int:
+        return self.rows_total
+
+    def blocks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        return [(a, min(a + self.block, stop)) for a in range(start, stop, self.block)]
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        return (stop - start) * 16
+
+    def load(self, start: int, stop: int) -> TargetBatch:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.002)  # long enough for a second read to overlap if the reader started one
+        with self.lock:
+            self.loads.append((start, stop))
+            self.running -= 1
+        ids = torch.arange(start, stop)
+        return TargetBatch(ids, ids[:, None].float().repeat(1, 4), ids % 3, {})
+
+
+def one_epoch(source: Blocks, start: int, stop: int, rows: int, batch: int, seed: int) -> list[torch.Tensor]:
+    """The row ids of every step of one epoch, in order."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    steps = []
+    for chunk, order in stream.epoch_chunks(CLASSIFICATION, source, stream.blocks(source, start, stop), rows, batch,
+                                            gen, {"num_classes": 3}, torch.device("cpu")):
+        for s in range(0, len(order), batch):
+            steps.append(chunk.x[order[s:s + batch], 0].long())
+    return steps
+
+
+@pytest.mark.parametrize(("rows", "block", "batch"), [(1000, 96, 32), (1000, 100, 7), (257, 300, 64), (50, 8, 50)])
+def test_every_step_is_a_whole_batch_and_every_row_comes_once(rows: int, block: int, batch: int) -> None:
+    source = Blocks(rows, block)
+    steps = one_epoch(source, 0, rows, rows, batch, seed=1)
+    assert len(steps) == math.ceil(rows / batch)  # what every data-parallel rank must agree on
+    assert all(len(s) == batch for s in steps[:-1])
+    assert sorted(torch.cat(steps).tolist()) == list(range(rows))
+    assert sorted(source.loads) == source.blocks(0, rows)  # block by block, never the whole share
+    assert source.most_at_once == 1  # the read-ahead thread reads one block at a time
+
+
+def test_a_rank_whose_share_is_longer_stops_at_the_common_row_count() -> None:
+    source = Blocks(1001, 100)
+    steps = one_epoch(source, 0, 1001, 1000, 64, seed=3)  # per_worker = n // world: one row left out
+    assert len(steps) == math.ceil(1000 / 64) and sum(len(s) for s in steps) == 1000
+    assert len(set(torch.cat(steps).tolist())) == 1000
+
+
+def test_the_order_is_seeded_reproducible_and_new_each_epoch() -> None:
+    first = torch.cat(one_epoch(Blocks(600, 50), 0, 600, 600, 32, seed=5))
+    again = torch.cat(one_epoch(Blocks(600, 50), 0, 600, 600, 32, seed=5))
+    other = torch.cat(one_epoch(Blocks(600, 50), 0, 600, 600, 32, seed=6))
+    assert torch.equal(first, again)  # a resumed epoch replays its order
+    assert not torch.equal(first, other)
+    assert not torch.equal(first, torch.arange(600))  # shuffled, across blocks too
+    assert first[:50].div(50, rounding_mode="floor").unique().numel() == 1  # ...but block by block
+
+
+def test_only_a_share_over_the_budget_with_several_blocks_streams() -> None:
+    source = Blocks(1000, 100)  # 16 bytes a row: 16,000 bytes
+    assert stream.streams(source, 0, 1000, hold_bytes=15_999)
+    assert not stream.streams(source, 0, 1000, hold_bytes=16_000)
+    assert not stream.streams(source, 0, 100, hold_bytes=0)  # a single block gains nothing from streaming
+
+
+def test_streamed_validation_counts_equal_the_held_ones() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    source = Blocks(500, 64)
+    held = CLASSIFICATION.eval_counts(model, source.load(0, 500), {"num_classes": 3}, torch.device("cpu"))
+    streamed, with_teacher = stream.streamed_counts(CLASSIFICATION, model, source, source.blocks(0, 500),
+                                                    {"num_classes": 3}, torch.device("cpu"))
+    assert torch.allclose(held, streamed) and with_teacher is False
+
+
+class RecordingShards(ShardSource):
+    """The store's own reader, recording the ranges a fit asks it for."""
+
+    def __init__(self, storage: Storage, manifest: dict[str, Any], split: str) -> None:
+        super().__init__(storage, manifest, split)
+        self.loads: list[tuple[int, int]] = []
+
+    def load(self, start: int, stop: int) -> TargetBatch:
+        self.loads.append((start, stop))
+        return super().load(start, stop)
+
+
+def test_a_streamed_fit_reads_shard_by_shard_and_learns_like_a_held_one(ray_session: None, tmp_path: Path) -> None:
+    data = load_dataset("sklearn:digits")
+    storage = Storage(str(tmp_path))
+    manifest, _ = SoftTargetStore(storage).precompute(
+        "digits-stream", [quick_teacher(data.x["train"], data.y["train"])],
+        {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}, shards=4, format="topk", dtype="float16",
+        top_k=3, ensemble="mean_probs", meta={"num_classes": data.num_classes, "num_features": data.num_features})
+    spec = Workflow.model_validate(workflow(**{"train.epochs": 4, "student.params": {"hidden": [32]}}))
+    base = student_fit_config(spec, manifest, storage, epoch_hook=None)
+    runs = {}
+    for name, hold in (("held", base.hold_share_bytes), ("streamed", 0)):
+        train, val = RecordingShards(storage, manifest, "train"), RecordingShards(storage, manifest, "val")
+        result = fit_here(replace(base, data=train, val=val, hold_share_bytes=hold), storage=storage,
+                          run_name=f"stream-{name}")
+        runs[name] = (result, train.loads, val.loads)
+    shards = [(s["row_start"], s["row_stop"]) for s in manifest["splits"]["train"]["shards"]]
+    held, streamed = runs["held"], runs["streamed"]
+    assert held[1] == [(0, manifest["splits"]["train"]["rows"])]  # held: one read of the whole share
+    assert sorted(streamed[1]) == sorted(shards * 4)  # streamed: every shard once per epoch, nothing more
+    assert streamed[2] == [(0, manifest["splits"]["val"]["rows"])]  # one val shard: nothing to gain, held
+    for result, _, _ in (held, streamed):
+        last = result.history[-1]
+        assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+        assert last["val_accuracy"] >= 0.8 and last["val_agreement"] >= 0.8
+    assert abs(held[0].history[-1]["val_accuracy"] - streamed[0].history[-1]["val_accuracy"]) < 0.1
