@@ -12,6 +12,7 @@ from orchestrator.cluster import check_joined
 from orchestrator.configs import task_for
 from orchestrator.registry import lineage_extras, log_student, register
 from orchestrator.runtime import ensure_ray
+from orchestrator.search.pool import Slot, run_worker
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher, is_external, load_teachers
 from orchestrator.workspace import storage_for
@@ -79,22 +80,34 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
     data = stages.load_data(spec, storage)  # before Ray: a data mistake exits 2 without a Ray start
     with progress.stage("ray", "starting or joining"):
         ensure_ray()
-    with tracking.artifact_endpoint(storage), mlflow.start_run(run_name=spec.name) as run:
-        run_id = run.info.run_id
-        mlflow.log_params(flat_params(spec))
-        mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.data_fingerprint": data.fingerprint})
-        teachers = load_teachers(spec, data, storage)
-        for i, t in enumerate(teachers):
-            log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")
-        manifest, precompute = stages.compute_soft_targets(spec, data, teachers, storage)
-        mlflow.log_params({"soft_targets.key": manifest["key"]})
-        chosen, fit_result, search_summary = train_or_search(spec, manifest, storage, run_id)
-        log_history(fit_result.history)
-        if fit_result.nodes:  # the Ray node of each rank: where the student's workers ran
-            mlflow.set_tag("kdflow.student.nodes", ",".join(fit_result.nodes))
-        finish = finisher(task)
-        student, teacher, registration = finish(spec, chosen, data, fit_result, teachers, manifest, storage, run_id,
-                                                source, search_summary)
+        # the run's warm actor for its single-worker CPU stages: its process starts now, beside MLflow's
+        # setup, unless only a search would use it (its trials get their own slots)
+        warm = run_worker(spec, eager=spec.search is None or not all(is_external(t) for t in spec.teachers))
+    try:
+        with tracking.artifact_endpoint(storage), mlflow.start_run(run_name=spec.name) as run:
+            run_id = run.info.run_id
+            mlflow.log_params(flat_params(spec))
+            mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.data_fingerprint": data.fingerprint})
+            teachers = load_teachers(spec, data, storage, warm)
+            for i, t in enumerate(teachers):
+                log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")
+            manifest, precompute = stages.compute_soft_targets(spec, data, teachers, storage, warm)
+            mlflow.log_params({"soft_targets.key": manifest["key"]})
+            warm_info = None
+            if spec.search is not None and warm is not None:  # its CPU goes to the search's own slots
+                warm_info, warm = warm.info(), warm.close()
+            chosen, fit_result, search_summary = train_or_search(spec, manifest, storage, run_id, warm)
+            if warm is not None:  # done with it: evaluation and registration run on the driver
+                warm_info, warm = warm.info(), warm.close()
+            log_history(fit_result.history)
+            if fit_result.nodes:  # the Ray node of each rank: where the student's workers ran
+                mlflow.set_tag("kdflow.student.nodes", ",".join(fit_result.nodes))
+            finish = finisher(task)
+            student, teacher, registration = finish(spec, chosen, data, fit_result, teachers, manifest, storage,
+                                                    run_id, source, search_summary)
+    finally:
+        if warm is not None:  # a failed stage: the actor goes with the run
+            warm.close()
     return {
         "workflow": spec.name,
         "status": "succeeded",
@@ -104,6 +117,8 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
         "search": search_summary,
         "student": student,
         "registry": registration,
+        # the run's warm actor (pid, fits, shards, workers replaced); None when its stages ran on Ray Train
+        "warm": warm_info,
         "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run_id},
         "stages": {name: round(seconds, 1) for name, seconds in progress.TIMINGS},
     }
@@ -140,8 +155,8 @@ def finish_classification(spec: Workflow, chosen: Workflow, data: Any, fit_resul
     return student, teacher, registration
 
 
-def train_or_search(spec: Workflow, manifest: dict[str, Any], storage: Storage,
-                    run_id: str) -> tuple[Workflow, FitResult, dict[str, Any] | None]:
+def train_or_search(spec: Workflow, manifest: dict[str, Any], storage: Storage, run_id: str,
+                    warm: Slot | None = None) -> tuple[Workflow, FitResult, dict[str, Any] | None]:
     """The student: the search's choice (its workflow, weights and summary), or the one the spec describes."""
     if spec.search is not None:
         from orchestrator.search.runner import run_search
@@ -149,7 +164,7 @@ def train_or_search(spec: Workflow, manifest: dict[str, Any], storage: Storage,
         outcome = run_search(spec, manifest, storage, run_id)
         return outcome.spec, outcome.result, outcome.summary
     with progress.stage("student", f"{spec.student.model} {spec.student.params}, {spec.train.workers} worker(s)"):
-        return spec, stages.train_student(spec, manifest, storage, run_name=f"student-{run_id}"), None
+        return spec, stages.train_student(spec, manifest, storage, run_name=f"student-{run_id}", warm=warm), None
 
 
 def evaluate_student(task: TaskKind, model: nn.Module, fit_result: FitResult, teachers: list[Teacher],

@@ -6,19 +6,21 @@ lives in registry.py and the search in search/; pipeline.py runs them in order a
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
 
 from orchestrator import progress
-from orchestrator.configs import student_fit_config, task_for
+from orchestrator.configs import student_fit_config, task_for, torch_threads
+from orchestrator.search.pool import Slot, fit_on
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher
 from tasks.data import Dataset
 from tasks.errors import ShardFailed, StageFailed, UserError
 from tasks.soft_targets import PrecomputeStats, SoftTargetStore, cache_key
 from tasks.storage import Storage
-from tasks.train import FitResult, fit
+from tasks.train import FitResult
 
 # ---------------------------------------------------------------- data
 
@@ -45,6 +47,12 @@ def load_data(spec: Workflow, storage: Storage) -> Dataset:
 
 # ---------------------------------------------------------------- soft targets
 
+# A precompute of at most this many rows runs its shards one after another on the run's warm actor (which
+# has torch and the teacher loaded, and the machine's cores); a larger one keeps a Ray task per shard, run
+# side by side, where a task's seconds of start-up are small beside its forward and the shards spread
+# over a cluster's nodes (docs/architecture.md, docs/soft-targets.md).
+WARM_PRECOMPUTE_ROWS = 50_000
+
 
 def soft_target_key(spec: Workflow, data: Dataset, teachers: list[Teacher]) -> str:
     """Teacher weights x data (rows, split, preprocessing) x format, dtype, top_k, ensemble; never temperature."""
@@ -53,9 +61,9 @@ def soft_target_key(spec: Workflow, data: Dataset, teachers: list[Teacher]) -> s
 
 
 def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
-                 storage: Storage) -> tuple[dict[str, Any], PrecomputeStats]:
-    """The store entry's manifest for (teachers x data x format), computed by Ray tasks only when missing,
-    and what this run did to get it."""
+                 storage: Storage, warm: Slot | None = None) -> tuple[dict[str, Any], PrecomputeStats]:
+    """The store entry's manifest for (teachers x data x format), computed only when missing (on `warm`, the
+    run's warm actor, when the job is small; else by Ray tasks), and what this run did to get it."""
     st = spec.soft_targets
     key = soft_target_key(spec, data, teachers)
     store = SoftTargetStore(storage)
@@ -66,10 +74,15 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
         def tick(split: str, i: int, n: int, reused: bool) -> None:
             progress.info(f"  shard {split} {i + 1}/{n} {'(already written)' if reused else 'written'}")
 
+        runner = None
+        if warm is not None and sum(len(y) for _, y in splits.values()) <= WARM_PRECOMPUTE_ROWS:
+            # the fits' thread rule (Resources.threads): the machine's cores on a local run, else its CPUs
+            threads = torch_threads(spec) or max(1, int(spec.train.cpus_per_worker))
+            runner = functools.partial(warm.shard, threads=threads)
         try:
             manifest, stats = store.precompute(
                 key, [t.model for t in teachers], splits, task=task_for(spec), shards=st.shards, format=st.format, dtype=st.dtype,
-                top_k=st.top_k, ensemble=st.ensemble, max_retries=st.max_retries, on_shard=tick,
+                top_k=st.top_k, ensemble=st.ensemble, max_retries=st.max_retries, on_shard=tick, runner=runner,
                 meta={"num_classes": data.num_classes, "num_features": data.num_features,
                       "data_fingerprint": data.fingerprint, "mean": data.mean.tolist(), "std": data.std.tolist(),
                       "transfer_rows": data.rows("transfer")
@@ -87,10 +100,12 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
 
 
 def train_student(spec: Workflow, manifest: dict[str, Any], storage: Storage, run_name: str,
-                  epoch_hook: Any = None) -> FitResult:
+                  epoch_hook: Any = None, warm: Slot | None = None) -> FitResult:
+    """The student as the spec describes it: on `warm` (the run's warm actor) when single-worker on CPUs,
+    else a Ray Train run."""
     cfg = student_fit_config(spec, manifest, storage, epoch_hook)
     cfg.task.build_model(cfg.model, cfg.params, cfg.dims)  # a bad student exits 2 here, not on a worker
-    return fit(cfg, storage=storage, run_name=run_name)
+    return fit_on(warm, cfg, storage, run_name)
 
 
 def student_model(spec: Workflow, manifest: dict[str, Any], result: FitResult) -> nn.Module:

@@ -22,7 +22,6 @@ from tasks.errors import UserError
 from tasks.layout import TEACHERS, teacher_path
 from tasks.models import Standardized, build_model, weights_digest
 from tasks.storage import Storage
-from tasks.train import fit
 
 
 def is_external(t: TeacherSpec) -> bool:
@@ -80,8 +79,11 @@ def _load_external(spec: Workflow, t: TeacherSpec, where: str, data: Dataset) ->
     raise UserError(f"{path} holds a {type(obj).__name__}, not a model or state_dict", where=where)
 
 
-def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teacher]:
-    """Each teacher is loaded (checkpoint, factory, registry) or trained once and cached by content."""
+def load_teachers(spec: Workflow, data: Dataset, storage: Storage, warm: Any = None) -> list[Teacher]:
+    """Each teacher is loaded (checkpoint, factory, registry) or trained once and cached by content; trained
+    on `warm` (the run's warm actor, `search.pool.Slot`) when single-worker on CPUs, else by Ray Train."""
+    from orchestrator.search.pool import fit_on
+
     out = []
     for i, t in enumerate(spec.teachers):
         where = f"teacher[{i}]" if isinstance(spec.teacher, list) else "teacher"
@@ -99,7 +101,7 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage) -> list[Teach
                 progress.info(f"  reusing the trained teacher {storage.uri(TEACHERS, key)}")
                 trained = False
             else:
-                result = fit(teacher_fit_config(spec, t, data), storage=storage, run_name=f"teacher-{key}")
+                result = fit_on(warm, teacher_fit_config(spec, t, data), storage, f"teacher-{key}")
                 saved = {"state_dict": result.state_dict, "history": result.history}
                 storage.write_torch(path, saved)
                 trained = True

@@ -73,14 +73,21 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}/part-{index:05d}-of-{count:05d}.parquet"
 
 
-# ---------------------------------------------------------------- teacher forward (one Ray task per shard)
+# ---------------------------------------------------------------- teacher forward (a Ray task or a warm call per shard)
+
+# A shard runner: called with `compute_shard`'s positional arguments (teachers, x and y as Ray object refs),
+# it computes and writes the shard somewhere (the run's warm actor) and returns its entry, or raises.
+ShardRunner = Callable[..., dict[str, Any]]
 
 
 def compute_shard(task: TaskKind, storage: Storage, path: str, teachers: list[torch.nn.Module], x: np.ndarray,
                   y: np.ndarray, start: int, stop: int, row_offset: int, format: str, dtype: str, top_k: int | None,
-                  ensemble: str) -> dict[str, Any]:
-    """Run the teacher(s) over rows [start, stop) and write one shard; returns its manifest entry."""
-    torch.set_num_threads(1)
+                  ensemble: str, threads: int = 1) -> dict[str, Any]:
+    """Run the teacher(s) over rows [start, stop) and write one shard; returns its manifest entry.
+
+    `threads`: 1 in a Ray task (tasks run side by side); a warm actor computing shards one after another
+    gets its torch threads."""
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     logits = task.teacher_outputs(teachers, x[start:stop], ensemble)
     data = encode_rows(np.arange(row_offset + start, row_offset + stop), x[start:stop], y[start:stop], logits,
@@ -229,10 +236,13 @@ class SoftTargetStore:
                    *, shards: int, format: str, dtype: str, top_k: int | None, ensemble: str,
                    meta: dict[str, Any], max_retries: int = 3, workers: int | None = None,
                    on_shard: Callable[[str, int, int, bool], None] | None = None,
-                   task: TaskKind = CLASSIFICATION) -> tuple[dict[str, Any], PrecomputeStats]:
-        """Compute the missing shards with Ray tasks (at most `workers` at a time) and write the manifest last.
+                   task: TaskKind = CLASSIFICATION,
+                   runner: ShardRunner | None = None) -> tuple[dict[str, Any], PrecomputeStats]:
+        """Compute the missing shards with Ray tasks (at most `workers` at a time), or one after another
+        through `runner` (a warm actor: no per-task start-up), and write the manifest last.
 
-        A complete entry is checked against this request and every shard's checksum, then reused with no
+        Either way a failed shard is retried `max_retries` times and the others are still written. A
+        complete entry is checked against this request and every shard's checksum, then reused with no
         teacher forward. Returns the saved manifest and what this call did.
         """
         existing = self._existing(key, teachers, format, dtype, top_k, ensemble, meta)
@@ -241,7 +251,7 @@ class SoftTargetStore:
         plan, todo = self._plan(key, splits, shards, format, dtype, on_shard)
         computed, forward_rows = self._dispatch(key, plan, todo, task, teachers, format=format, dtype=dtype,
                                                 top_k=top_k, ensemble=ensemble, max_retries=max_retries,
-                                                workers=workers, on_shard=on_shard)
+                                                workers=workers, on_shard=on_shard, runner=runner)
         manifest = {
             "version": MANIFEST_VERSION, "key": key, "format": format, "dtype": dtype,
             "top_k": top_k if format == "topk" else None, "ensemble": ensemble, "shards": shards,
@@ -308,38 +318,66 @@ class SoftTargetStore:
     def _dispatch(self, key: str, plan: dict[str, list[dict[str, Any]]], todo: list[tuple[str, int, tuple[Any, ...]]],
                   task: TaskKind, teachers: list[torch.nn.Module], *, format: str, dtype: str, top_k: int | None,
                   ensemble: str, max_retries: int, workers: int | None,
-                  on_shard: Callable[[str, int, int, bool], None] | None) -> tuple[int, int]:
-        """Run the shard tasks, filling in each finished shard's size and checksum; returns (shards, rows)
-        computed. Failures are collected, so that every shard that can be written is, then raised together."""
+                  on_shard: Callable[[str, int, int, bool], None] | None,
+                  runner: ShardRunner | None = None) -> tuple[int, int]:
+        """Run the shard tasks (or `runner` calls), filling in each finished shard's size and checksum; returns
+        (shards, rows) computed. Failures are collected, so that every shard that can be written is, then
+        raised together."""
         import ray
 
         total = sum(len(v) for v in plan.values())
-        remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shard)
         teachers_ref = ray.put(teachers)
-        pending: dict[Any, tuple[str, int]] = {}
         computed, forward_rows, failures = 0, 0, []
-        while todo or pending:
-            while todo and (workers is None or len(pending) < workers):
-                split, i, (storage, path, x_ref, y_ref, a, b, off) = todo.pop(0)
-                ref = remote.remote(task, storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k,
-                                    ensemble)
-                pending[ref] = (split, i)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            split, i = pending.pop(done[0])
-            try:
-                out = ray.get(done[0])
-            except ray.exceptions.RayError as exc:  # keep collecting: finished shards must be written
-                entry = plan[split][i]
-                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-                failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
-                                f"{entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
-                                f"{type(exc).__name__}: {reason}")
-                continue
+
+        def args(item: tuple[str, int, tuple[Any, ...]]) -> tuple[Any, ...]:
+            storage, path, x_ref, y_ref, a, b, off = item[2]
+            return (task, storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k, ensemble)
+
+        def failed(split: str, i: int, exc: BaseException) -> None:
+            entry = plan[split][i]
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
+                            f"{entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
+                            f"{type(exc).__name__}: {reason}")
+
+        def done(split: str, i: int, out: dict[str, Any]) -> None:
+            nonlocal computed, forward_rows
             plan[split][i].update(bytes=out["bytes"], sha256=out["sha256"])
             computed += 1
             forward_rows += out["forward_rows"]
             if on_shard:
                 on_shard(split, i, len(plan[split]), False)
+
+        if runner is not None:  # one after another on a warm process: each shard tried 1 + max_retries times
+            for item in todo:
+                error: BaseException | None = None
+                for _ in range(max_retries + 1):
+                    try:
+                        out = runner(*args(item))
+                    except Exception as exc:  # noqa: BLE001 - the teacher's error or a dead worker: retried
+                        error = exc
+                        continue
+                    error = None
+                    break
+                if error is not None:
+                    failed(item[0], item[1], error)
+                else:
+                    done(item[0], item[1], out)
+        else:
+            remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shard)
+            pending: dict[Any, tuple[str, int]] = {}
+            while todo or pending:
+                while todo and (workers is None or len(pending) < workers):
+                    item = todo.pop(0)
+                    pending[remote.remote(*args(item))] = (item[0], item[1])
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                split, i = pending.pop(ready[0])
+                try:
+                    out = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:  # keep collecting: finished shards must be written
+                    failed(split, i, exc)
+                    continue
+                done(split, i, out)
         if failures:
             raise ShardFailed(f"{len(failures)} of {total} soft-target shards failed after {max_retries} "
                               f"retries; the {total - len(failures)} others are written and stay under "

@@ -1,6 +1,6 @@
 """The one train loop on a single warm process: no Ray Train run, checkpoints straight to the storage.
 
-A search's trials are short (a small student, a few epochs, many of them pruned), and starting a Ray
+A search's trials (and a single-worker run's teacher and student stages) are short (a small student, a few epochs, many of them pruned), and starting a Ray
 Train run for each costs seconds of controller, worker group and placement group before the first
 step. A long-lived trial actor (orchestrator/search/pool.py) instead calls `fit_here`, which runs the
 same `train_loop` with a `LocalSession`: rank 0 of 1, its checkpoints written to the run's folder under
@@ -98,6 +98,8 @@ def fit_here(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
         raise ValueError("fit_here runs a single worker; data-parallel fits go through tasks.train.fit")
     session = LocalSession(storage, run_name)
     train_loop({"fit": cfg, "session": session})
+    if session.saved is None and storage.exists(session.path):  # a finished fit's checkpoint: nothing to train
+        session.saved = storage.read_bytes(session.path)
     if session.saved is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
     saved = torch.load(io.BytesIO(session.saved), map_location="cpu", weights_only=False)

@@ -41,6 +41,12 @@ def test_digits_runs_end_to_end_and_reruns_with_a_changed_value(workdir: Path) -
     assert first["soft_targets"]["reused"] is False
     assert first["soft_targets"]["teacher_forward_rows"] == first["soft_targets"]["rows"] == 1797
     assert first["registry"]["version"] == 1
+    # workers: 1 on CPUs: one warm actor trained the teacher, wrote every shard and trained the student;
+    # no Ray Train run started
+    warm = first["warm"]
+    assert (warm["fits"], warm["shards"], warm["replaced"]) == (2, first["soft_targets"]["computed_shards"], 0), warm
+    assert first["soft_targets"]["computed_shards"] == 5  # 3 train shards, one each for val and test
+    assert "RayTrainWorker" not in proc.stderr  # a Ray Train run's epoch lines carry its worker's name
 
     second = result_of(kdflow("run", str(path), "--json", "--set", "distill.temperature=8",
                               "--set", "student.params={hidden: [24]}", cwd=workdir))

@@ -266,6 +266,52 @@ def test_failed_shard_tasks_are_retried(ray_session: None, workdir: Path) -> Non
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 
 
+class DiesOnce(torch.nn.Module):
+    """Kills its own process at its first forward (the marker file says it did), then works."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(64, 10)
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return self.net(x)
+        os._exit(1)
+
+
+def test_shards_on_a_warm_actor_are_retried_and_a_dead_actor_replaced(ray_session: None, workdir: Path) -> None:
+    """A small precompute's shards as calls on one warm actor (`Slot.shard`, what a single-worker run uses):
+    a teacher error is retried on the same process, a process that dies is replaced, the manifest comes last."""
+    from orchestrator.search.pool import Slot
+
+    _, splits = digits_splits()
+    (workdir / "marks").mkdir()
+    store = SoftTargetStore(Storage(".kdflow"))
+    slot = Slot(0, label="warm worker")
+    try:
+        slot.start(1)
+        args: dict[str, Any] = {"shards": 3, "format": "logits", "dtype": "float16", "top_k": None,
+                                "ensemble": "mean_probs", "meta": {}, "max_retries": 1, "runner": slot.shard}
+        m, stats = store.precompute("warm-flaky", [Flaky(str(workdir / "marks"))], splits, **args)
+        assert stats.computed_shards == 5 and len(list((workdir / "marks").iterdir())) == 5  # each failed once
+        info = slot.info()
+        assert info is not None and info["shards"] == 10 and slot.replaced == 0  # 5 failed + 5 retried, one process
+        np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
+
+        m, stats = store.precompute("warm-dies", [DiesOnce(str(workdir / "died"))], splits, **args)
+        assert (workdir / "died").exists() and slot.replaced == 1  # the first shard killed its worker
+        assert stats.computed_shards == 5 and store.manifest("warm-dies") == m
+        np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
+        info = slot.info()
+        assert info is not None and info["pid"] != os.getpid() and info["shards"] == 5  # the fresh worker's
+    finally:
+        slot.close()
+
+
 def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ray_session: None,
                                                                             workdir: Path) -> None:
     _, splits = digits_splits()

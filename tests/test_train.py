@@ -214,9 +214,10 @@ def alive(pid: int) -> bool:
 
 
 def newest_checkpoint_epoch(root: Path) -> int:
-    """The highest epoch among the complete student checkpoints written under `root` (0 if none)."""
+    """The highest epoch among the complete student checkpoints written under `root` (0 if none): a warm
+    actor's (`student-*/state.pt`) or a Ray Train run's (`student-*/checkpoint_*/state.pt`)."""
     best = 0
-    for state in root.glob("student-*/checkpoint_*/state.pt"):
+    for state in [*root.glob("student-*/state.pt"), *root.glob("student-*/checkpoint_*/state.pt")]:
         try:
             saved = torch.load(state, map_location="cpu", weights_only=False)
         except (OSError, RuntimeError, EOFError):  # still being written, or removed by Ray's num_to_keep
@@ -225,13 +226,37 @@ def newest_checkpoint_epoch(root: Path) -> int:
     return best
 
 
+SLOW_MODEL = '''
+import time
+
+from torch import nn
+
+
+class Slow(nn.Sequential):
+    """An MLP whose training steps take 10 ms more: a warm actor's epochs are slow enough to kill it mid-run."""
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(0.01)
+        return super().forward(x)
+
+
+def make(num_features, num_classes):
+    return Slow(nn.Linear(num_features, 32), nn.ReLU(), nn.Linear(32, num_classes))
+'''
+
+
 def test_a_killed_worker_is_survived_and_the_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """A single-worker run trains on the run's warm actor (`ray::TrialWorker`): killed mid-fit, it is replaced
+    and the fit resumes from its newest checkpoint, as a Ray Train run would."""
     data = load_dataset("sklearn:digits")
     teacher = quick_teacher(data.x["train"] * data.std + data.mean, data.y["train"])  # raw features
     torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
-    # a checkpoint every epoch paces the run at about one epoch per controller poll (0.25 s): time to kill
+    (tmp_path / "slowmodels.py").write_text(SLOW_MODEL)
+    # about 20 steps of 10 ms per epoch, a checkpoint every epoch: time to kill after epoch 4
     epochs = 30
     spec = workflow(**{"teacher": {"model": "mlp", "params": {"hidden": [64]}, "checkpoint": str(tmp_path / "teacher.pt")},
+                       "student.model": "slowmodels:make", "student.params": {},
                        "train.epochs": epochs, "train.checkpoint_every": 1, "train.max_failures": 1})
     (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
     with open(tmp_path / "out.json", "w") as out, open(tmp_path / "err.log", "w") as err:
@@ -245,8 +270,9 @@ def test_a_killed_worker_is_survived_and_the_run_resumes_from_its_checkpoint(tmp
                 assert proc.poll() is None, (tmp_path / "err.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint of epoch 4 within 300 s"
                 time.sleep(0.02)
-            workers = [pid for pid, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd]
+            workers = [pid for pid, cmd in descendants(proc.pid).items() if "TrialWorker" in cmd]
             assert len(workers) == 1, descendants(proc.pid)
+            assert not [c for c in descendants(proc.pid).values() if "RayTrainWorker" in c]  # no Ray Train run
             os.kill(workers[0], signal.SIGKILL)
             killed_at = time.monotonic()
             seen_after = newest_checkpoint_epoch(ckpt_root)
@@ -256,7 +282,10 @@ def test_a_killed_worker_is_survived_and_the_run_resumes_from_its_checkpoint(tmp
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     assert not alive(workers[0])
-    student = json.loads((tmp_path / "out.json").read_text())["student"]
+    out = json.loads((tmp_path / "out.json").read_text())
+    student = out["student"]
+    # the run's warm actor was replaced once; the fresh one finished the student
+    assert out["warm"]["replaced"] == 1 and out["warm"]["pid"] != workers[0] and out["warm"]["fits"] == 1, out["warm"]
     resumed = student["resumed_from"]
     # It resumed from a checkpoint, not from scratch: at most two behind the newest written at the kill
     # (reports go out in the background, one in flight; see docs/training.md).

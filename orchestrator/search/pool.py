@@ -9,6 +9,11 @@ next trial at once. An actor that dies mid-trial (its process killed, the node l
 fresh one and the trial retried, up to `train.max_failures` times, from its newest checkpoint; after
 that the trial fails with the error recorded. Trials with `train.workers > 1` (or GPUs) still run as Ray
 Train runs, whose start-up is small beside data-parallel work; they use the slot's monitor only.
+
+A `kdflow run` keeps one more such actor for its stages (`run_worker`): started as soon as Ray is up,
+it trains the teacher, computes the soft-target shards of a small precompute and trains the student,
+so a single-worker CPU run starts torch once instead of once per stage and per shard task.
+KDFLOW_WARM=0 turns every warm path off (trials, stages, shards), for benchmarks that compare both.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from orchestrator import progress
 from tasks.fit_config import FitConfig
 from tasks.storage import Storage
-from tasks.train import FitResult
+from tasks.train import FitResult, fit
 
 
 class TrialWorker:
@@ -32,6 +37,7 @@ class TrialWorker:
 
         self.cache: dict[Any, Any] = {}
         self.fits = 0
+        self.shards = 0
 
     def fit(self, cfg: FitConfig, storage: Storage, run_name: str) -> FitResult:
         from tasks.warm import fit_here, with_cache
@@ -39,19 +45,28 @@ class TrialWorker:
         self.fits += 1
         return fit_here(with_cache(cfg, self.cache), storage=storage, run_name=run_name)
 
+    def shard(self, *args: Any, threads: int = 1) -> dict[str, Any]:
+        """One soft-target shard (`tasks.soft_targets.compute_shard`'s arguments), written from this process."""
+        from tasks.soft_targets import compute_shard
+
+        self.shards += 1
+        return compute_shard(*args, threads=threads)
+
     def info(self) -> dict[str, Any]:
-        """The process, how many fits it ran, and the cache keys whose rows it holds (what tests look at)."""
-        return {"pid": os.getpid(), "fits": self.fits, "cache_keys": sorted({k[1] for k in self.cache})}
+        """The process, how many fits and shards it ran, and the cache keys whose rows it holds."""
+        return {"pid": os.getpid(), "fits": self.fits, "shards": self.shards,
+                "cache_keys": sorted({k[1] for k in self.cache})}
+
+
+def warm_enabled() -> bool:
+    """KDFLOW_WARM=0 (or the older KDFLOW_WARM_TRIALS=0) sends every fit through Ray Train and every shard
+    through a Ray task: the paths before warm actors, which benchmarks compare in one run."""
+    return os.environ.get("KDFLOW_WARM", "1") != "0" and os.environ.get("KDFLOW_WARM_TRIALS", "1") != "0"
 
 
 def warm_fits(cfg: FitConfig) -> bool:
-    """Whether a trial runs on a warm actor: one worker on CPUs (else a Ray Train run).
-
-    KDFLOW_WARM_TRIALS=0 sends every trial through Ray Train (the path before warm slots; benchmarks
-    compare the two in one run)."""
-    if os.environ.get("KDFLOW_WARM_TRIALS", "1") == "0":
-        return False
-    return cfg.resources.workers == 1 and not cfg.resources.use_gpu
+    """Whether a fit runs on a warm actor: one worker on CPUs (else a Ray Train run)."""
+    return warm_enabled() and cfg.resources.workers == 1 and not cfg.resources.use_gpu
 
 
 def start_worker(cpus: float) -> Any:
@@ -61,10 +76,12 @@ def start_worker(cpus: float) -> Any:
 
 
 class Slot:
-    """One of a search's `concurrency` trial slots: its actors are started on first use and kept."""
+    """One of a search's `concurrency` trial slots (or a run's stage worker, `run_worker`): its actors are
+    started on first use and kept."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, label: str | None = None) -> None:
         self.index = index
+        self.label = label or f"slot {index}"
         self.monitor: Any = None
         self.worker: Any = None
         self.worker_cpus: float | None = None
@@ -85,29 +102,57 @@ class Slot:
         self.monitor = start_monitor(url, study, trial_id, pruner, metric, last_epoch)
         return self.monitor
 
+    def start(self, cpus: float) -> Any:
+        """The slot's worker for fits of `cpus` CPUs: the running one, or a fresh one (its start is not awaited)."""
+        if self.worker is None or self.worker_cpus != cpus:
+            self.close_worker()
+            self.worker, self.worker_cpus = start_worker(cpus), cpus
+        return self.worker
+
     def fit(self, cfg: FitConfig, storage: Storage, run_name: str, on_retry: Any = None) -> tuple[FitResult, int]:
-        """One trial's fit on the slot's warm worker; returns the result and how many times it was retried."""
+        """One fit on the slot's warm worker; returns the result and how many times it was retried."""
         import ray
 
         retries = 0
         while True:
-            if self.worker is None or self.worker_cpus != cfg.resources.cpus_per_worker:
-                self.close_worker()
-                self.worker, self.worker_cpus = start_worker(cfg.resources.cpus_per_worker), \
-                    cfg.resources.cpus_per_worker
+            self.start(cfg.resources.cpus_per_worker)
             try:
                 return ray.get(self.worker.fit.remote(cfg, storage, run_name)), retries
             except ray.exceptions.RayActorError as exc:  # the process died; a trial's own error is a RayTaskError
                 self.worker = None
                 self.replaced += 1
                 if retries >= cfg.resources.max_failures:
-                    raise RuntimeError(f"the trial's worker died ({retries} retries, train.max_failures "
+                    raise RuntimeError(f"the warm worker died ({retries} retries, train.max_failures "
                                        f"{cfg.resources.max_failures}): {exc}") from None
                 retries += 1
-                progress.info(f"  [dim]slot {self.index}: the trial's worker died; retrying on a fresh one "
-                              f"({retries}/{cfg.resources.max_failures})[/]")
+                progress.info(f"  [dim]{self.label}: the worker died; retrying on a fresh one from its newest "
+                              f"checkpoint ({retries}/{cfg.resources.max_failures})[/]")
                 if on_retry is not None:
                     on_retry(retries)
+
+    def shard(self, *args: Any, threads: int = 1) -> dict[str, Any]:
+        """One soft-target shard on the slot's worker. A dead worker is dropped (the next call starts a fresh
+        one) and the error raised: the store retries the shard as it retries a failed Ray task."""
+        import ray
+
+        worker = self.start(self.worker_cpus if self.worker_cpus is not None else 1)
+        try:
+            return dict(ray.get(worker.shard.remote(*args, threads=threads)))
+        except ray.exceptions.RayActorError:
+            self.worker = None
+            self.replaced += 1
+            raise
+
+    def info(self) -> dict[str, Any] | None:
+        """The worker's `TrialWorker.info` and how many workers were replaced; None when none runs."""
+        import ray
+
+        if self.worker is None:
+            return None
+        try:
+            return {**ray.get(self.worker.info.remote(), timeout=30), "replaced": self.replaced}
+        except ray.exceptions.RayError:
+            return None
 
     def close_worker(self) -> None:
         import ray
@@ -124,3 +169,26 @@ class Slot:
             ray.kill(self.monitor)
             self.monitor = None
 
+
+
+def run_worker(spec: Any, eager: bool) -> Slot | None:
+    """The run's warm actor for its single-worker CPU stages (teacher, small precompute, student), or None
+    when they run on Ray Train (`train.workers` > 1, GPUs, KDFLOW_WARM=0). `eager` starts its process now,
+    while the driver goes on (MLflow, teacher setup); else on first use."""
+    t = spec.train
+    if not warm_enabled() or t.workers != 1 or t.use_gpu:
+        return None
+    slot = Slot(0, label="warm worker")
+    if eager:
+        slot.start(t.cpus_per_worker)
+    else:
+        slot.worker_cpus = t.cpus_per_worker
+    return slot
+
+
+def fit_on(warm: Slot | None, cfg: FitConfig, storage: Storage, run_name: str) -> FitResult:
+    """A stage's fit: on the run's warm actor when there is one and the fit is single-worker on CPUs (a dead
+    actor replaced and the fit resumed from its newest checkpoint, up to `train.max_failures`), else Ray Train."""
+    if warm is not None and warm_fits(cfg):
+        return warm.fit(cfg, storage, run_name)[0]
+    return fit(cfg, storage=storage, run_name=run_name)
