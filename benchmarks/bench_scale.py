@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -70,7 +71,7 @@ teacher:
 soft_targets: {{shards: 8, format: logits, dtype: float16}}
 student: {{model: mlp, params: {{hidden: [16]}}}}
 distill: {{loss: kl, temperature: 2.0, alpha: 0.5}}
-train: {{epochs: 1, batch_size: 1024, workers: 1, optimizer: {{name: adamw, lr: 0.003}}}}
+train: {{epochs: 1, batch_size: 1024, workers: 1, optimizer: {{name: adamw, lr: 0.003}}, hold_share_mb: {hold}}}
 registry: {{model: scale-student}}
 """
 
@@ -100,7 +101,7 @@ def worker_pids() -> list[int]:
     return out
 
 
-def run_once(rows: int, work: Path) -> dict[str, float]:
+def run_once(rows: int, work: Path, hold_mb: float) -> dict[str, Any]:
     source = work / f"table-{rows}.parquet"
     if not source.exists():
         t0 = time.perf_counter()
@@ -109,18 +110,19 @@ def run_once(rows: int, work: Path) -> dict[str, float]:
     root = work / f"store-{rows}"
     shutil.rmtree(root, ignore_errors=True)
     wf = work / f"scale-{rows}.yaml"
-    wf.write_text(WORKFLOW.format(rows=rows, root=root, source=source))
+    wf.write_text(WORKFLOW.format(rows=rows, root=root, source=source, hold=hold_mb))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     out, err = work / f"result-{rows}.json", work / f"stderr-{rows}.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen([str(ROOT / ".venv/bin/kdflow"), "run", "--json", str(wf)], cwd=ROOT, env=env,
                                 stdout=stdout, stderr=stderr)
-        driver_peak, worker_peak = 0, 0
+        driver_peak = 0
+        workers: dict[int, int] = {}  # pid -> peak, in the order the workers appeared
         t0 = time.perf_counter()
         while proc.poll() is None:
             driver_peak = max(driver_peak, vm_hwm(proc.pid) or 0)
             for pid in worker_pids():
-                worker_peak = max(worker_peak, vm_hwm(pid) or 0)
+                workers[pid] = max(workers.get(pid, 0), vm_hwm(pid) or 0)
             time.sleep(0.2)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -128,7 +130,10 @@ def run_once(rows: int, work: Path) -> dict[str, float]:
     result = json.loads(out.read_text())
     stages = result.get("stages", {})
     st = result["soft_targets"]
-    return {"rows": rows, "wall_s": wall, "driver_gb": driver_peak / 1e9, "worker_gb": worker_peak / 1e9,
+    peaks = list(workers.values())
+    # without warm stages the teacher's and the student's Ray Train workers are two processes, in that order
+    return {"rows": rows, "wall_s": wall, "driver_gb": driver_peak / 1e9, "worker_gb": max(peaks) / 1e9,
+            "last_worker_gb": peaks[-1] / 1e9,
             **{f"{k}_s": float(v) for k, v in stages.items()},
             "bytes_per_row": st["bytes"] / st["rows"] if st.get("rows") else float("nan")}
 
@@ -137,27 +142,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 2_000_000])
     ap.add_argument("--work", type=Path, default=None, help="where tables and stores go (default: a temp dir)")
+    ap.add_argument("--hold-share-mb", type=float, nargs="+", default=[1024.0],
+                    help="train.hold_share_mb per round (0 makes the train workers stream their share); with "
+                         "several, each size runs once per value, side by side")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kdflow-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"work dir {work}; load average {os.getloadavg()}")
     results = []
     for rows in args.rows:
-        log(f"{rows:,} rows")
-        r = run_once(rows, work)
-        log(f"  {json.dumps({k: round(v, 3) for k, v in r.items()})}")
-        results.append(r)
+        for hold in args.hold_share_mb:
+            log(f"{rows:,} rows, train.hold_share_mb {hold:g}")
+            r = {"hold_share_mb": hold, **run_once(rows, work, hold)}
+            log(f"  {json.dumps({k: round(v, 3) for k, v in r.items()})}")
+            results.append(r)
     stages = [k for k in results[0] if k.endswith("_s") and k != "wall_s"]
-    base = results[0]
     print(f"load average at the end: {os.getloadavg()}\n")
-    print("| rows | driver peak RSS | worker peak RSS | " + " | ".join(f"{s[:-2]} s" for s in stages)
-          + " | wall | bytes/row |")
-    print("| ---: | ---: | ---: | " + " | ".join("---:" for _ in stages) + " | ---: | ---: |")
+    print("| rows | hold_share_mb | driver peak RSS | worker peak RSS | last worker | "
+          + " | ".join(f"{s[:-2]} s" for s in stages) + " | wall | bytes/row |")
+    print("| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in stages) + " | ---: | ---: |")
     for r in results:
-        ratio = "" if r is base else (f" ({r['driver_gb'] / base['driver_gb']:.1f}x)", f" ({r['worker_gb'] / base['worker_gb']:.1f}x)")
-        d = f"{r['driver_gb']:.2f} GB" + (ratio[0] if ratio else "")
-        w = f"{r['worker_gb']:.2f} GB" + (ratio[1] if ratio else "")
-        print(f"| {r['rows']:,} | {d} | {w} | " + " | ".join(f"{r.get(s, float('nan')):.1f}" for s in stages)
+        base = next(b for b in results if b["hold_share_mb"] == r["hold_share_mb"])
+
+        def gb(key: str, r: dict[str, Any] = r, base: dict[str, Any] = base) -> str:
+            return f"{r[key]:.2f} GB" + ("" if r is base else f" ({r[key] / base[key]:.1f}x)")
+
+        print(f"| {r['rows']:,} | {r['hold_share_mb']:g} | {gb('driver_gb')} | {gb('worker_gb')} | "
+              f"{gb('last_worker_gb')} | " + " | ".join(f"{r.get(s, float('nan')):.1f}" for s in stages)
               + f" | {r['wall_s']:.0f} s | {r['bytes_per_row']:.0f} |")
 
 
