@@ -350,19 +350,16 @@ class SoftTargetStore:
 
         if runner is not None:  # one after another on a warm process: each shard tried 1 + max_retries times
             for item in todo:
-                error: BaseException | None = None
                 for _ in range(max_retries + 1):
                     try:
                         out = runner(*args(item))
+                        break
                     except Exception as exc:  # noqa: BLE001 - the teacher's error or a dead worker: retried
                         error = exc
-                        continue
-                    error = None
-                    break
-                if error is not None:
-                    failed(item[0], item[1], error)
                 else:
-                    done(item[0], item[1], out)
+                    failed(item[0], item[1], error)
+                    continue
+                done(item[0], item[1], out)
         else:
             remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shard)
             pending: dict[Any, tuple[str, int]] = {}

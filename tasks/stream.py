@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,22 @@ def streams(source: Any, start: int, stop: int, hold_bytes: int) -> bool:
     if size is None or stop <= start:
         return False
     return size(start, stop) > hold_bytes and len(blocks(source, start, stop)) > 1
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A share read block by block: the source it reads through (a warm process's cache is bypassed, since
+    its blocks are what does not fit) and its blocks."""
+
+    source: Any
+    pieces: list[tuple[int, int]]
+
+
+def streamed(source: Any, start: int, stop: int, hold_bytes: int) -> Streamed | None:
+    """Rows [start, stop) as a Streamed share when they stream (`streams`), else None (held whole)."""
+    if not streams(source, start, stop, hold_bytes):
+        return None
+    return Streamed(getattr(source, "uncached", source), blocks(source, start, stop))
 
 
 def _read_ahead(source: Any, pieces: list[tuple[int, int]]) -> Iterator[TargetBatch]:

@@ -350,15 +350,15 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    share: Share | None  # the rows, held; None when they stream (`blocks`)
+    share: Share | None  # the rows, held; None when they stream (`train_stream`)
     per_worker: int  # rows per epoch on every rank: the same number of steps everywhere, as DDP requires
-    val_rows: TargetBatch | None  # None when there is no val split, or when it streams (`val_blocks`)
+    val_rows: TargetBatch | None  # None when there is no val split, or when it streams (`val_stream`)
     model: nn.Module  # DDP-wrapped when distributed
     core: nn.Module  # the model itself
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    blocks: list[tuple[int, int]] | None = None  # this rank's train rows, read block by block (tasks/stream.py)
-    val_blocks: list[tuple[int, int]] | None = None
+    train_stream: stream.Streamed | None = None  # this rank's train rows, read block by block (tasks/stream.py)
+    val_stream: stream.Streamed | None = None
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -378,17 +378,13 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
         device = torch.device("cpu")
     n = cfg.data.rows()
     a, b = shard_ranges(n, world)[rank]
-    share, train_blocks, val_rows, val_blocks = None, None, None, None
-    if stream.streams(cfg.data, a, b, cfg.hold_share_bytes):
-        train_blocks = stream.blocks(cfg.data, a, b)
-    else:
-        share = cfg.task.place(cfg.data.load(a, b), cfg.dims, device)
+    train_stream = stream.streamed(cfg.data, a, b, cfg.hold_share_bytes)
+    share = cfg.task.place(cfg.data.load(a, b), cfg.dims, device) if train_stream is None else None
+    val_rows, val_stream = None, None
     if cfg.val is not None:
         va, vb = shard_ranges(cfg.val.rows(), world)[rank]
-        if stream.streams(cfg.val, va, vb, cfg.hold_share_bytes):
-            val_blocks = stream.blocks(cfg.val, va, vb)
-        else:
-            val_rows = cfg.val.load(va, vb)
+        val_stream = stream.streamed(cfg.val, va, vb, cfg.hold_share_bytes)
+        val_rows = cfg.val.load(va, vb) if val_stream is None else None
     torch.manual_seed(cfg.seed)
     core = cfg.task.build_model(cfg.model, cfg.params, cfg.dims)
     if world > 1 or device.type != "cpu":
@@ -400,7 +396,7 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
     core = model.module if hasattr(model, "module") else model
     return Worker(cfg, rank, world, device, share, n // world, val_rows, model, core,
                   make_optimizer(model, cfg.optimizer),
-                  torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), train_blocks, val_blocks)
+                  torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), train_stream, val_stream)
 
 
 def resume(w: Worker, session: Session | None = None) -> LoopState:
@@ -440,11 +436,10 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
         sums_t = train_epoch(cfg.task, w.model, w.opt, w.scaler, w.share, order, cfg.batch_size, cfg.loss,
                              cfg.precision, schedule)
     else:  # streamed: chunks of whole batches, the next block read while this one trains
-        assert w.blocks is not None
+        assert w.train_stream is not None
         sums_t, done = torch.zeros(3, device=w.device), 0
-        source = getattr(cfg.data, "uncached", cfg.data)  # a warm process caches held shares only
-        for chunk, order in stream.epoch_chunks(cfg.task, source, w.blocks, w.per_worker, cfg.batch_size, gen,
-                                                cfg.dims, w.device):
+        for chunk, order in stream.epoch_chunks(cfg.task, w.train_stream.source, w.train_stream.pieces, w.per_worker,
+                                                cfg.batch_size, gen, cfg.dims, w.device):
             part = None if schedule is None else replace(schedule, first_step=schedule.first_step + done)
             sums_t += train_epoch(cfg.task, w.model, w.opt, w.scaler, chunk, order.to(chunk.rows_device),
                                   cfg.batch_size, cfg.loss, cfg.precision, part)
@@ -459,14 +454,14 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
     metrics: dict[str, float] = {"epoch": epoch, "train_loss": sums[0] / steps, "train_kd": sums[1] / steps,
                                  "train_ce": sums[2] / steps, "samples_per_s": w.per_worker * w.world / train_s,
                                  "epoch_s": train_s, "peak_rss_mb": peak_rss_mb()}
-    if w.val_rows is not None or w.val_blocks is not None:
+    if w.val_rows is not None or w.val_stream is not None:
         if w.val_rows is not None:
             counts = cfg.task.eval_counts(w.core, w.val_rows, cfg.dims, w.device)
             with_teacher = bool(w.val_rows.targets)
         else:
-            assert w.val_blocks is not None
-            counts, with_teacher = stream.streamed_counts(cfg.task, w.core, getattr(cfg.val, "uncached", cfg.val),
-                                                          w.val_blocks, cfg.dims, w.device)
+            assert w.val_stream is not None
+            counts, with_teacher = stream.streamed_counts(cfg.task, w.core, w.val_stream.source, w.val_stream.pieces,
+                                                          cfg.dims, w.device)
         if w.world > 1:
             torch.distributed.all_reduce(counts)
         metrics.update({f"val_{k}": v for k, v in cfg.task.metrics(counts, with_teacher).items()})
