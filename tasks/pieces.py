@@ -1,0 +1,260 @@
+"""A source as pieces (Parquet row groups, or a built-in's arrays), a hash split, and a reduction over pieces.
+
+A row's id is (the name of its file under the source's root, its row index in that file); a built-in's rows
+have the name "" and their row index. Its split is a hash of (seed, row id) against the val/test fractions, so
+any reader of any row range decides the split of its own rows, and a file added to the source moves no old
+row between splits (docs/streaming.md, steps 1-2).
+
+`scan_piece` is the per-piece half of the reduction: per-split row counts, the train split's per-feature
+mean and M2 (float64, merged with Chan's parallel formula), the label values seen and a sha256 of the
+piece's bytes as read. It takes only picklable arguments, so a Ray task can run it as well as the local
+thread pool `scan` uses; `fill` reads each piece again into preallocated split arrays and checks its
+digest, so a file that changed between the two reads is an error, not a silent mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import UserError
+
+SPLIT_RULE = "hash-splitmix64-v1"  # bump when split_codes changes: it is part of the fingerprint
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, start + rows) of one file (`row_group` of it), or of a built-in's arrays (row_group -1)."""
+
+    name: str  # the file's name under the source's root: part of every row id in it ("" for a built-in)
+    path: str  # what the filesystem opens
+    row_group: int
+    start: int  # the row index in the file of the piece's first row
+    rows: int  # fewer than group_rows where a `limit` ends the source inside the row group
+    group_rows: int = 0  # the row group's rows per the footer the listing read
+
+
+@dataclass
+class Reader:
+    """How to read a piece's features (float32 [n, F]) and labels: picklable, so a Ray task can take it.
+
+    `arrays` holds a built-in's (x, y) in memory; otherwise pieces are Parquet row groups read through
+    `filesystem_for(url, s3_options)` with `columns` (one list column, or numeric columns) and `label`."""
+
+    url: str = ""
+    s3_options: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] | str = field(default_factory=list)
+    label: str | None = None
+    arrays: tuple[np.ndarray, np.ndarray | None] | None = None
+    where: str = "source"
+
+    def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.arrays is not None:
+            x, y = self.arrays
+            stop = piece.start + piece.rows
+            return x[piece.start:stop], (None if y is None else y[piece.start:stop])
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from tasks.data import table_features
+        from tasks.storage import S3_ERRORS, describe_s3_error, filesystem_for
+
+        fs = filesystem_for(self.url, self.s3_options)
+        cols = ([self.columns] if isinstance(self.columns, str) else list(self.columns))
+        try:
+            with fs.open(piece.path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                if piece.row_group >= pf.num_row_groups \
+                        or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
+                    raise SourceChanged(piece, self.where)
+                table = pf.read_row_group(piece.row_group, columns=cols + ([self.label] if self.label else []))
+        except (*S3_ERRORS, pa.ArrowException) as exc:
+            raise UserError(f"cannot read Parquet from {self.url}: {describe_s3_error(exc)}",
+                            where=self.where) from None
+        table = table.slice(0, piece.rows)  # a `limit` can end a source inside a row group
+        x = table_features(table, self.columns, self.label, "")
+        labels = None
+        if self.label:
+            labels = table.column(self.label).to_numpy(zero_copy_only=False)
+        return x, labels
+
+
+class SourceChanged(UserError):
+    """A piece's rows are not what the reduction pass read (another row count, another digest)."""
+
+    def __init__(self, piece: Piece, where: str = "source") -> None:
+        super().__init__(f"{piece.name or 'the data'} (row group {piece.row_group}) changed while this run read it",
+                         where=where)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def split_codes(name: str, start: int, rows: int, *, seed: int, val: float, test: float) -> np.ndarray:
+    """The split (0 train, 1 val, 2 test) of rows [start, start + rows) of the file `name`: a 64-bit hash
+    of (seed, name, row index) as a uniform number in [0, 1), test below `test`, val below `test + val`."""
+    base = np.uint64(int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little"))
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.arange(start, start + rows, dtype=np.uint64) ^ base)
+    u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+    codes = np.zeros(rows, dtype=np.int8)
+    codes[u < test + val] = SPLIT_CODES["val"]
+    codes[u < test] = SPLIT_CODES["test"]
+    return codes
+
+
+@dataclass
+class PieceStats:
+    """What one piece contributes to the reduction (small: O(features + classes))."""
+
+    counts: dict[str, int]
+    mean: np.ndarray  # float64 [F]: the train rows' mean
+    m2: np.ndarray  # float64 [F]: the train rows' sum of squared deviations from it
+    labels: np.ndarray | None  # the distinct label values of all its rows (None: an unlabeled source)
+    digest: str
+    finite: bool
+    num_features: int
+
+
+def piece_digest(x: np.ndarray, labels: np.ndarray | None) -> str:
+    """sha256 of a piece's features (float32, as read) and labels: any change to a row changes it."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    if labels is not None:
+        if labels.dtype == object:
+            h.update(f"object:{len(labels)}|".encode())
+            h.update("\x1f".join(map(repr, labels.tolist())).encode())
+        else:
+            h.update(f"{labels.dtype.str}|".encode())
+            h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()
+
+
+def _check_labels(labels: np.ndarray, label: str | None) -> None:
+    if any(v is None for v in labels) if labels.dtype == object else (labels.dtype.kind == "f" and np.isnan(labels).any()):
+        raise UserError(f"label column {label!r} has missing values", where="label")
+
+
+def scan_piece(reader: Reader, piece: Piece, *, seed: int, val: float, test: float, split: bool = True) -> PieceStats:
+    """One piece's share of the reduction; `split` False puts all its rows in "train" (transfer rows)."""
+    x, labels = reader.read(piece)
+    finite = bool(np.isfinite(x).all())
+    codes = split_codes(piece.name, piece.start, len(x), seed=seed, val=val, test=test) if split \
+        else np.zeros(len(x), np.int8)
+    counts = {k: int((codes == c).sum()) for k, c in SPLIT_CODES.items()}
+    train = x[codes == 0].astype(np.float64)
+    mean = train.mean(axis=0) if len(train) else np.zeros(x.shape[1])
+    m2 = ((train - mean) ** 2).sum(axis=0) if len(train) else np.zeros(x.shape[1])
+    seen = None
+    if labels is not None:
+        _check_labels(labels, reader.label)
+        seen = np.unique(labels)
+    return PieceStats(counts, mean, m2, seen, piece_digest(x, labels), finite, int(x.shape[1]))
+
+
+@dataclass
+class Reduced:
+    """The merged reduction: per-split counts, mean/std of the train split, the class values, the digests."""
+
+    counts: dict[str, int]
+    mean: np.ndarray  # float64
+    var: np.ndarray  # float64, population variance (ddof 0, as numpy's std)
+    classes: np.ndarray | None
+    digests: list[str]
+    per_piece: list[PieceStats]
+    num_features: int
+
+
+def merge(stats: list[PieceStats]) -> Reduced:
+    """Chan's parallel merge of the per-piece train means and M2s, in piece order (float64)."""
+    widths = {s.num_features for s in stats}
+    if len(widths) > 1:
+        raise UserError(f"rows have different numbers of features ({sorted(widths)})", where="features")
+    num_features = widths.pop() if widths else 0
+    n = 0
+    mean = np.zeros(num_features)
+    m2 = np.zeros(num_features)
+    counts = dict.fromkeys(SPLIT_CODES, 0)
+    for s in stats:
+        for k, v in s.counts.items():
+            counts[k] += v
+        nb = s.counts["train"]
+        if nb == 0:
+            continue
+        delta = s.mean - mean
+        total = n + nb
+        mean = mean + delta * (nb / total)
+        m2 = m2 + s.m2 + delta ** 2 * (n * nb / total)
+        n = total
+    seen = [s.labels for s in stats if s.labels is not None]
+    classes = np.unique(np.concatenate(seen)) if seen else None
+    var = m2 / n if n else np.zeros(num_features)
+    return Reduced(counts, mean, var, classes, [s.digest for s in stats], stats, num_features)
+
+
+def _pool_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int | None) -> list[Any]:
+    """`fn` over `items` in order on a few threads (pyarrow and numpy release the GIL), at most `threads`
+    pieces in memory at once."""
+    items = list(items)
+    threads = threads or min(4, os.cpu_count() or 1)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
+
+
+def scan(reader: Reader, pieces: list[Piece], *, seed: int, val: float, test: float,
+         split: bool = True, threads: int | None = None) -> Reduced:
+    """The reduction over every piece (a local pass in bounded memory; each call is a Ray task's worth)."""
+    stats = _pool_map(lambda p: scan_piece(reader, p, seed=seed, val=val, test=test, split=split), pieces, threads)
+    return merge(stats)
+
+
+def fill(reader: Reader, pieces: list[Piece], reduced: Reduced, *, mean: np.ndarray, std: np.ndarray, seed: int,
+         val: float, test: float, split: bool = True, threads: int | None = None,
+         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each split's standardized float32 features and int64 class indices (-1: no label), in piece order then
+    row order, read piece by piece into arrays of the sizes the reduction counted, so the source is never
+    held whole beside a copy of it.
+
+    Each piece's digest is checked against the reduction's: a file changed in between raises `SourceChanged`.
+    """
+    names = [k for k in SPLIT_CODES if reduced.counts[k]] if split else ["train"]
+    xs = {k: np.empty((reduced.counts[k], reduced.num_features), np.float32) for k in names}
+    ys = {k: np.full(reduced.counts[k], -1, np.int64) for k in names}
+    offsets: list[dict[str, int]] = []
+    at = dict.fromkeys(SPLIT_CODES, 0)
+    for s in reduced.per_piece:
+        offsets.append(dict(at))
+        for k, v in s.counts.items():
+            at[k] += v
+    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
+
+    def one(i: int) -> None:
+        piece = pieces[i]
+        x, lab = reader.read(piece)
+        if piece_digest(x, lab) != reduced.digests[i]:
+            raise SourceChanged(piece, reader.where)
+        codes = split_codes(piece.name, piece.start, len(x), seed=seed, val=val, test=test) if split \
+            else np.zeros(len(x), np.int8)
+        for k in names:
+            mask = codes == SPLIT_CODES[k]
+            a, b = offsets[i][k], offsets[i][k] + int(mask.sum())
+            np.subtract(x[mask], mean32, out=xs[k][a:b])
+            xs[k][a:b] /= std32
+            if lab is not None and reduced.classes is not None:
+                ys[k][a:b] = np.searchsorted(reduced.classes, lab[mask])
+
+    _pool_map(one, range(len(pieces)), threads)
+    return xs, ys
