@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from tasks.errors import UserError
 
 SPLIT_RULE = "hash-splitmix64-v1"  # bump when split_codes changes: it is part of the fingerprint
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+CHUNK_ROWS = 65_536  # rows a reader holds at once (with up to `threads` pieces read side by side)
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,15 @@ class Reader:
     arrays: tuple[np.ndarray, np.ndarray | None] | None = None
     where: str = "source"
 
-    def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
+    def chunks(self, piece: Piece) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """The piece's rows as (offset in the piece, float32 features, labels or None), at most CHUNK_ROWS at
+        a time, so a reader holds a bounded window whatever the source's row-group size."""
         if self.arrays is not None:
             x, y = self.arrays
-            stop = piece.start + piece.rows
-            return x[piece.start:stop], (None if y is None else y[piece.start:stop])
+            for a in range(0, piece.rows, CHUNK_ROWS):
+                b = min(piece.rows, a + CHUNK_ROWS)
+                yield a, x[piece.start + a:piece.start + b], None if y is None else y[piece.start + a:piece.start + b]
+            return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -68,22 +73,26 @@ class Reader:
 
         fs = filesystem_for(self.url, self.s3_options)
         cols = ([self.columns] if isinstance(self.columns, str) else list(self.columns))
+        cols += [self.label] if self.label else []
         try:
             with fs.open(piece.path, "rb") as f:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(f, buffer_size=1 << 20)  # page by page, not whole column chunks
                 if piece.row_group >= pf.num_row_groups \
                         or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
                     raise SourceChanged(piece, self.where)
-                table = pf.read_row_group(piece.row_group, columns=cols + ([self.label] if self.label else []))
+                at = 0
+                for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group], columns=cols,
+                                             use_threads=False):
+                    if at >= piece.rows:  # a `limit` can end a source inside a row group
+                        break
+                    table = pa.Table.from_batches([batch.slice(0, piece.rows - at)])
+                    x = table_features(table, self.columns, self.label, "")
+                    labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
+                    yield at, x, labels
+                    at += table.num_rows
         except (*S3_ERRORS, pa.ArrowException) as exc:
             raise UserError(f"cannot read Parquet from {self.url}: {describe_s3_error(exc)}",
                             where=self.where) from None
-        table = table.slice(0, piece.rows)  # a `limit` can end a source inside a row group
-        x = table_features(table, self.columns, self.label, "")
-        labels = None
-        if self.label:
-            labels = table.column(self.label).to_numpy(zero_copy_only=False)
-        return x, labels
 
 
 class SourceChanged(UserError):
@@ -127,18 +136,36 @@ class PieceStats:
     num_features: int
 
 
-def piece_digest(x: np.ndarray, labels: np.ndarray | None) -> str:
-    """sha256 of a piece's features (float32, as read) and labels: any change to a row changes it."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    if labels is not None:
+def _chan(n: int, mean: np.ndarray, m2: np.ndarray, nb: int, mean_b: np.ndarray, m2_b: np.ndarray,
+          ) -> tuple[int, np.ndarray, np.ndarray]:
+    """Chan et al.'s parallel merge of two (count, mean, M2) summaries (float64)."""
+    if nb == 0:
+        return n, mean, m2
+    total = n + nb
+    delta = mean_b - mean
+    return total, mean + delta * (nb / total), m2 + m2_b + delta ** 2 * (n * nb / total)
+
+
+class Digest:
+    """sha256 of a piece's features (float32, as read) and labels, fed chunk by chunk: the same for any
+    chunking of the same rows, and any change to a row changes it."""
+
+    def __init__(self) -> None:
+        self.x, self.y = hashlib.sha256(), hashlib.sha256()
+        self.kind = ""
+
+    def update(self, x: np.ndarray, labels: np.ndarray | None) -> None:
+        self.x.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+        if labels is None:
+            return
+        self.kind = self.kind or ("object" if labels.dtype == object else labels.dtype.str)
         if labels.dtype == object:
-            h.update(f"object:{len(labels)}|".encode())
-            h.update("\x1f".join(map(repr, labels.tolist())).encode())
+            self.y.update("".join(f"{v!r}\x1f" for v in labels.tolist()).encode())
         else:
-            h.update(f"{labels.dtype.str}|".encode())
-            h.update(np.ascontiguousarray(labels).tobytes())
-    return h.hexdigest()
+            self.y.update(np.ascontiguousarray(labels).tobytes())
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.x.hexdigest()}|{self.kind}|{self.y.hexdigest()}".encode()).hexdigest()
 
 
 def _check_labels(labels: np.ndarray, label: str | None) -> None:
@@ -146,21 +173,37 @@ def _check_labels(labels: np.ndarray, label: str | None) -> None:
         raise UserError(f"label column {label!r} has missing values", where="label")
 
 
+def _codes(piece: Piece, offset: int, rows: int, split: bool, **fractions: Any) -> np.ndarray:
+    if not split:
+        return np.zeros(rows, np.int8)
+    return split_codes(piece.name, piece.start + offset, rows, **fractions)
+
+
 def scan_piece(reader: Reader, piece: Piece, *, seed: int, val: float, test: float, split: bool = True) -> PieceStats:
     """One piece's share of the reduction; `split` False puts all its rows in "train" (transfer rows)."""
-    x, labels = reader.read(piece)
-    finite = bool(np.isfinite(x).all())
-    codes = split_codes(piece.name, piece.start, len(x), seed=seed, val=val, test=test) if split \
-        else np.zeros(len(x), np.int8)
-    counts = {k: int((codes == c).sum()) for k, c in SPLIT_CODES.items()}
-    train = x[codes == 0].astype(np.float64)
-    mean = train.mean(axis=0) if len(train) else np.zeros(x.shape[1])
-    m2 = ((train - mean) ** 2).sum(axis=0) if len(train) else np.zeros(x.shape[1])
-    seen = None
-    if labels is not None:
-        _check_labels(labels, reader.label)
-        seen = np.unique(labels)
-    return PieceStats(counts, mean, m2, seen, piece_digest(x, labels), finite, int(x.shape[1]))
+    counts = dict.fromkeys(SPLIT_CODES, 0)
+    n, mean, m2, width = 0, np.zeros(0), np.zeros(0), None
+    seen: list[np.ndarray] = []
+    digest, finite = Digest(), True
+    for offset, x, labels in reader.chunks(piece):
+        if width is None:
+            width, mean, m2 = x.shape[1], np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        elif x.shape[1] != width:
+            raise UserError(f"rows have {x.shape[1]} and {width} features", where="features")
+        finite = finite and bool(np.isfinite(x).all())
+        codes = _codes(piece, offset, len(x), split, seed=seed, val=val, test=test)
+        for k, c in SPLIT_CODES.items():
+            counts[k] += int((codes == c).sum())
+        train = x[codes == 0].astype(np.float64)
+        if len(train):
+            mb = train.mean(axis=0)
+            n, mean, m2 = _chan(n, mean, m2, len(train), mb, ((train - mb) ** 2).sum(axis=0))
+        if labels is not None:
+            _check_labels(labels, reader.label)
+            seen.append(np.unique(labels))
+        digest.update(x, labels)
+    labels_seen = np.unique(np.concatenate(seen)) if seen else None
+    return PieceStats(counts, mean, m2, labels_seen, digest.hexdigest(), finite, width or 0)
 
 
 @dataclass
@@ -177,37 +220,33 @@ class Reduced:
 
 
 def merge(stats: list[PieceStats]) -> Reduced:
-    """Chan's parallel merge of the per-piece train means and M2s, in piece order (float64)."""
+    """The per-piece summaries merged in piece order: counts added, train mean/M2 by Chan's formula."""
     widths = {s.num_features for s in stats}
     if len(widths) > 1:
         raise UserError(f"rows have different numbers of features ({sorted(widths)})", where="features")
     num_features = widths.pop() if widths else 0
-    n = 0
-    mean = np.zeros(num_features)
-    m2 = np.zeros(num_features)
+    n, mean, m2 = 0, np.zeros(num_features), np.zeros(num_features)
     counts = dict.fromkeys(SPLIT_CODES, 0)
     for s in stats:
         for k, v in s.counts.items():
             counts[k] += v
-        nb = s.counts["train"]
-        if nb == 0:
-            continue
-        delta = s.mean - mean
-        total = n + nb
-        mean = mean + delta * (nb / total)
-        m2 = m2 + s.m2 + delta ** 2 * (n * nb / total)
-        n = total
+        n, mean, m2 = _chan(n, mean, m2, s.counts["train"], s.mean, s.m2)
     seen = [s.labels for s in stats if s.labels is not None]
     classes = np.unique(np.concatenate(seen)) if seen else None
     var = m2 / n if n else np.zeros(num_features)
     return Reduced(counts, mean, var, classes, [s.digest for s in stats], stats, num_features)
 
 
-def _pool_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int | None) -> list[Any]:
-    """`fn` over `items` in order on a few threads (pyarrow and numpy release the GIL), at most `threads`
-    pieces in memory at once."""
+def default_threads(reader: Reader) -> int:
+    """Pieces read side by side: one for local files (a row group decoded is the window, and on local disk
+    two threads were no faster: docs/streaming.md), a few for S3, where each read waits on the network."""
+    return min(4, os.cpu_count() or 1) if reader.url.startswith("s3://") else 1
+
+
+def _pool_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> list[Any]:
+    """`fn` over `items` in order on `threads` threads (pyarrow and numpy release the GIL): at most
+    `threads` pieces in memory at once."""
     items = list(items)
-    threads = threads or min(4, os.cpu_count() or 1)
     if threads <= 1 or len(items) <= 1:
         return [fn(i) for i in items]
     with ThreadPoolExecutor(threads) as pool:
@@ -217,7 +256,8 @@ def _pool_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int | Non
 def scan(reader: Reader, pieces: list[Piece], *, seed: int, val: float, test: float,
          split: bool = True, threads: int | None = None) -> Reduced:
     """The reduction over every piece (a local pass in bounded memory; each call is a Ray task's worth)."""
-    stats = _pool_map(lambda p: scan_piece(reader, p, seed=seed, val=val, test=test, split=split), pieces, threads)
+    stats = _pool_map(lambda p: scan_piece(reader, p, seed=seed, val=val, test=test, split=split), pieces,
+                      threads or default_threads(reader))
     return merge(stats)
 
 
@@ -230,7 +270,7 @@ def fill(reader: Reader, pieces: list[Piece], reduced: Reduced, *, mean: np.ndar
 
     Each piece's digest is checked against the reduction's: a file changed in between raises `SourceChanged`.
     """
-    names = [k for k in SPLIT_CODES if reduced.counts[k]] if split else ["train"]
+    names = list(SPLIT_CODES) if split else ["train"]
     xs = {k: np.empty((reduced.counts[k], reduced.num_features), np.float32) for k in names}
     ys = {k: np.full(reduced.counts[k], -1, np.int64) for k in names}
     offsets: list[dict[str, int]] = []
@@ -242,19 +282,20 @@ def fill(reader: Reader, pieces: list[Piece], reduced: Reduced, *, mean: np.ndar
     mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
 
     def one(i: int) -> None:
-        piece = pieces[i]
-        x, lab = reader.read(piece)
-        if piece_digest(x, lab) != reduced.digests[i]:
+        piece, at, digest = pieces[i], dict(offsets[i]), Digest()
+        for offset, x, lab in reader.chunks(piece):
+            digest.update(x, lab)
+            codes = _codes(piece, offset, len(x), split, seed=seed, val=val, test=test)
+            for k in names:
+                mask = codes == SPLIT_CODES[k]
+                a, b = at[k], at[k] + int(mask.sum())
+                np.subtract(x[mask], mean32, out=xs[k][a:b])
+                xs[k][a:b] /= std32
+                if lab is not None and reduced.classes is not None:
+                    ys[k][a:b] = np.searchsorted(reduced.classes, lab[mask])
+                at[k] = b
+        if digest.hexdigest() != reduced.digests[i]:
             raise SourceChanged(piece, reader.where)
-        codes = split_codes(piece.name, piece.start, len(x), seed=seed, val=val, test=test) if split \
-            else np.zeros(len(x), np.int8)
-        for k in names:
-            mask = codes == SPLIT_CODES[k]
-            a, b = offsets[i][k], offsets[i][k] + int(mask.sum())
-            np.subtract(x[mask], mean32, out=xs[k][a:b])
-            xs[k][a:b] /= std32
-            if lab is not None and reduced.classes is not None:
-                ys[k][a:b] = np.searchsorted(reduced.classes, lab[mask])
 
-    _pool_map(one, range(len(pieces)), threads)
+    _pool_map(one, range(len(pieces)), threads or default_threads(reader))
     return xs, ys

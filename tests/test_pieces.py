@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tasks import pieces
 from tasks.data import Dataset, list_parquet, load_dataset
 from tasks.errors import UserError
 from tasks.pieces import SPLIT_CODES, Reader, SourceChanged, fill, scan, scan_piece, split_codes
@@ -51,7 +52,8 @@ def test_a_rows_split_is_the_same_from_the_whole_file_or_any_piece_of_it() -> No
     assert (split_codes("part-1.parquet", 0, 5000, **{**SPLIT, "seed": 4}) != whole).mean() > 0.3
 
 
-def test_the_reduction_equals_numpy_over_the_materialised_splits_of_a_multi_file_source(tmp_path: Path) -> None:
+def test_the_reduction_equals_numpy_over_the_materialised_splits_of_a_multi_file_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = source(tmp_path, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250), "part-2.parquet": (550, 90)})
     listed = list_parquet(src, None, "source")
     assert len({p.path for p in listed.pieces}) == 3 and len(listed.pieces) == 9 + 7 + 3  # 37-row row groups
@@ -76,10 +78,13 @@ def test_the_reduction_equals_numpy_over_the_materialised_splits_of_a_multi_file
     for k in SPLIT_CODES:
         np.testing.assert_allclose(d.x[k], (raw[k] - d.mean) / d.std, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(np.array(d.classes)[d.y[k]], np.concatenate(labels[k]))
-    # one thread or several: the same arrays and fingerprint
-    alone = load_dataset(src, features=FEATURES, threads=1, **SPLIT)
+    # one thread or several, whole row groups or 10-row chunks of them: the same arrays and fingerprint
+    monkeypatch.setattr(pieces, "CHUNK_ROWS", 10)
+    alone = load_dataset(src, features=FEATURES, threads=3, **SPLIT)
     assert alone.fingerprint == d.fingerprint
-    np.testing.assert_array_equal(alone.x["train"], d.x["train"])
+    for k in SPLIT_CODES:
+        np.testing.assert_allclose(alone.x[k], d.x[k], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(alone.y[k], d.y[k])
 
 
 def test_the_reduction_equals_numpy_on_digits() -> None:
