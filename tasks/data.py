@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import UserError
-from tasks.pieces import SPLIT_RULE, Piece, Reader, fill, scan
+from tasks.pieces import SPLIT_CODES, SPLIT_RULE, Piece, Reader, SplitRows, fill, scan
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 BUILTINS = ("sklearn:digits", "mnist1d")
@@ -40,6 +40,9 @@ class Dataset:
     feature_names: list[str] = field(default_factory=list)  # the user's column names (registered model's input)
     # what another task kind carries beside the rows (causal_lm: the tokenizer, and "meta" for the manifest)
     extra: dict[str, Any] = field(default_factory=dict)
+    # split -> its rows readable by row range from a Parquet source's pieces (empty for a built-in): the
+    # same rows as x/y, for a reader that should not get them from the driver (soft-target shard tasks)
+    source_rows: dict[str, SplitRows] = field(default_factory=dict)
 
     @property
     def num_features(self) -> int:
@@ -47,6 +50,15 @@ class Dataset:
 
     def rows(self, split: str) -> int:
         return int(self.y[split].shape[0])
+
+    def precompute_rows(self, seed: int) -> dict[str, tuple[Any, Any]]:
+        """Each split's (features, labels) for the soft-target precompute: `SplitRows` that its shard tasks
+        read from a Parquet source's pieces, when there are no transfer rows to interleave into train;
+        else the arrays here (which the precompute puts into Ray's object store)."""
+        if self.source_rows and "transfer" not in self.x:
+            return {k: (r, r) for k, r in self.source_rows.items()}
+        return {"train": self.distillation_rows(seed), "val": (self.x["val"], self.y["val"]),
+                "test": (self.x["test"], self.y["test"])}
 
     def distillation_rows(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The rows the student distils on: the training split, with the transfer rows (label -1) interleaved
@@ -308,8 +320,11 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
             h.update(b"transfer")
             _hash_pieces(h, t_pieces, t_red.digests)
     names = src.names or _builtin_feature_names(source, red.num_features)
+    rows = {} if src.reader.arrays is not None else {
+        k: SplitRows(src.reader, k, pieces, [s.counts[k] for s in red.per_piece], red.digests, mean, std,
+                     red.classes, red.num_features, seed, val, test) for k in SPLIT_CODES}
     return Dataset(x=xs, y=ys, num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
-                   labeled_fingerprint=labeled, classes=classes, feature_names=names)
+                   labeled_fingerprint=labeled, classes=classes, feature_names=names, source_rows=rows)
 
 
 def _hash_pieces(h: Any, pieces: list[Piece], digests: list[str]) -> None:

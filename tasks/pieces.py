@@ -261,6 +261,24 @@ def scan(reader: Reader, pieces: list[Piece], *, seed: int, val: float, test: fl
     return merge(stats)
 
 
+def _checked_chunks(reader: Reader, piece: Piece, digest: str, *, split: bool, seed: int, val: float, test: float,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """A piece's chunks as (split codes, features, labels), read again; after the last, its digest is checked
+    against the reduction's, so a file changed since then raises `SourceChanged` before its rows are used."""
+    seen = Digest()
+    for offset, x, lab in reader.chunks(piece):
+        seen.update(x, lab)
+        yield _codes(piece, offset, len(x), split, seed=seed, val=val, test=test), x, lab
+    if seen.hexdigest() != digest:
+        raise SourceChanged(piece, reader.where)
+
+
+def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, out: np.ndarray) -> None:
+    """(x - mean) / std in float32 into `out`: one function, so every reader of a row gets the same bits."""
+    np.subtract(x, mean, out=out)
+    out /= std
+
+
 def fill(reader: Reader, pieces: list[Piece], reduced: Reduced, *, mean: np.ndarray, std: np.ndarray, seed: int,
          val: float, test: float, split: bool = True, threads: int | None = None,
          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -282,20 +300,64 @@ def fill(reader: Reader, pieces: list[Piece], reduced: Reduced, *, mean: np.ndar
     mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
 
     def one(i: int) -> None:
-        piece, at, digest = pieces[i], dict(offsets[i]), Digest()
-        for offset, x, lab in reader.chunks(piece):
-            digest.update(x, lab)
-            codes = _codes(piece, offset, len(x), split, seed=seed, val=val, test=test)
+        at = dict(offsets[i])
+        for codes, x, lab in _checked_chunks(reader, pieces[i], reduced.digests[i], split=split, seed=seed,
+                                             val=val, test=test):
             for k in names:
                 mask = codes == SPLIT_CODES[k]
                 a, b = at[k], at[k] + int(mask.sum())
-                np.subtract(x[mask], mean32, out=xs[k][a:b])
-                xs[k][a:b] /= std32
+                _standardize(x[mask], mean32, std32, xs[k][a:b])
                 if lab is not None and reduced.classes is not None:
                     ys[k][a:b] = np.searchsorted(reduced.classes, lab[mask])
                 at[k] = b
-        if digest.hexdigest() != reduced.digests[i]:
-            raise SourceChanged(piece, reader.where)
 
     _pool_map(one, range(len(pieces)), threads or default_threads(reader))
     return xs, ys
+
+
+@dataclass
+class SplitRows:
+    """One split of a source, readable by row range: rows [a, b) of the split are its rows in piece order (as
+    `fill` lays them out), read from the pieces they lie in, standardized with the merged statistics and
+    checked against the reduction's digests by whoever calls `rows` (a soft-target shard task), not the
+    driver. Small and picklable: a Ray task takes it instead of the split's arrays."""
+
+    reader: Reader
+    split: str
+    pieces: list[Piece]
+    counts: list[int]  # this split's rows in each piece
+    digests: list[str]
+    mean: np.ndarray  # float32
+    std: np.ndarray  # float32
+    classes: np.ndarray | None
+    num_features: int
+    seed: int
+    val: float
+    test: float
+
+    def __len__(self) -> int:
+        return int(sum(self.counts))
+
+    def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Standardized float32 features and int64 class indices of the split's rows [a, b)."""
+        x = np.empty((b - a, self.num_features), np.float32)
+        y = np.full(b - a, -1, np.int64)
+        code = SPLIT_CODES[self.split]
+        first = 0  # the split's index of the piece's first row of this split
+        for piece, n, digest in zip(self.pieces, self.counts, self.digests, strict=True):
+            if first < b and first + n > a:
+                at = first
+                for codes, xc, lab in _checked_chunks(self.reader, piece, digest, split=True, seed=self.seed,
+                                                      val=self.val, test=self.test):
+                    mask = codes == code
+                    k = int(mask.sum())
+                    lo, hi = max(a, at), min(b, at + k)
+                    if lo < hi:
+                        _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x[lo - a:hi - a])
+                        if lab is not None and self.classes is not None:
+                            y[lo - a:hi - a] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
+                    at += k
+            first += n
+            if first >= b:
+                break
+        return x, y

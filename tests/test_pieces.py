@@ -13,7 +13,7 @@ import pytest
 from tasks import pieces
 from tasks.data import Dataset, list_parquet, load_dataset
 from tasks.errors import UserError
-from tasks.pieces import SPLIT_CODES, Reader, SourceChanged, fill, scan, scan_piece, split_codes
+from tasks.pieces import SPLIT_CODES, Reader, SourceChanged, SplitRows, fill, scan, scan_piece, split_codes
 
 FEATURES = ["rid", "f0", "f1"]
 SPLIT = {"seed": 3, "val": 0.2, "test": 0.25}
@@ -164,3 +164,44 @@ def test_too_few_rows_for_the_split_names_split(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         load_dataset(str(tmp_path / "t.parquet"), features=FEATURES, val=0.3, test=0.3)
     assert err.value.where == "split" and "too few for this split" in str(err.value)
+
+
+def test_a_split_read_by_row_range_from_the_pieces_is_the_drivers_split(tmp_path: Path) -> None:
+    src = source(tmp_path, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
+    d = load_dataset(src, features=FEATURES, **SPLIT)
+    assert set(d.source_rows) == set(SPLIT_CODES) and load_dataset("sklearn:digits").source_rows == {}
+    for k, rows in d.source_rows.items():
+        n = d.rows(k)
+        assert len(rows) == n
+        for a, b in [(0, n), (0, 1), (n - 1, n), (n // 3, 2 * n // 3), (5, 5)]:
+            x, y = rows.rows(a, b)
+            np.testing.assert_array_equal(x, d.x[k][a:b])  # the same bits: shards do not depend on the reader
+            np.testing.assert_array_equal(y, d.y[k][a:b])
+
+    t = pq.read_table(tmp_path / "part-1.parquet")
+    pq.write_table(t.slice(0, 249), tmp_path / "part-1.parquet", row_group_size=37)  # one row fewer
+    with pytest.raises(SourceChanged):
+        d.source_rows["train"].rows(0, d.rows("train"))
+
+
+def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give(ray_session: None,
+                                                                                 workdir: Path) -> None:
+    import torch
+
+    from tasks.soft_targets import SPLITS, SoftTargetStore
+    from tasks.storage import Storage
+
+    src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
+    d = load_dataset(src, features=FEATURES, **SPLIT)
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(3, 3)
+    store = SoftTargetStore(Storage(".kdflow"))
+    args: dict = {"shards": 3, "format": "logits", "dtype": "float32", "top_k": None, "ensemble": "mean_probs",
+                  "meta": {}}
+    held, _ = store.precompute("held", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
+    rows = d.precompute_rows(SPLIT["seed"])
+    assert all(isinstance(x, SplitRows) for x, _ in rows.values())  # no arrays go from the driver to the tasks
+    read, stats = store.precompute("read", [teacher], rows, **args)
+    assert stats.forward_rows == 550
+    assert [[e["sha256"] for e in read["splits"][s]["shards"]] for s in SPLITS] == \
+        [[e["sha256"] for e in held["splits"][s]["shards"]] for s in SPLITS]
