@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +185,9 @@ def list_parquet(source: str, storage: Storage | None, where: str) -> Listed:
 
     opts = storage.s3_options() if storage is not None else {}
     fs = filesystem_for(source, opts)
-    path = source.removeprefix("s3://")
+    # a local source by its absolute path: a file's name under the root stays the same from any working
+    # directory, and a Ray task elsewhere opens the same file
+    path = source.removeprefix("s3://") if source.startswith("s3://") else os.path.abspath(source)
     try:
         if any(c in path for c in "*?["):
             files = sorted(fs.glob(path))

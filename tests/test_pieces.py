@@ -205,3 +205,16 @@ def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give
     assert stats.forward_rows == 550
     assert [[e["sha256"] for e in read["splits"][s]["shards"]] for s in SPLITS] == \
         [[e["sha256"] for e in held["splits"][s]["shards"]] for s in SPLITS]
+
+
+def test_a_rows_id_is_its_files_name_under_the_source_however_the_source_is_spelled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    source(tmp_path / "data", {"part-0.parquet": (0, 120), "part-1.parquet": (120, 80)})
+    monkeypatch.chdir(tmp_path)
+    spellings = ["data/part-*.parquet", "./data/part-*.parquet", str(tmp_path / "data" / "part-*.parquet"), "data/",
+                 str(tmp_path / "data") + "/"]
+    listed = [list_parquet(s, None, "source").pieces for s in spellings]
+    assert all(p == listed[0] for p in listed)  # absolute paths: a Ray task elsewhere opens the same files
+    assert {p.name for p in listed[0]} == {"part-0.parquet", "part-1.parquet"}
+    assert len({load_dataset(s, features=FEATURES, **SPLIT).fingerprint for s in spellings}) == 1
