@@ -9,7 +9,9 @@ row between splits (docs/streaming.md, steps 1-2).
 mean and M2 (float64, merged with Chan's parallel formula), the label values seen and a sha256 of the
 piece's bytes as read. It takes only picklable arguments, so a Ray task can run it as well as the local
 thread pool `scan` uses; `fill` reads each piece again into preallocated split arrays and checks its
-digest, so a file that changed between the two reads is an error, not a silent mix.
+digest, so a file that changed between the two reads is an error, not a silent mix. `SplitRows` is one
+split readable by row range the same way, for a reader that should not get its rows from the driver (the
+soft-target shard tasks).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from tasks.errors import UserError
 
 SPLIT_RULE = "hash-splitmix64-v1"  # bump when split_codes changes: it is part of the fingerprint
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-CHUNK_ROWS = 65_536  # rows a reader holds at once (with up to `threads` pieces read side by side)
+# rows turned into numpy arrays at once; pyarrow still decodes a Parquet row group's pages into its own
+# pool, so a reader's window is about one row group (times the pieces read side by side)
+CHUNK_ROWS = 65_536
 
 
 @dataclass(frozen=True)
