@@ -13,7 +13,8 @@ Measured, from the operating system, not from kdflow:
     misses nothing but a worker that starts and ends between two polls);
   - stage seconds from the run's result JSON, bytes per row from its soft-target manifest.
 
-Run from the repository root: ``python benchmarks/bench_scale.py [--rows 200000 2000000 ...]``
+Run from the repository root: ``python benchmarks/bench_scale.py [--rows 200000 2000000 ...]``; with
+``--data-only``, only the data stage (`load_dataset` in a fresh process, its VmHWM read just before it exits)
 (a markdown table on stdout, progress on stderr; 20M rows needs about 20 GB free for today's path).
 """
 
@@ -138,6 +139,30 @@ def run_once(rows: int, work: Path, hold_mb: float) -> dict[str, Any]:
             "bytes_per_row": st["bytes"] / st["rows"] if st.get("rows") else float("nan")}
 
 
+DATA_STAGE = """\
+import sys, time
+from pathlib import Path
+from tasks.data import load_dataset
+t0 = time.perf_counter()
+d = load_dataset(sys.argv[1], label="label", val=0.05, test=0.05)
+seconds = time.perf_counter() - t0
+hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+           if line.startswith("VmHWM:"))
+print(hwm * 1024, seconds, sum(d.rows(k) for k in d.y))
+"""
+
+
+def data_stage(rows: int, work: Path) -> dict[str, Any]:
+    """The data stage alone (`load_dataset`, as `kdflow run` calls it) in a fresh process: its peak RSS is
+    the driver's while it reads the source, before Ray or any later stage adds to it."""
+    source = work / f"table-{rows}.parquet"
+    if not source.exists():
+        write_table(source, rows)
+    out = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", DATA_STAGE, str(source)], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return {"rows": rows, "data_gb": int(out[0]) / 1e9, "data_s": float(out[1]), "loaded": int(out[2])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 2_000_000])
@@ -145,10 +170,20 @@ def main() -> None:
     ap.add_argument("--hold-share-mb", type=float, nargs="+", default=[1024.0],
                     help="train.hold_share_mb per round (0 makes the train workers stream their share); with "
                          "several, each size runs once per value, side by side")
+    ap.add_argument("--data-only", action="store_true",
+                    help="measure the data stage alone (load_dataset in a fresh process), not a whole run")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kdflow-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"work dir {work}; load average {os.getloadavg()}")
+    if args.data_only:
+        found = [data_stage(rows, work) for rows in args.rows]
+        print(f"load average at the end: {os.getloadavg()}\n")
+        print("| rows | data stage peak RSS | data s |\n| ---: | ---: | ---: |")
+        for r in found:
+            ratio = "" if r is found[0] else f" ({r['data_gb'] / found[0]['data_gb']:.1f}x)"
+            print(f"| {r['rows']:,} | {r['data_gb']:.2f} GB{ratio} | {r['data_s']:.1f} |")
+        return
     results = []
     for rows in args.rows:
         for hold in args.hold_share_mb:

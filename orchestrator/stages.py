@@ -68,8 +68,7 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
     key = soft_target_key(spec, data, teachers)
     store = SoftTargetStore(storage)
     with progress.stage("soft targets", f"{st.format}/{st.dtype} key {key}"):
-        splits = {"train": data.distillation_rows(spec.seed), "val": (data.x["val"], data.y["val"]),
-                  "test": (data.x["test"], data.y["test"])}
+        splits = data.precompute_rows(spec.seed)  # a Parquet source's rows are read by the shard tasks
 
         def tick(split: str, i: int, n: int, reused: bool) -> None:
             progress.info(f"  shard {split} {i + 1}/{n} {'(already written)' if reused else 'written'}")

@@ -1,5 +1,7 @@
 """Datasets: built-in generators and the user's Parquet tables, split deterministically and fingerprinted.
 
+Rows are read piece by piece (tasks/pieces.py): a Parquet source's row groups, from a listing and its
+footers, or a built-in's arrays; each row's split is a hash of (seed, row id), not a permutation of all rows.
 Errors name `load_dataset`'s own arguments (`source`, `label`, `features`, `transfer`, `split`); the
 orchestrator places them under the workflow's `data:` section. Features are standardized with the
 training split's mean and std; the fingerprint covers the rows, the
@@ -10,13 +12,16 @@ trained by the workflow sees only the labeled training split, so adding a transf
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tasks.errors import UserError
+from tasks.pieces import SPLIT_CODES, SPLIT_RULE, Piece, Reader, SplitRows, fill, scan
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 BUILTINS = ("sklearn:digits", "mnist1d")
@@ -36,6 +41,9 @@ class Dataset:
     feature_names: list[str] = field(default_factory=list)  # the user's column names (registered model's input)
     # what another task kind carries beside the rows (causal_lm: the tokenizer, and "meta" for the manifest)
     extra: dict[str, Any] = field(default_factory=dict)
+    # split -> its rows readable by row range from a Parquet source's pieces (empty for a built-in): the
+    # same rows as x/y, for a reader that should not get them from the driver (soft-target shard tasks)
+    source_rows: dict[str, SplitRows] = field(default_factory=dict)
 
     @property
     def num_features(self) -> int:
@@ -43,6 +51,15 @@ class Dataset:
 
     def rows(self, split: str) -> int:
         return int(self.y[split].shape[0])
+
+    def precompute_rows(self, seed: int) -> dict[str, tuple[Any, Any]]:
+        """Each split's (features, labels) for the soft-target precompute: `SplitRows` that its shard tasks
+        read from a Parquet source's pieces, when there are no transfer rows to interleave into train;
+        else the arrays here (which the precompute puts into Ray's object store)."""
+        if self.source_rows and "transfer" not in self.x:
+            return {k: (r, r) for k, r in self.source_rows.items()}
+        return {"train": self.distillation_rows(seed), "val": (self.x["val"], self.y["val"]),
+                "test": (self.x["test"], self.y["test"])}
 
     def distillation_rows(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The rows the student distils on: the training split, with the transfer rows (label -1) interleaved
@@ -92,27 +109,134 @@ def _builtin_feature_names(source: str, n: int) -> list[str]:
     return [f"x{i}" for i in range(n)]
 
 
-def read_parquet_table(source: str, storage: Storage | None, where: str) -> Any:
-    """Read a Parquet file, folder or glob (local or s3://) into one pyarrow Table."""
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def feature_columns(schema: Any, features: list[str] | str | None, label: str | None, where: str) -> list[str] | str:
+    """The feature column(s) of a table's `schema`: one list/array column, or numeric columns (default: all
+    but label)."""
+    import pyarrow as pa
+
+    names = schema.names
+    if isinstance(features, str):
+        if features not in names:
+            raise UserError(f"column {features!r} not in the table (columns: {names})", where=_key(where, "features"))
+        return features
+    if features is None:
+        cols = [n for n in names if n != label and (pa.types.is_integer(schema.field(n).type)
+                                                     or pa.types.is_floating(schema.field(n).type))]
+        if not cols:
+            raise UserError("the table has no numeric feature columns", where=_key(where, "features"))
+        return cols
+    missing = [c for c in features if c not in names]
+    if missing:
+        raise UserError(f"columns not in the table: {missing} (columns: {names})", where=_key(where, "features"))
+    return list(features)
+
+
+def check_feature_types(schema: Any, cols: list[str] | str, where: str) -> None:
+    """Today's type checks on the schema alone (a footer read): numeric columns, or one list column."""
+    import pyarrow as pa
+
+    if isinstance(cols, str):
+        t = schema.field(cols).type
+        if not (pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)):
+            raise UserError(f"column {cols!r} is {t}, not a list/array column", where=_key(where, "features"))
+        return
+    for c in cols:
+        t = schema.field(c).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            raise UserError(f"column {c!r} is {t}, not numeric", where=_key(where, "features"))
+
+
+def table_features(table: Any, features: list[str] | str | None, label: str | None, where: str) -> np.ndarray:
+    """Float32 [N, F] features from the columns `feature_columns` picks."""
+    cols = feature_columns(table.schema, features, label, where)
+    check_feature_types(table.schema, cols, where)
+    if isinstance(cols, str):
+        col = table.column(cols).combine_chunks()
+        if len(col) == 0:
+            return np.empty((0, 0), np.float32)
+        try:
+            return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
+        except ValueError:
+            raise UserError(f"column {cols!r} has rows of different lengths", where=_key(where, "features")) from None
+    out = [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cols]
+    return np.stack(out, axis=1) if out else np.empty((table.num_rows, 0), np.float32)
+
+
+@dataclass
+class Listed:
+    """A Parquet source as the driver sees it from metadata alone: its pieces (row groups) and schema."""
+
+    url: str
+    s3_options: dict[str, Any]
+    pieces: list[Piece]
+    schema: Any
+
+
+def list_parquet(source: str, storage: Storage | None, where: str) -> Listed:
+    """The files of a Parquet file, folder or glob (local or s3://), sorted, as pieces: one per row group,
+    from the footers only. A file's name (its path under the source's root) is part of its rows' ids."""
     import pyarrow as pa
     import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
     opts = storage.s3_options() if storage is not None else {}
     fs = filesystem_for(source, opts)
-    path = source.removeprefix("s3://")
+    # a local source by its absolute path: a file's name under the root stays the same from any working
+    # directory, and a Ray task elsewhere opens the same file
+    path = source.removeprefix("s3://") if source.startswith("s3://") else os.path.abspath(source)
     try:
         if any(c in path for c in "*?["):
             files = sorted(fs.glob(path))
             if not files:
                 _missing_bucket(fs, source, where)
                 raise UserError(f"no files match {source!r}", where=where)
-            dataset = ds.dataset(files, format="parquet", filesystem=fs)
+            root = path[:min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
         else:
             if not fs.exists(path):
                 _missing_bucket(fs, source, where)
                 raise UserError(f"no such file or folder: {source}", where=where)
-            dataset = ds.dataset(path, format="parquet", filesystem=fs)
-        return dataset.to_table()
+            if fs.isdir(path):
+                files = sorted(ds.dataset(path, format="parquet", filesystem=fs).files)
+                root = path.rstrip("/")
+            else:
+                files, root = [path], path.rsplit("/", 1)[0]
+        pieces: list[Piece] = []
+        schema = None
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+                file_schema = meta.schema.to_arrow_schema()
+            schema = schema or file_schema
+            name = f[len(root):].lstrip("/") if f.startswith(root) else f
+            start = 0
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                if rows:
+                    pieces.append(Piece(name=name, path=f, row_group=g, start=start, rows=rows, group_rows=rows))
+                start += rows
+    except (*S3_ERRORS, pa.ArrowException) as exc:
+        raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None
+    return Listed(source, opts, pieces, schema)
+
+
+def read_parquet_table(source: str, storage: Storage | None, where: str) -> Any:
+    """Read a Parquet file, folder or glob (local or s3://) into one pyarrow Table (language-model documents:
+    classification reads its sources piece by piece, `list_parquet`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    listed = list_parquet(source, storage, where)
+    fs = filesystem_for(source, listed.s3_options)
+    try:
+        tables = []
+        for f in dict.fromkeys(p.path for p in listed.pieces):
+            with fs.open(f, "rb") as fh:
+                tables.append(pq.read_table(fh))
+        return pa.concat_tables(tables, promote_options="default") if tables else listed.schema.empty_table()
     except (*S3_ERRORS, pa.ArrowException) as exc:
         raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None
 
@@ -124,155 +248,137 @@ def _missing_bucket(fs: Any, source: str, where: str) -> None:
             raise UserError(f"bucket {bucket!r} does not exist ({source})", where=where)
 
 
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+# A built-in's arrays are read as pieces of this many rows (its row ids are its row indices, so the split
+# does not depend on this; the fingerprint does, as it does on a Parquet file's row groups).
+BUILTIN_PIECE_ROWS = 65_536
 
 
-def feature_columns(table: Any, features: list[str] | str | None, label: str | None, where: str) -> list[str] | str:
-    """The feature column(s) of `table`: one list/array column, or numeric columns (default: all but label)."""
-    import pyarrow as pa
-
-    names = table.column_names
-    if isinstance(features, str):
-        if features not in names:
-            raise UserError(f"column {features!r} not in the table (columns: {names})", where=_key(where, "features"))
-        return features
-    if features is None:
-        cols = [n for n in names if n != label and (pa.types.is_integer(table.schema.field(n).type)
-                                                     or pa.types.is_floating(table.schema.field(n).type))]
-        if not cols:
-            raise UserError("the table has no numeric feature columns", where=_key(where, "features"))
-        return cols
-    missing = [c for c in features if c not in names]
-    if missing:
-        raise UserError(f"columns not in the table: {missing} (columns: {names})", where=_key(where, "features"))
-    return list(features)
+def _array_pieces(n: int) -> list[Piece]:
+    return [Piece(name="", path="", row_group=-1, start=a, rows=min(BUILTIN_PIECE_ROWS, n - a))
+            for a in range(0, n, BUILTIN_PIECE_ROWS)]
 
 
-def table_features(table: Any, features: list[str] | str | None, label: str | None, where: str) -> np.ndarray:
-    """Float32 [N, F] features from the columns `feature_columns` picks."""
-    import pyarrow as pa
+def _limit(pieces: list[Piece], limit: int | None) -> list[Piece]:
+    """The first `limit` rows of the source, in piece order (a piece cut short where the limit falls)."""
+    if not limit:
+        return pieces
+    out, left = [], limit
+    for p in pieces:
+        if left <= 0:
+            break
+        out.append(p if p.rows <= left else dataclasses.replace(p, rows=left))
+        left -= p.rows
+    return out
 
-    cols = feature_columns(table, features, label, where)
-    if isinstance(cols, str):
-        col = table.column(cols).combine_chunks()
-        if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)
-                or pa.types.is_large_list(col.type)):
-            raise UserError(f"column {cols!r} is {col.type}, not a list/array column", where=_key(where, "features"))
-        try:
-            return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
-        except ValueError:
-            raise UserError(f"column {cols!r} has rows of different lengths", where=_key(where, "features")) from None
-    out = []
-    for c in cols:
-        t = table.schema.field(c).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-            raise UserError(f"column {c!r} is {t}, not numeric", where=_key(where, "features"))
-        out.append(table.column(c).to_numpy(zero_copy_only=False).astype(np.float32))
-    return np.stack(out, axis=1)
+
+@dataclass
+class Sources:
+    """The labeled rows and the transfer rows (or None) as readers and pieces, with the class and feature
+    names (empty: a built-in's, from its label values / generator)."""
+
+    reader: Reader
+    pieces: list[Piece]
+    transfer: tuple[Reader, list[Piece]] | None
+    names: list[str]
+
+
+def load_dataset(source: str, *, features: list[str] | str | None = None, label: str = "label",
+                 val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
+                 limit: int | None = None, storage: Storage | None = None, threads: int | None = None) -> Dataset:
+    """Load, split (a hash of seed and row id, tasks/pieces.py) and standardize a dataset, piece by piece:
+    a reduction pass (counts, train mean/std, classes, digests), then each split read into arrays of its
+    counted size."""
+    src = _sources(source, features, label, transfer, storage)
+    pieces = _limit(src.pieces, limit)
+    red = scan(src.reader, pieces, seed=seed, val=val, test=test, threads=threads)
+    if not all(s.finite for s in red.per_piece):
+        raise UserError("features contain NaN or infinity", where="features")
+    classes = [] if red.classes is None else red.classes.tolist()
+    if len(classes) < 2:
+        raise UserError(f"need at least 2 classes, found {len(classes)}", where="label")
+    n = sum(red.counts.values())
+    if red.counts["train"] < 2 or red.counts["test"] < 1:
+        raise UserError(f"{n} rows are too few for this split", where="split")
+    std64 = np.sqrt(red.var)
+    mean = red.mean.astype(np.float32)
+    std = np.where(std64 < 1e-6, 1.0, std64).astype(np.float32)
+    xs, ys = fill(src.reader, pieces, red, mean=mean, std=std, seed=seed, val=val, test=test, threads=threads)
+
+    h = hashlib.sha256()
+    h.update(f"{PREPROCESSING}|{SPLIT_RULE}|seed={seed}|val={val}|test={test}|features={src.names}|".encode())
+    _hash_pieces(h, pieces, red.digests)
+    labeled = h.hexdigest()
+    if src.transfer is not None:
+        t_reader, t_pieces = src.transfer
+        t_red = scan(t_reader, t_pieces, seed=seed, val=val, test=test, split=False, threads=threads)
+        if t_red.per_piece and t_red.num_features != red.num_features:
+            raise UserError(f"transfer rows have {t_red.num_features} features, the data has {red.num_features}",
+                            where="transfer")
+        if not all(s.finite for s in t_red.per_piece):
+            raise UserError("transfer features contain NaN or infinity", where="transfer")
+        if t_red.counts["train"]:
+            tx, _ = fill(t_reader, t_pieces, t_red, mean=mean, std=std, seed=seed, val=val, test=test, split=False,
+                         threads=threads)
+            xs["transfer"], ys["transfer"] = tx["train"], np.full(t_red.counts["train"], -1, np.int64)
+            h.update(b"transfer")
+            _hash_pieces(h, t_pieces, t_red.digests)
+    names = src.names or _builtin_feature_names(source, red.num_features)
+    rows = {} if src.reader.arrays is not None else {
+        k: SplitRows(src.reader, k, pieces, [s.counts[k] for s in red.per_piece], red.digests, mean, std,
+                     red.classes, red.num_features, seed, val, test) for k in SPLIT_CODES}
+    return Dataset(x=xs, y=ys, num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
+                   labeled_fingerprint=labeled, classes=classes, feature_names=names, source_rows=rows)
+
+
+def _hash_pieces(h: Any, pieces: list[Piece], digests: list[str]) -> None:
+    for p, d in zip(pieces, digests, strict=True):
+        h.update(f"{p.name}|{p.row_group}|{p.start}|{p.rows}|{d}\n".encode())
+
+
+def _sources(source: str, features: list[str] | str | None, label: str, transfer: int | str | None,
+             storage: Storage | None) -> Sources:
+    """`source` (and `transfer`) as readers and pieces; every check that metadata allows runs here."""
+    if source == "sklearn:digits":
+        if transfer is not None:
+            raise UserError("sklearn:digits has no generator for transfer rows; give a Parquet source",
+                            where="transfer")
+        x, y = _digits()
+        return Sources(Reader(arrays=(x, y)), _array_pieces(len(y)), None, [])
+    if source == "mnist1d":
+        if isinstance(transfer, str):
+            raise UserError("for mnist1d, transfer is a number of extra generated rows", where="transfer")
+        x, y, extra = _mnist1d(int(transfer or 0))
+        t = None if extra is None else (Reader(arrays=(extra, None), where="transfer"), _array_pieces(len(extra)))
+        return Sources(Reader(arrays=(x, y)), _array_pieces(len(y)), t, [])
+    if source.endswith((".parquet", "/")) or "/" in source or source.startswith("s3://") or "*" in source:
+        return _parquet(source, features, label, transfer, storage)
+    raise UserError(f"unknown source {source!r}: built-ins are {', '.join(BUILTINS)}, or a Parquet "
+                    "file/folder/glob (local or s3://)", where="source")
 
 
 def _parquet(source: str, features: list[str] | str | None, label: str, transfer: Any,
-             storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any], list[str]]:
-    table = read_parquet_table(source, storage, "source")
-    if label not in table.column_names:
-        raise UserError(f"label column {label!r} not in the table (columns: {table.column_names})",
-                        where="label")
-    columns = feature_columns(table, features, label, "")
-    x = table_features(table, columns, label, "")
-    raw = table.column(label).to_numpy(zero_copy_only=False)
-    if any(v is None for v in raw) or (raw.dtype.kind == "f" and np.isnan(raw).any()):
-        raise UserError(f"label column {label!r} has missing values", where="label")
-    classes, y = np.unique(raw, return_inverse=True)
-    extra = None
+             storage: Storage | None) -> Sources:
+    listed = list_parquet(source, storage, "source")
+    if label not in listed.schema.names:
+        raise UserError(f"label column {label!r} not in the table (columns: {listed.schema.names})", where="label")
+    columns = feature_columns(listed.schema, features, label, "")
+    check_feature_types(listed.schema, columns, "")
+    wanted = [columns] if isinstance(columns, str) else columns
+    t = None
     if transfer is not None:
         if not isinstance(transfer, str):
             raise UserError("for a Parquet source, transfer is a Parquet source too (a path or glob)",
                             where="transfer")
         # the same feature columns as the labeled rows, in the same order; other columns are ignored
-        tt = read_parquet_table(transfer, storage, "transfer")
-        missing = [c for c in ([columns] if isinstance(columns, str) else columns) if c not in tt.column_names]
+        tl = list_parquet(transfer, storage, "transfer")
+        missing = [c for c in wanted if c not in tl.schema.names]
         if missing:
-            raise UserError(f"the transfer rows lack the feature columns {missing} (columns: {tt.column_names})",
+            raise UserError(f"the transfer rows lack the feature columns {missing} (columns: {tl.schema.names})",
                             where="transfer")
-        extra = table_features(tt, columns, None, "transfer")
-        if extra.shape[1] != x.shape[1]:
-            raise UserError(f"transfer rows have {extra.shape[1]} features, the data has {x.shape[1]}",
-                            where="transfer")
-    names = [f"{columns}_{i}" for i in range(x.shape[1])] if isinstance(columns, str) else list(columns)
-    return x, y.astype(np.int64), extra, classes.tolist(), names
+        check_feature_types(tl.schema, columns, "transfer")
+        t = (Reader(url=transfer, s3_options=tl.s3_options, columns=columns, where="transfer"), tl.pieces)
+    names = [] if isinstance(columns, str) else list(columns)
+    reader = Reader(url=source, s3_options=listed.s3_options, columns=columns, label=label)
+    return Sources(reader, listed.pieces, t, names)
 
 
-def load_dataset(source: str, *, features: list[str] | str | None = None, label: str = "label",
-                 val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
-                 limit: int | None = None, storage: Storage | None = None) -> Dataset:
-    """Load, split (stratified-free, seeded permutation) and standardize a dataset."""
-    x, y, extra, classes, names = _read_source(source, features, label, transfer, storage)
-    if limit:
-        x, y = x[:limit], y[:limit]
-    if not classes:
-        classes = sorted(np.unique(y).tolist())
-    if not names:
-        names = _builtin_feature_names(source, x.shape[1])
-    if len(classes) < 2:
-        raise UserError(f"need at least 2 classes, found {len(classes)}", where="label")
-    if not np.isfinite(x).all():
-        raise UserError("features contain NaN or infinity", where="features")
-    return _split_and_standardize(x, y, extra, classes, names, val=val, test=test, seed=seed)
-
-
-def _read_source(source: str, features: list[str] | str | None, label: str, transfer: int | str | None,
-                 storage: Storage | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Any], list[str]]:
-    """Features, labels, transfer rows (or None), class names (empty: the label values) and feature names
-    (empty: a built-in's) of `source`."""
-    classes: list[Any] = []
-    names: list[str] = []
-    extra: np.ndarray | None = None
-    if source == "sklearn:digits":
-        x, y = _digits()
-        if transfer is not None:
-            raise UserError("sklearn:digits has no generator for transfer rows; give a Parquet source",
-                            where="transfer")
-    elif source == "mnist1d":
-        if isinstance(transfer, str):
-            raise UserError("for mnist1d, transfer is a number of extra generated rows", where="transfer")
-        x, y, extra = _mnist1d(int(transfer or 0))
-    elif source.endswith((".parquet", "/")) or "/" in source or source.startswith("s3://") or "*" in source:
-        x, y, extra, classes, names = _parquet(source, features, label, transfer, storage)
-    else:
-        raise UserError(f"unknown source {source!r}: built-ins are {', '.join(BUILTINS)}, or a Parquet "
-                        "file/folder/glob (local or s3://)", where="source")
-    return x, y, extra, classes, names
-
-
-def _split_and_standardize(x: np.ndarray, y: np.ndarray, extra: np.ndarray | None, classes: list[Any],
-                           names: list[str], *, val: float, test: float, seed: int) -> Dataset:
-    """A seeded permutation into test/val/train, standardized with the training split's mean and std, and
-    fingerprinted (rows, split and preprocessing; transfer rows only in `fingerprint`)."""
-    n = len(y)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = round(n * test), round(n * val)
-    if n - n_test - n_val < 2 or n_test < 1:
-        raise UserError(f"{n} rows are too few for this split", where="split")
-    idx = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
-    mean = x[idx["train"]].mean(axis=0)
-    std = x[idx["train"]].std(axis=0)
-    std = np.where(std < 1e-6, 1.0, std).astype(np.float32)
-    xs = {k: ((x[v] - mean) / std).astype(np.float32) for k, v in idx.items()}
-    ys = {k: y[v] for k, v in idx.items()}
-    if extra is not None and len(extra):
-        xs["transfer"] = ((extra - mean) / std).astype(np.float32)
-        ys["transfer"] = np.full(len(extra), -1, dtype=np.int64)
-
-    h = hashlib.sha256()
-    h.update(f"{PREPROCESSING}|seed={seed}|val={val}|test={test}|n={n}|".encode())
-    for k in ("test", "train", "val"):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(xs[k]).tobytes())
-        h.update(np.ascontiguousarray(ys[k]).tobytes())
-    labeled = h.hexdigest()
-    if "transfer" in xs:
-        h.update(b"transfer")
-        h.update(np.ascontiguousarray(xs["transfer"]).tobytes())
-    return Dataset(x=xs, y=ys, num_classes=len(classes), mean=mean.astype(np.float32), std=std,
-                   fingerprint=h.hexdigest(), labeled_fingerprint=labeled, classes=classes, feature_names=names)

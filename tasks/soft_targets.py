@@ -39,6 +39,7 @@ from tasks.errors import ShardFailed, UserError
 from tasks.kinds import TaskKind
 from tasks.kinds.classification import Classification, teacher_logits
 from tasks.layout import SOFT_TARGETS
+from tasks.pieces import SplitRows
 from tasks.shards import TargetBatch, decode_rows, encode_rows, shard_schema_problem
 from tasks.storage import Storage, sha256_bytes
 from tasks.target_formats import FORMATS, TORCH_DTYPES
@@ -80,18 +81,22 @@ def shard_name(split: str, index: int, count: int) -> str:
 ShardRunner = Callable[..., dict[str, Any]]
 
 
-def compute_shard(task: TaskKind, storage: Storage, path: str, teachers: list[torch.nn.Module], x: np.ndarray,
-                  y: np.ndarray, start: int, stop: int, row_offset: int, format: str, dtype: str, top_k: int | None,
+def compute_shard(task: TaskKind, storage: Storage, path: str, teachers: list[torch.nn.Module],
+                  x: np.ndarray | SplitRows, y: np.ndarray | SplitRows, start: int, stop: int, row_offset: int, format: str, dtype: str, top_k: int | None,
                   ensemble: str, threads: int = 1) -> dict[str, Any]:
-    """Run the teacher(s) over rows [start, stop) and write one shard; returns its manifest entry.
+    """Run the teacher(s) over rows [start, stop) of a split (its arrays, or `SplitRows` read from the
+    source here) and write one shard; returns its manifest entry.
 
     `threads`: 1 in a Ray task (tasks run side by side); a warm actor computing shards one after another
     gets its torch threads."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    logits = task.teacher_outputs(teachers, x[start:stop], ensemble)
-    data = encode_rows(np.arange(row_offset + start, row_offset + stop), x[start:stop], y[start:stop], logits,
-                       format, dtype, top_k)
+    if isinstance(x, SplitRows):  # read from the source's pieces here, not put into Ray by the driver
+        xs, ys = x.rows(start, stop)
+    else:
+        xs, ys = x[start:stop], y[start:stop]
+    logits = task.teacher_outputs(teachers, xs, ensemble)
+    data = encode_rows(np.arange(row_offset + start, row_offset + stop), xs, ys, logits, format, dtype, top_k)
     storage.write_bytes(path, data)
     return {"rows": stop - start, "bytes": len(data), "sha256": sha256_bytes(data),
             "forward_rows": stop - start, "seconds": time.perf_counter() - t0}
@@ -297,7 +302,8 @@ class SoftTargetStore:
             n_shards = shards if split == "train" else max(1, min(shards, int(np.ceil(len(y) / 50_000))))
             ranges = shard_ranges(len(y), n_shards) if len(y) else []
             plan[split] = []
-            refs = (ray.put(x), ray.put(y)) if ranges else None
+            # a split readable from the source by row range goes to each task as it is (small)
+            refs = None if not ranges else (x, y) if isinstance(x, SplitRows) else (ray.put(x), ray.put(y))
             for i, (a, b) in enumerate(ranges):
                 rel = shard_name(split, i, len(ranges))
                 entry = {"path": rel, "row_start": a, "row_stop": b, "rows": b - a, "row_id_offset": offset}

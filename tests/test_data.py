@@ -19,7 +19,10 @@ def test_mnist1d_transfer_rows_are_new_unlabeled_rows_that_leave_the_labeled_spl
     plain = load_dataset("mnist1d", val=0.1, test=0.2)
     extra = load_dataset("mnist1d", val=0.1, test=0.2, transfer=300)
 
-    assert {k: plain.rows(k) for k in plain.y} == {"train": 3500, "val": 500, "test": 1000}
+    # the split is a hash of (seed, row index) against the fractions: near 70/10/20 of 5000, not exactly
+    rows = {k: plain.rows(k) for k in ("train", "val", "test")}
+    assert sum(rows.values()) == 5000
+    assert abs(rows["train"] - 3500) < 130 and abs(rows["val"] - 500) < 90 and abs(rows["test"] - 1000) < 115
     assert extra.rows("transfer") == 300 and (extra.y["transfer"] == -1).all()
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(extra.x[split], plain.x[split])

@@ -29,7 +29,7 @@ from tasks import data as data_module
 from tasks.data import load_dataset
 from tasks.errors import ShardFailed, UserError
 from tasks.models import weights_digest
-from tasks.soft_targets import SPLITS, SoftTargetStore, cache_key, teacher_logits
+from tasks.soft_targets import SPLITS, SoftTargetStore, cache_key, shard_ranges, teacher_logits
 from tasks.storage import Storage
 from tests.conftest import REPO, kdflow
 from tests.helpers import workflow, write_workflow
@@ -203,13 +203,14 @@ def test_transfer_rows_are_labeled_by_the_teacher_in_the_same_precompute(ray_ses
     teacher = torch.nn.Linear(40, 10)
     m, stats = stages.compute_soft_targets(spec, data, stage_teachers([teacher]), storage)
 
-    assert m["transfer_rows"] == 300 and m["splits"]["train"]["rows"] == 3500 + 300
+    assert m["transfer_rows"] == 300 and m["splits"]["train"]["rows"] == data.rows("train") + 300
     assert stats.forward_rows == m["rows"] == 5300  # one precompute labels the transfer rows too
     train = SoftTargetStore(storage).read(m, "train")
     unlabeled = train.y == -1  # the student gets only the distillation term on these
     assert int(unlabeled.sum()) == 300
     # interleaved, not appended: each half (one data-parallel worker's share) holds transfer rows
-    assert unlabeled[:1900].any() and unlabeled[1900:].any()
+    half = len(train.y) // 2
+    assert unlabeled[:half].any() and unlabeled[half:].any()
     np.testing.assert_array_equal(np.sort(train.y[~unlabeled].numpy()), np.sort(data.y["train"]))
     got = train.x[unlabeled].numpy()
     want_x = data.x["transfer"]
@@ -316,7 +317,8 @@ def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ra
                                                                             workdir: Path) -> None:
     _, splits = digits_splits()
     x = splits["train"][0].copy()
-    x[700, 5] = FailsOnSentinel.SENTINEL  # row 700 of 1257: the second of three train shards
+    a, b = shard_ranges(len(x), 3)[1]  # the second of three train shards
+    x[(a + b) // 2, 5] = FailsOnSentinel.SENTINEL
     splits["train"] = (x, splits["train"][1])
     switch = workdir / "failing"
     switch.touch()
@@ -328,7 +330,7 @@ def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ra
     with pytest.raises(ShardFailed) as failed:
         store.precompute("sticky", [teacher], splits, **args)
     message = str(failed.value)
-    assert "train/part-00001-of-00003.parquet" in message and "rows 419..837 of train" in message
+    assert "train/part-00001-of-00003.parquet" in message and f"rows {a}..{b - 1} of train" in message
     assert "teacher cannot take this row" in message and "1 of 5" in message
     written = shard_files(workdir)
     assert len(written) == 4 and not any("train/part-00001" in str(p) for p in written)
@@ -339,7 +341,7 @@ def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ra
     before = {p: p.stat().st_mtime_ns for p in written}
     switch.unlink()  # the cause is fixed: the rerun computes the one missing shard
     m, stats = store.precompute("sticky", [teacher], splits, **args)
-    assert stats.computed_shards == 1 and stats.forward_rows == 838 - 419
+    assert stats.computed_shards == 1 and stats.forward_rows == b - a
     assert {p: p.stat().st_mtime_ns for p in written} == before
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 

@@ -1,0 +1,367 @@
+"""A source as pieces (Parquet row groups, or a built-in's arrays), a hash split, and a reduction over pieces.
+
+A row's id is (the name of its file under the source's root, its row index in that file); a built-in's rows
+have the name "" and their row index. Its split is a hash of (seed, row id) against the val/test fractions, so
+any reader of any row range decides the split of its own rows, and a file added to the source moves no old
+row between splits (docs/streaming.md, steps 1-2).
+
+`scan_piece` is the per-piece half of the reduction: per-split row counts, the train split's per-feature
+mean and M2 (float64, merged with Chan's parallel formula), the label values seen and a sha256 of the
+piece's bytes as read. It takes only picklable arguments, so a Ray task can run it as well as the local
+thread pool `scan` uses; `fill` reads each piece again into preallocated split arrays and checks its
+digest, so a file that changed between the two reads is an error, not a silent mix. `SplitRows` is one
+split readable by row range the same way, for a reader that should not get its rows from the driver (the
+soft-target shard tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import UserError
+
+SPLIT_RULE = "hash-splitmix64-v1"  # bump when split_codes changes: it is part of the fingerprint
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+# rows turned into numpy arrays at once; pyarrow still decodes a Parquet row group's pages into its own
+# pool, so a reader's window is about one row group (times the pieces read side by side)
+CHUNK_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, start + rows) of one file (`row_group` of it), or of a built-in's arrays (row_group -1)."""
+
+    name: str  # the file's name under the source's root: part of every row id in it ("" for a built-in)
+    path: str  # what the filesystem opens
+    row_group: int
+    start: int  # the row index in the file of the piece's first row
+    rows: int  # fewer than group_rows where a `limit` ends the source inside the row group
+    group_rows: int = 0  # the row group's rows per the footer the listing read
+
+
+@dataclass
+class Reader:
+    """How to read a piece's features (float32 [n, F]) and labels: picklable, so a Ray task can take it.
+
+    `arrays` holds a built-in's (x, y) in memory; otherwise pieces are Parquet row groups read through
+    `filesystem_for(url, s3_options)` with `columns` (one list column, or numeric columns) and `label`."""
+
+    url: str = ""
+    s3_options: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] | str = field(default_factory=list)
+    label: str | None = None
+    arrays: tuple[np.ndarray, np.ndarray | None] | None = None
+    where: str = "source"
+
+    def chunks(self, piece: Piece) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """The piece's rows as (offset in the piece, float32 features, labels or None), at most CHUNK_ROWS at
+        a time, so a reader holds a bounded window whatever the source's row-group size."""
+        if self.arrays is not None:
+            x, y = self.arrays
+            for a in range(0, piece.rows, CHUNK_ROWS):
+                b = min(piece.rows, a + CHUNK_ROWS)
+                yield a, x[piece.start + a:piece.start + b], None if y is None else y[piece.start + a:piece.start + b]
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from tasks.data import table_features
+        from tasks.storage import S3_ERRORS, describe_s3_error, filesystem_for
+
+        fs = filesystem_for(self.url, self.s3_options)
+        cols = ([self.columns] if isinstance(self.columns, str) else list(self.columns))
+        cols += [self.label] if self.label else []
+        try:
+            with fs.open(piece.path, "rb") as f:
+                pf = pq.ParquetFile(f, buffer_size=1 << 20)  # page by page, not whole column chunks
+                if piece.row_group >= pf.num_row_groups \
+                        or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
+                    raise SourceChanged(piece, self.where)
+                at = 0
+                for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group], columns=cols,
+                                             use_threads=False):
+                    if at >= piece.rows:  # a `limit` can end a source inside a row group
+                        break
+                    table = pa.Table.from_batches([batch.slice(0, piece.rows - at)])
+                    x = table_features(table, self.columns, self.label, "")
+                    labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
+                    yield at, x, labels
+                    at += table.num_rows
+        except (*S3_ERRORS, pa.ArrowException) as exc:
+            raise UserError(f"cannot read Parquet from {self.url}: {describe_s3_error(exc)}",
+                            where=self.where) from None
+
+
+class SourceChanged(UserError):
+    """A piece's rows are not what the reduction pass read (another row count, another digest)."""
+
+    def __init__(self, piece: Piece, where: str = "source") -> None:
+        super().__init__(f"{piece.name or 'the data'} (row group {piece.row_group}) changed while this run read it",
+                         where=where)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def split_codes(name: str, start: int, rows: int, *, seed: int, val: float, test: float) -> np.ndarray:
+    """The split (0 train, 1 val, 2 test) of rows [start, start + rows) of the file `name`: a 64-bit hash
+    of (seed, name, row index) as a uniform number in [0, 1), test below `test`, val below `test + val`."""
+    base = np.uint64(int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little"))
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.arange(start, start + rows, dtype=np.uint64) ^ base)
+    u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+    codes = np.zeros(rows, dtype=np.int8)
+    codes[u < test + val] = SPLIT_CODES["val"]
+    codes[u < test] = SPLIT_CODES["test"]
+    return codes
+
+
+@dataclass
+class PieceStats:
+    """What one piece contributes to the reduction (small: O(features + classes))."""
+
+    counts: dict[str, int]
+    mean: np.ndarray  # float64 [F]: the train rows' mean
+    m2: np.ndarray  # float64 [F]: the train rows' sum of squared deviations from it
+    labels: np.ndarray | None  # the distinct label values of all its rows (None: an unlabeled source)
+    digest: str
+    finite: bool
+    num_features: int
+
+
+def _chan(n: int, mean: np.ndarray, m2: np.ndarray, nb: int, mean_b: np.ndarray, m2_b: np.ndarray,
+          ) -> tuple[int, np.ndarray, np.ndarray]:
+    """Chan et al.'s parallel merge of two (count, mean, M2) summaries (float64)."""
+    if nb == 0:
+        return n, mean, m2
+    total = n + nb
+    delta = mean_b - mean
+    return total, mean + delta * (nb / total), m2 + m2_b + delta ** 2 * (n * nb / total)
+
+
+class Digest:
+    """sha256 of a piece's features (float32, as read) and labels, fed chunk by chunk: the same for any
+    chunking of the same rows, and any change to a row changes it."""
+
+    def __init__(self) -> None:
+        self.x, self.y = hashlib.sha256(), hashlib.sha256()
+        self.kind = ""
+
+    def update(self, x: np.ndarray, labels: np.ndarray | None) -> None:
+        self.x.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+        if labels is None:
+            return
+        self.kind = self.kind or ("object" if labels.dtype == object else labels.dtype.str)
+        if labels.dtype == object:
+            self.y.update("".join(f"{v!r}\x1f" for v in labels.tolist()).encode())
+        else:
+            self.y.update(np.ascontiguousarray(labels).tobytes())
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.x.hexdigest()}|{self.kind}|{self.y.hexdigest()}".encode()).hexdigest()
+
+
+def _check_labels(labels: np.ndarray, label: str | None) -> None:
+    if any(v is None for v in labels) if labels.dtype == object else (labels.dtype.kind == "f" and np.isnan(labels).any()):
+        raise UserError(f"label column {label!r} has missing values", where="label")
+
+
+def _codes(piece: Piece, offset: int, rows: int, split: bool, **fractions: Any) -> np.ndarray:
+    if not split:
+        return np.zeros(rows, np.int8)
+    return split_codes(piece.name, piece.start + offset, rows, **fractions)
+
+
+def scan_piece(reader: Reader, piece: Piece, *, seed: int, val: float, test: float, split: bool = True) -> PieceStats:
+    """One piece's share of the reduction; `split` False puts all its rows in "train" (transfer rows)."""
+    counts = dict.fromkeys(SPLIT_CODES, 0)
+    n, mean, m2, width = 0, np.zeros(0), np.zeros(0), None
+    seen: list[np.ndarray] = []
+    digest, finite = Digest(), True
+    for offset, x, labels in reader.chunks(piece):
+        if width is None:
+            width, mean, m2 = x.shape[1], np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        elif x.shape[1] != width:
+            raise UserError(f"rows have {x.shape[1]} and {width} features", where="features")
+        finite = finite and bool(np.isfinite(x).all())
+        codes = _codes(piece, offset, len(x), split, seed=seed, val=val, test=test)
+        for k, c in SPLIT_CODES.items():
+            counts[k] += int((codes == c).sum())
+        train = x[codes == 0].astype(np.float64)
+        if len(train):
+            mb = train.mean(axis=0)
+            n, mean, m2 = _chan(n, mean, m2, len(train), mb, ((train - mb) ** 2).sum(axis=0))
+        if labels is not None:
+            _check_labels(labels, reader.label)
+            seen.append(np.unique(labels))
+        digest.update(x, labels)
+    labels_seen = np.unique(np.concatenate(seen)) if seen else None
+    return PieceStats(counts, mean, m2, labels_seen, digest.hexdigest(), finite, width or 0)
+
+
+@dataclass
+class Reduced:
+    """The merged reduction: per-split counts, mean/std of the train split, the class values, the digests."""
+
+    counts: dict[str, int]
+    mean: np.ndarray  # float64
+    var: np.ndarray  # float64, population variance (ddof 0, as numpy's std)
+    classes: np.ndarray | None
+    digests: list[str]
+    per_piece: list[PieceStats]
+    num_features: int
+
+
+def merge(stats: list[PieceStats]) -> Reduced:
+    """The per-piece summaries merged in piece order: counts added, train mean/M2 by Chan's formula."""
+    widths = {s.num_features for s in stats}
+    if len(widths) > 1:
+        raise UserError(f"rows have different numbers of features ({sorted(widths)})", where="features")
+    num_features = widths.pop() if widths else 0
+    n, mean, m2 = 0, np.zeros(num_features), np.zeros(num_features)
+    counts = dict.fromkeys(SPLIT_CODES, 0)
+    for s in stats:
+        for k, v in s.counts.items():
+            counts[k] += v
+        n, mean, m2 = _chan(n, mean, m2, s.counts["train"], s.mean, s.m2)
+    seen = [s.labels for s in stats if s.labels is not None]
+    classes = np.unique(np.concatenate(seen)) if seen else None
+    var = m2 / n if n else np.zeros(num_features)
+    return Reduced(counts, mean, var, classes, [s.digest for s in stats], stats, num_features)
+
+
+def default_threads(reader: Reader) -> int:
+    """Pieces read side by side: one for local files (a row group decoded is the window, and on local disk
+    two threads were no faster: docs/streaming.md), a few for S3, where each read waits on the network."""
+    return min(4, os.cpu_count() or 1) if reader.url.startswith("s3://") else 1
+
+
+def _pool_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> list[Any]:
+    """`fn` over `items` in order on `threads` threads (pyarrow and numpy release the GIL): at most
+    `threads` pieces in memory at once."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
+
+
+def scan(reader: Reader, pieces: list[Piece], *, seed: int, val: float, test: float,
+         split: bool = True, threads: int | None = None) -> Reduced:
+    """The reduction over every piece (a local pass in bounded memory; each call is a Ray task's worth)."""
+    stats = _pool_map(lambda p: scan_piece(reader, p, seed=seed, val=val, test=test, split=split), pieces,
+                      threads or default_threads(reader))
+    return merge(stats)
+
+
+def _checked_chunks(reader: Reader, piece: Piece, digest: str, *, split: bool, seed: int, val: float, test: float,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """A piece's chunks as (split codes, features, labels), read again; after the last, its digest is checked
+    against the reduction's, so a file changed since then raises `SourceChanged` before its rows are used."""
+    seen = Digest()
+    for offset, x, lab in reader.chunks(piece):
+        seen.update(x, lab)
+        yield _codes(piece, offset, len(x), split, seed=seed, val=val, test=test), x, lab
+    if seen.hexdigest() != digest:
+        raise SourceChanged(piece, reader.where)
+
+
+def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, out: np.ndarray) -> None:
+    """(x - mean) / std in float32 into `out`: one function, so every reader of a row gets the same bits."""
+    np.subtract(x, mean, out=out)
+    out /= std
+
+
+def fill(reader: Reader, pieces: list[Piece], reduced: Reduced, *, mean: np.ndarray, std: np.ndarray, seed: int,
+         val: float, test: float, split: bool = True, threads: int | None = None,
+         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each split's standardized float32 features and int64 class indices (-1: no label), in piece order then
+    row order, read piece by piece into arrays of the sizes the reduction counted, so the source is never
+    held whole beside a copy of it.
+
+    Each piece's digest is checked against the reduction's: a file changed in between raises `SourceChanged`.
+    """
+    names = list(SPLIT_CODES) if split else ["train"]
+    xs = {k: np.empty((reduced.counts[k], reduced.num_features), np.float32) for k in names}
+    ys = {k: np.full(reduced.counts[k], -1, np.int64) for k in names}
+    offsets: list[dict[str, int]] = []
+    at = dict.fromkeys(SPLIT_CODES, 0)
+    for s in reduced.per_piece:
+        offsets.append(dict(at))
+        for k, v in s.counts.items():
+            at[k] += v
+    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
+
+    def one(i: int) -> None:
+        at = dict(offsets[i])
+        for codes, x, lab in _checked_chunks(reader, pieces[i], reduced.digests[i], split=split, seed=seed,
+                                             val=val, test=test):
+            for k in names:
+                mask = codes == SPLIT_CODES[k]
+                a, b = at[k], at[k] + int(mask.sum())
+                _standardize(x[mask], mean32, std32, xs[k][a:b])
+                if lab is not None and reduced.classes is not None:
+                    ys[k][a:b] = np.searchsorted(reduced.classes, lab[mask])
+                at[k] = b
+
+    _pool_map(one, range(len(pieces)), threads or default_threads(reader))
+    return xs, ys
+
+
+@dataclass
+class SplitRows:
+    """One split of a source, readable by row range: rows [a, b) of the split are its rows in piece order (as
+    `fill` lays them out), read from the pieces they lie in, standardized with the merged statistics and
+    checked against the reduction's digests by whoever calls `rows` (a soft-target shard task), not the
+    driver. Small and picklable: a Ray task takes it instead of the split's arrays."""
+
+    reader: Reader
+    split: str
+    pieces: list[Piece]
+    counts: list[int]  # this split's rows in each piece
+    digests: list[str]
+    mean: np.ndarray  # float32
+    std: np.ndarray  # float32
+    classes: np.ndarray | None
+    num_features: int
+    seed: int
+    val: float
+    test: float
+
+    def __len__(self) -> int:
+        return int(sum(self.counts))
+
+    def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Standardized float32 features and int64 class indices of the split's rows [a, b)."""
+        x = np.empty((b - a, self.num_features), np.float32)
+        y = np.full(b - a, -1, np.int64)
+        code = SPLIT_CODES[self.split]
+        first = 0  # the split's index of the piece's first row of this split
+        for piece, n, digest in zip(self.pieces, self.counts, self.digests, strict=True):
+            if first < b and first + n > a:
+                at = first
+                for codes, xc, lab in _checked_chunks(self.reader, piece, digest, split=True, seed=self.seed,
+                                                      val=self.val, test=self.test):
+                    mask = codes == code
+                    k = int(mask.sum())
+                    lo, hi = max(a, at), min(b, at + k)
+                    if lo < hi:
+                        _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x[lo - a:hi - a])
+                        if lab is not None and self.classes is not None:
+                            y[lo - a:hi - a] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
+                    at += k
+            first += n
+            if first >= b:
+                break
+        return x, y
