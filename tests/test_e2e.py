@@ -115,10 +115,13 @@ def test_registry_gates_decide_the_alias_on_a_tracking_server(workdir: Path, mlf
 
 
 def test_unreachable_tracking_server_exits_2_before_any_work(workdir: Path) -> None:
+    """Checked before Ray starts (a run starts Ray on a thread beside MLflow's setup): a Ray address where
+    nothing answers would print Ray's connection errors, or end the run with exit 1, had the run tried it."""
     path = write_workflow(workdir, **{"tracking.uri": "http://127.0.0.1:9"})
-    proc = kdflow("run", str(path), cwd=workdir, timeout=120)
+    proc = kdflow("run", str(path), cwd=workdir, timeout=300, env={"RAY_ADDRESS": "127.0.0.1:9"})
     assert proc.returncode == 2
     assert "tracking.uri" in proc.stderr and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
+    assert "▶ ray" not in proc.stderr and "GCS" not in proc.stderr
     assert not (workdir / ".kdflow" / "soft_targets").exists()
 
 
