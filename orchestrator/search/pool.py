@@ -12,7 +12,8 @@ Train runs, whose start-up is small beside data-parallel work; they use the slot
 
 A `kdflow run` keeps one more such actor for its stages (`run_worker`): started as soon as Ray is up,
 it trains the teacher, computes the soft-target shards of a small precompute and trains the student,
-so a single-worker CPU run starts torch once instead of once per stage and per shard task.
+so a single-worker CPU run starts torch once instead of once per stage and per shard task; a search
+takes it as its slot 0, with its other slots started at the same time (`run_slots`).
 KDFLOW_WARM=0 turns every warm path off (trials, stages, shards), for benchmarks that compare both.
 """
 
