@@ -63,7 +63,7 @@ def in_background(fn: Callable[[], T]) -> Future[T]:
 
     from orchestrator.quiet import quiet_ray_start
 
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and not ray.is_initialized():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     quiet_ray_start()
     future: Future[T] = Future()
