@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from typing import Any
 
@@ -11,8 +13,8 @@ from orchestrator import evaluation, progress, stages, tracking
 from orchestrator.cluster import check_joined
 from orchestrator.configs import task_for
 from orchestrator.registry import lineage_extras, log_student, register
-from orchestrator.runtime import ensure_ray
-from orchestrator.search.pool import Slot, run_worker
+from orchestrator.runtime import LOCAL_MIN_CPUS, ensure_ray, in_background
+from orchestrator.search.pool import Slot, run_slots, warm_enabled
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher, is_external, load_teachers
 from orchestrator.workspace import storage_for
@@ -76,13 +78,22 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
         storage.check()
     except UserError as exc:
         raise exc.under("storage.root") from None
-    uri = tracking.connect(spec, storage)
     data = stages.load_data(spec, storage)  # before Ray: a data mistake exits 2 without a Ray start
-    with progress.stage("ray", "starting or joining"):
-        ensure_ray()
-        # the run's warm actor for its single-worker CPU stages: its process starts now, beside MLflow's
-        # setup, unless only a search would use it (its trials get their own slots)
-        warm = run_worker(spec, eager=spec.search is None or not all(is_external(t) for t in spec.teachers))
+    tracking.check_reachable(spec, storage)  # so does a tracking server that does not answer
+    # Ray, then the run's warm actors, start on a thread while this one imports MLflow and opens its store
+    # (a fresh sqlite store takes seconds): the `ray` stage is what is left to wait for after that.
+    starting = in_background(functools.partial(start_ray, spec))
+    try:
+        with progress.stage("tracking", tracking.tracking_uri(spec, storage)):
+            uri = tracking.connect(spec, storage, checked=True)
+        with progress.stage("ray", "starting or joining (begun before tracking)"):
+            slots = ray_started(spec, starting)
+    except BaseException:
+        with contextlib.suppress(Exception):  # what started is stopped before the error goes up
+            for slot in starting.result():
+                slot.close()
+        raise
+    warm = slots[0] if slots else None
     try:
         with tracking.artifact_endpoint(storage), mlflow.start_run(run_name=spec.name) as run:
             run_id = run.info.run_id
@@ -93,12 +104,11 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
                 log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")
             manifest, precompute = stages.compute_soft_targets(spec, data, teachers, storage, warm)
             mlflow.log_params({"soft_targets.key": manifest["key"]})
-            warm_info = None
-            if spec.search is not None and warm is not None:  # its CPU goes to the search's own slots
-                warm_info, warm = warm.info(), warm.close()
-            chosen, fit_result, search_summary = train_or_search(spec, manifest, storage, run_id, warm)
-            if warm is not None:  # done with it: evaluation and registration run on the driver
-                warm_info, warm = warm.info(), warm.close()
+            chosen, fit_result, search_summary = train_or_search(spec, manifest, storage, run_id, slots)
+            warm_info = warm.info() if warm is not None else None
+            for slot in slots:  # done with them: evaluation and registration run on the driver
+                slot.close()
+            slots = []
             log_history(fit_result.history)
             if fit_result.nodes:  # the Ray node of each rank: where the student's workers ran
                 mlflow.set_tag("kdflow.student.nodes", ",".join(fit_result.nodes))
@@ -106,8 +116,8 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
             student, teacher, registration = finish(spec, chosen, data, fit_result, teachers, manifest, storage,
                                                     run_id, source, search_summary)
     finally:
-        if warm is not None:  # a failed stage: the actor goes with the run
-            warm.close()
+        for slot in slots:  # a failed stage: the actors go with the run
+            slot.close()
     return {
         "workflow": spec.name,
         "status": "succeeded",
@@ -122,6 +132,34 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
         "mlflow": {"tracking_uri": uri, "experiment": spec.experiment, "run_id": run_id},
         "stages": {name: round(seconds, 1) for name, seconds in progress.TIMINGS},
     }
+
+
+def uses_ray_train(spec: Workflow) -> bool:
+    """Whether this run may start a Ray Train run (whose controller needs Ray's dashboard): not when every
+    fit is single-worker on CPUs on a warm actor. Causal LMs' no-KD baseline always goes through Ray Train."""
+    t = spec.train
+    return not warm_enabled() or t.workers != 1 or t.use_gpu or task_for(spec).name == "causal_lm"
+
+
+def start_ray(spec: Workflow) -> list[Slot]:
+    """Start (or join) Ray, then the run's warm actors (`pool.run_slots`), without waiting for them to boot."""
+    import ray
+
+    ensure_ray(dashboard=uses_ray_train(spec))
+    return run_slots(spec, float(ray.cluster_resources().get("CPU", LOCAL_MIN_CPUS)))
+
+
+def ray_started(spec: Workflow, starting: Any) -> list[Slot]:
+    """The background start's actors; if Ray's node did not come up in its fixed 30 s (its start and
+    MLflow's both competing for a loaded machine's cores), Ray is started again here, with the driver idle.
+    The failed attempt's processes die with the thread that started them."""
+    try:
+        return list(starting.result())
+    except Exception as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+    progress.info("  [dim]Ray's node did not start in time beside MLflow's setup; starting it again[/]")
+    return start_ray(spec)
 
 
 def finisher(task: TaskKind) -> Any:
@@ -156,12 +194,14 @@ def finish_classification(spec: Workflow, chosen: Workflow, data: Any, fit_resul
 
 
 def train_or_search(spec: Workflow, manifest: dict[str, Any], storage: Storage, run_id: str,
-                    warm: Slot | None = None) -> tuple[Workflow, FitResult, dict[str, Any] | None]:
-    """The student: the search's choice (its workflow, weights and summary), or the one the spec describes."""
+                    slots: list[Slot] | None = None) -> tuple[Workflow, FitResult, dict[str, Any] | None]:
+    """The student: the search's choice (its workflow, weights and summary), or the one the spec describes.
+    `slots`: the run's warm actors (the first runs the student; a search takes them all as trial slots)."""
+    warm = slots[0] if slots else None
     if spec.search is not None:
         from orchestrator.search.runner import run_search
 
-        outcome = run_search(spec, manifest, storage, run_id)
+        outcome = run_search(spec, manifest, storage, run_id, slots)
         return outcome.spec, outcome.result, outcome.summary
     with progress.stage("student", f"{spec.student.model} {spec.student.params}, {spec.train.workers} worker(s)"):
         return spec, stages.train_student(spec, manifest, storage, run_name=f"student-{run_id}", warm=warm), None

@@ -71,9 +71,18 @@ def filter_ray_worker_logs() -> None:
                                 else _filtered(h)) for name, h in dispatcher.handlers]
 
 
+def _not_sigterm_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("SIGTERM handler is not set")
+
+
 def quiet_ray_start() -> None:
-    """Ray's notice that a local cluster uses token auth (the default, and what kdflow wants) is not a warning."""
+    """Ray's notice that a local cluster uses token auth (the default, and what kdflow wants) is not a warning;
+    nor is its notice that `ray.init` on a thread did not set the SIGTERM handler (`runtime.in_background`
+    sets it on the main thread)."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    worker = logging.getLogger("ray._private.worker")
+    if _not_sigterm_notice not in worker.filters:
+        worker.addFilter(_not_sigterm_notice)
 
 
 def quiet_mlflow_info() -> None:

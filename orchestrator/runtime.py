@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
 
 LOCAL_MIN_CPUS = 8
 
+T = TypeVar("T")
 
-def ensure_ray() -> None:
+
+def ensure_ray(dashboard: bool = True) -> None:
     """Join the cluster when RAY_ADDRESS says so (as in a Ray job), else start a quiet local Ray.
 
     Locally Ray gets at least LOCAL_MIN_CPUS logical CPUs: on a 2-core box, 2 train workers would
     otherwise take every CPU and leave none for the tasks they wait on (see docs/architecture.md).
+    `dashboard=False` starts a local Ray without its dashboard (fewer processes, a faster start), for a
+    run that starts no Ray Train run: Train's controller and cleaner ask the dashboard's State API.
     """
     import ray
 
@@ -22,18 +29,59 @@ def ensure_ray() -> None:
     # a report waits for it: poll faster so a short run does not spend seconds per checkpoint waiting.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
-           "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))}
+           "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p)),
+           # OpenMP's threads sleep between parallel regions instead of spinning: with 2 torch threads on a
+           # 2-core machine that is also running Ray, MLflow or another worker, spinning threads took each
+           # other's cores and a small MLP trained at 100-5,000 samples/s instead of 6,000-19,000
+           # (benchmarks/RESULTS-warm.md). A value the user set is kept.
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     from orchestrator.quiet import filter_ray_worker_logs, quiet_ray_start
 
     quiet_ray_start()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        _start_local(env)
+        _start_local(env, dashboard)
     filter_ray_worker_logs()
 
 
-def _start_local(env: dict[str, str]) -> None:
+def in_background(fn: Callable[[], T]) -> Future[T]:
+    """`fn` (Ray's start, the run's warm actors) on a thread while the driver goes on (MLflow's import and
+    store); its result or error comes through the returned future.
+
+    A local Ray's processes die with the thread that started them (Ray ties them to it with the kernel's
+    parent-death signal), so a thread that started one stays, idle, for the rest of the process. It is a
+    daemon: an exit does not wait for it, and Ray's own exit hook stops the cluster first. Ray's SIGTERM
+    handler (which only the main thread may set) is set here, as `ray.init` would have; what Ray imports
+    is imported here first, so the two threads never wait on each other's imports."""
+    import signal
+    import threading
+
+    import ray
+    import ray._private.node
+    import ray._private.services
+
+    from orchestrator.quiet import quiet_ray_start
+
+    if threading.current_thread() is threading.main_thread() and not ray.is_initialized():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    quiet_ray_start()
+    future: Future[T] = Future()
+
+    def run() -> None:
+        was = ray.is_initialized()
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+        if not was and ray.is_initialized():
+            threading.Event().wait()  # this thread's life is the local Ray's
+
+    threading.Thread(target=run, name="kdflow-ray-start", daemon=True).start()
+    return future
+
+
+def _start_local(env: dict[str, str], dashboard: bool = True) -> None:
     import ray
 
     # Ray's own helpers inside workers (Train's PlacementGroupCleaner asks the State API) find "their"
@@ -53,7 +101,8 @@ def _start_local(env: dict[str, str]) -> None:
     try:
         # address="local": never attach to a cluster a `ray start` left on this machine by accident
         ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env})
+                 configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env},
+                 include_dashboard=None if dashboard else False)
     finally:
         for k, v in saved.items():
             if v is None:

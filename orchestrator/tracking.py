@@ -44,13 +44,22 @@ def artifact_endpoint(storage: Storage) -> Iterator[None]:
         os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
 
 
-def connect(spec: Workflow, storage: Storage) -> str:
-    """Point MLflow at the tracking server and the experiment; exit 2 if the server cannot be reached."""
+def check_reachable(spec: Workflow, storage: Storage) -> None:
+    """A tracking server that does not answer, or refuses the user, exits 2 here: cheap (no MLflow import),
+    so a run checks it before starting Ray."""
+    uri = tracking_uri(spec, storage)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri, where="tracking.uri")
+
+
+def connect(spec: Workflow, storage: Storage, checked: bool = False) -> str:
+    """Point MLflow at the tracking server and the experiment; exit 2 if the server cannot be reached
+    (`checked`: `check_reachable` already said it can)."""
     import mlflow
 
     uri = tracking_uri(spec, storage)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a run's stderr
-    if uri.startswith(("http://", "https://")):
+    if uri.startswith(("http://", "https://")) and not checked:
         check_server(uri, where="tracking.uri")
     mlflow.set_tracking_uri(uri)
     # Two runs starting at once on a fresh sqlite store would both create its tables (one fails with

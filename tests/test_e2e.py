@@ -115,10 +115,14 @@ def test_registry_gates_decide_the_alias_on_a_tracking_server(workdir: Path, mlf
 
 
 def test_unreachable_tracking_server_exits_2_before_any_work(workdir: Path) -> None:
+    """Checked before Ray starts (a run starts its local Ray on a thread beside MLflow's setup): Ray's
+    temporary folder (RAY_TMPDIR) would hold a session had the run started one."""
     path = write_workflow(workdir, **{"tracking.uri": "http://127.0.0.1:9"})
-    proc = kdflow("run", str(path), cwd=workdir, timeout=120)
+    ray_tmp = workdir / "ray"
+    proc = kdflow("run", str(path), cwd=workdir, timeout=300, env={"RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)})
     assert proc.returncode == 2
     assert "tracking.uri" in proc.stderr and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
+    assert not ray_tmp.exists() and "▶ ray" not in proc.stderr
     assert not (workdir / ".kdflow" / "soft_targets").exists()
 
 

@@ -304,6 +304,13 @@ def test_search_tracks_every_trial_and_runs_the_teacher_once(workdir: Path, teac
     assert s["best"]["student.params.hidden"] in ([8], [16], [32])
     assert out["student"]["num_params"] == best.user_attrs["num_params"]
     assert not list((workdir / ".kdflow" / "checkpoints").glob(f"{s['study']}-trial-*"))  # trial runs cleaned up
+    # the run's warm actor, which computed the soft targets, is the search's slot 0 (no trial waits for a
+    # process to start); slot 1 is another process, and every trial ran on one of the two
+    slots = {x["slot"]: x for x in s["slots"]}
+    assert sorted(slots) == [0, 1] and sum(x["trials"] for x in slots.values()) == 6
+    assert out["warm"]["pid"] == slots[0]["pid"] != slots[1]["pid"]
+    assert out["warm"]["shards"] == soft["computed_shards"] > 0 and out["warm"]["fits"] == slots[0]["trials"]
+    assert {t.user_attrs["slot"] for t in study.trials} <= {0, 1}
 
     # MLflow: a nested run per trial with its params, per-epoch metrics and state; plots on the parent
     runs = {int(r.data.tags["kdflow.search.trial"]): r for r in trial_runs(out)}

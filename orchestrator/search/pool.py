@@ -12,7 +12,8 @@ Train runs, whose start-up is small beside data-parallel work; they use the slot
 
 A `kdflow run` keeps one more such actor for its stages (`run_worker`): started as soon as Ray is up,
 it trains the teacher, computes the soft-target shards of a small precompute and trains the student,
-so a single-worker CPU run starts torch once instead of once per stage and per shard task.
+so a single-worker CPU run starts torch once instead of once per stage and per shard task; a search
+takes it as its slot 0, with its other slots started at the same time (`run_slots`).
 KDFLOW_WARM=0 turns every warm path off (trials, stages, shards), for benchmarks that compare both.
 """
 
@@ -161,6 +162,13 @@ class Slot:
             ray.kill(self.worker)
             self.worker = None
 
+    def start_monitor(self) -> None:
+        """Start the slot's pruning monitor now, idle (Optuna imported), so the first trial does not wait for it."""
+        if self.monitor is None:
+            from orchestrator.search.study import start_monitor
+
+            self.monitor = start_monitor()
+
     def close(self) -> None:
         import ray
 
@@ -184,6 +192,29 @@ def run_worker(spec: Any, eager: bool) -> Slot | None:
     else:
         slot.worker_cpus = t.cpus_per_worker
     return slot
+
+
+def run_slots(spec: Any, cluster_cpus: float) -> list[Slot]:
+    """The run's warm actors, all started now (their processes boot while the driver opens MLflow and the
+    teacher trains): slot 0 (`run_worker`) for the run's single-worker CPU stages, and with a search of
+    such trials, `search.concurrency - 1` more slots and every slot's pruning monitor. Slot 0 is then the
+    search's first trial slot, so no trial waits for a process to start (docs/architecture.md). The extra
+    slots start early only when they leave a CPU of the cluster free (a large precompute's shard tasks
+    need one); else the search starts them itself. [] when the stages run on Ray Train."""
+    warm = run_worker(spec, eager=True)
+    if warm is None:
+        return []
+    slots = [warm]
+    if spec.search is not None:
+        warm.label = "slot 0"
+        cpus = spec.train.cpus_per_worker
+        if spec.search.concurrency * cpus + 1 <= cluster_cpus:
+            for i in range(1, spec.search.concurrency):
+                slots.append(Slot(i))
+                slots[-1].start(cpus)
+        for slot in slots:
+            slot.start_monitor()
+    return slots
 
 
 def fit_on(warm: Slot | None, cfg: FitConfig, storage: Storage, run_name: str) -> FitResult:

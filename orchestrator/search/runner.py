@@ -95,7 +95,10 @@ def _fmt(values: dict[str, Any]) -> str:
 class Search:
     """One run of a study: resume it, run the missing trials `concurrency` at a time, pick the student."""
 
-    def __init__(self, spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None) -> None:
+    def __init__(self, spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None,
+                 slots: list[Slot] | None = None) -> None:
+        """`slots`: trial slots already started (the run's warm actor first, `pool.run_slots`), owned by the
+        caller; the search starts (and closes) any more it needs."""
         import optuna
 
         assert spec.search is not None
@@ -121,6 +124,9 @@ class Search:
         self.runs = TrialRuns(self.name, parent_run_id, spec.experiment)
         self.train_s = 0.0  # training-step seconds of the trials run here (summed in several threads)
         self.lock = threading.Lock()
+        self.slots = list(slots or [])
+        self.slot_trials: dict[int, int] = {}  # slot index -> trials it ran
+        self.slot_info: list[dict[str, Any]] = []  # the slots' workers, for the summary
 
     # ------------------------------------------------ resume
 
@@ -317,6 +323,9 @@ class Search:
             # of the slots' time that was training (the rest is start-up, validation, bookkeeping)
             "wall_s": round(wall_s, 3), "train_s": round(self.train_s, 3), "concurrency": jobs,
             "efficiency": round(self.train_s / (wall_s * jobs), 3) if jobs and wall_s > 0 else None,
+            # the warm trial slots: each one's worker process and the trials it ran (the run's own warm
+            # actor is slot 0); [] when trials ran as Ray Train runs
+            "slots": self.slot_info,
         }
         if len(self.objectives) > 1:
             summary["pareto"] = [{"trial": c.number, "values": {m: c.metrics[m] for m, _ in self.objectives},
@@ -342,7 +351,8 @@ class Search:
         errors: list[BaseException] = []
 
         def run_slot(index: int) -> None:
-            slot = Slot(index)
+            owned = index >= len(self.slots)  # a slot the caller started is the caller's to close
+            slot = Slot(index) if owned else self.slots[index]
             objective = functools.partial(self.objective, slot=slot)
             try:
                 while True:
@@ -353,11 +363,18 @@ class Search:
                     try:
                         self.study.optimize(objective, n_trials=1, catch=(Exception,),
                                             callbacks=[self.on_trial_done], gc_after_trial=False)
+                        self.slot_trials[index] = self.slot_trials.get(index, 0) + 1
                     except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
                         errors.append(exc)
                         return
             finally:
-                slot.close()
+                info = slot.info()
+                if info is not None:
+                    with lock:
+                        self.slot_info.append({"slot": index, "pid": info["pid"], "replaced": info["replaced"],
+                                               "trials": self.slot_trials.get(index, 0)})
+                if owned:
+                    slot.close()
 
         threads = [threading.Thread(target=run_slot, args=(i,), name=f"kdflow-trial-slot-{i}", daemon=True)
                    for i in range(jobs)]
@@ -375,16 +392,19 @@ class Search:
             return load_weights(self.storage, path), "checkpoint"
         progress.info(f"  the weights of trial #{trial.number} are gone ({path}): retraining it")
         result = stages.train_student(spec, self.manifest, self.storage,
-                                      run_name=f"{self.name}-retrain-{trial.number}-{uuid.uuid4().hex[:6]}")
+                                      run_name=f"{self.name}-retrain-{trial.number}-{uuid.uuid4().hex[:6]}",
+                                      warm=self.slots[0] if self.slots else None)
         return result, "retrained"
 
 
-def run_search(spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None) -> SearchOutcome:
+def run_search(spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None,
+               slots: list[Slot] | None = None) -> SearchOutcome:
     """Run (or resume) the workflow's search over the stored soft targets; return the chosen student.
 
     `parent_run_id` is the workflow's MLflow run: each trial's run nests under it, the outcome is logged on it.
+    `slots`: trial slots the run already started (`pool.run_slots`), kept open for the caller.
     """
     assert spec.search is not None
     check_space(spec, manifest)
     with progress.stage("search", f"{spec.search.trials} trials over {', '.join(spec.search.space)}"):
-        return Search(spec, manifest, storage, parent_run_id).run()
+        return Search(spec, manifest, storage, parent_run_id, slots).run()

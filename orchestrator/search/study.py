@@ -148,10 +148,17 @@ class TrialMonitor:
     last epoch is reported but never pruned: the run is over, and a finished trial is a candidate.
     """
 
-    def __init__(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None,
-                 last_epoch: int) -> None:
+    def __init__(self, url: str | None = None, study: str = "", trial_id: int = -1, pruner: Any = None,
+                 metric: str | None = None, last_epoch: int = 0) -> None:
+        """With a url: watch that trial now. Without: an idle monitor (Optuna imported) that a search
+        `begin`s for its first trial, started before the search so that trial does not wait for it."""
+        import optuna  # noqa: F401 - imported once here, not at the first trial
+
         self.loaded: dict[str, Any] = {}  # (url, study) -> the study, loaded once
-        self.begin(url, study, trial_id, pruner, metric, last_epoch)
+        self.epochs: list[dict[str, float]] = []
+        self.metric, self.last_epoch, self.trial = None, 0, None
+        if url is not None:
+            self.begin(url, study, trial_id, pruner, metric, last_epoch)
 
     def begin(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None,
               last_epoch: int) -> None:
@@ -186,11 +193,12 @@ class TrialMonitor:
         return self.epochs
 
 
-def start_monitor(url: str, study: str, trial_id: int, pruner: Any, metric: str | None, last_epoch: int) -> Any:
-    """A TrialMonitor on the driver's node (a sqlite or journal path must mean the same file)."""
+def start_monitor(*args: Any) -> Any:
+    """A TrialMonitor on the driver's node (a sqlite or journal path must mean the same file), watching the
+    trial `args` name (`TrialMonitor`'s), or idle without them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_restarts=0)(TrialMonitor)
-    return actor.options(scheduling_strategy=here).remote(url, study, trial_id, pruner, metric, last_epoch)
+    return actor.options(scheduling_strategy=here).remote(*args)
