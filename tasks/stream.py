@@ -7,8 +7,13 @@ generator, and feeds the steps from a carry-over buffer, so that every step but 
 exactly `batch_size` rows and every rank runs `ceil(rows / batch_size)` steps, as data-parallel training
 requires. While one block trains, a thread reads and decodes the next one: a worker holds at most two
 blocks and a batch's carry, whatever the corpus size. The order depends only on (seed, epoch, rank), so a
-resumed epoch replays it. Shuffling is per block rather than over the whole share: the price of bounded
-memory, as in every streaming loader (docs/training.md).
+resumed epoch replays it.
+
+Rows are shuffled within a window of blocks, not over the whole share: the price of bounded memory, as in
+every streaming loader. The window is as many blocks as fit in a quarter of the budget (the window being
+trained, the next one read and its parts being joined stay within it): with the default 1 GiB and shards
+of a few MB, a window mixes hundreds of shards, so a split that keeps a label-sorted source's order
+(tasks/pieces.py) still gives mixed batches. A budget smaller than two blocks streams one block at a time.
 """
 
 from __future__ import annotations
@@ -49,43 +54,61 @@ class Streamed:
 
     source: Any
     pieces: list[tuple[int, int]]
+    window: int = 1  # blocks shuffled together (`window_blocks`)
 
 
 def streamed(source: Any, start: int, stop: int, hold_bytes: int) -> Streamed | None:
     """Rows [start, stop) as a Streamed share when they stream (`streams`), else None (held whole)."""
     if not streams(source, start, stop, hold_bytes):
         return None
-    return Streamed(getattr(source, "uncached", source), blocks(source, start, stop))
+    pieces = blocks(source, start, stop)
+    return Streamed(getattr(source, "uncached", source), pieces, window_blocks(source, pieces, hold_bytes))
 
 
-def _read_ahead(source: Any, pieces: list[tuple[int, int]]) -> Iterator[TargetBatch]:
-    """The pieces' rows in order, the next one read by a thread while the caller works on the current one."""
-    if not pieces:
+def window_blocks(source: Any, pieces: list[tuple[int, int]], hold_bytes: int) -> int:
+    """How many blocks an epoch shuffles together: as many of the largest as fit in a quarter of
+    `hold_bytes` (the window in training, the next one being read and joined), at least one."""
+    largest = max((source.stored_bytes(a, b) for a, b in pieces), default=0)
+    return max(1, hold_bytes // 4 // largest) if largest else 1
+
+
+def _load_group(source: Any, group: list[tuple[int, int]]) -> TargetBatch:
+    parts = [source.load(a, b) for a, b in group]
+    return parts[0] if len(parts) == 1 else TargetBatch.concat(parts)
+
+
+def _read_ahead(source: Any, groups: list[list[tuple[int, int]]]) -> Iterator[TargetBatch]:
+    """Each group's rows (its blocks joined) in order, the next group read by a thread while the caller works
+    on the current one."""
+    if not groups:
         return
     with ThreadPoolExecutor(1, thread_name_prefix="kdflow-read-ahead") as pool:
-        pending = pool.submit(source.load, *pieces[0])
-        for nxt in [*pieces[1:], None]:
+        pending = pool.submit(_load_group, source, groups[0])
+        for nxt in [*groups[1:], None]:
             rows = pending.result()
             if nxt is not None:
-                pending = pool.submit(source.load, *nxt)
+                pending = pool.submit(_load_group, source, nxt)
             yield rows
-            del rows  # the caller's chunk holds what it still needs; drop this block before the next read
+            del rows  # the caller's chunk holds what it still needs; drop this window before the next read
 
 
 def epoch_chunks(task: Any, source: Any, pieces: list[tuple[int, int]], rows: int, batch_size: int,
-                 gen: torch.Generator, dims: Mapping[str, int], device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
+                 gen: torch.Generator, dims: Mapping[str, int], device: torch.device, window: int = 1,
+                 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """This epoch's training rows as (placed share, order) chunks: `rows` rows in all, every chunk but the
-    last a whole number of batches. `gen` is already seeded for (seed, epoch, rank)."""
+    last a whole number of batches. The blocks are visited in a seeded order, `window` at a time, each
+    window's rows shuffled together. `gen` is already seeded for (seed, epoch, rank)."""
     order = [pieces[int(i)] for i in torch.randperm(len(pieces), generator=gen)]
+    groups = [order[i:i + window] for i in range(0, len(order), max(1, window))]
     carry: TargetBatch | None = None
     left = rows
-    for i, block in enumerate(_read_ahead(source, order)):
+    for i, block in enumerate(_read_ahead(source, groups)):
         block = block.take(torch.randperm(len(block), generator=gen))
         if carry is not None:
             block = TargetBatch.concat([carry, block])
             carry = None
         n = min(len(block), left)
-        final = n == left or i == len(order) - 1
+        final = n == left or i == len(groups) - 1
         use = n if final else (n // batch_size) * batch_size
         if not final and use < n:
             carry = block.take(slice(use, n))
@@ -102,7 +125,7 @@ def streamed_counts(task: Any, model: torch.nn.Module, source: Any, pieces: list
     the rows carry teacher targets."""
     total: torch.Tensor | None = None
     with_teacher = False
-    for rows in _read_ahead(source, pieces):
+    for rows in _read_ahead(source, [[p] for p in pieces]):
         counts = task.eval_counts(model, rows, dims, device)
         total = counts if total is None else total + counts
         with_teacher = bool(rows.targets)

@@ -439,7 +439,7 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
         assert w.train_stream is not None
         sums_t, done = torch.zeros(3, device=w.device), 0
         for chunk, order in stream.epoch_chunks(cfg.task, w.train_stream.source, w.train_stream.pieces, w.per_worker,
-                                                cfg.batch_size, gen, cfg.dims, w.device):
+                                                cfg.batch_size, gen, cfg.dims, w.device, w.train_stream.window):
             part = None if schedule is None else replace(schedule, first_step=schedule.first_step + done)
             sums_t += train_epoch(cfg.task, w.model, w.opt, w.scaler, chunk, order.to(chunk.rows_device),
                                   cfg.batch_size, cfg.loss, cfg.precision, part)

@@ -61,13 +61,14 @@ class Blocks:
         return TargetBatch(ids, ids[:, None].float().repeat(1, 4), ids % 3, {})
 
 
-def one_epoch(source: Blocks, start: int, stop: int, rows: int, batch: int, seed: int) -> list[torch.Tensor]:
+def one_epoch(source: Blocks, start: int, stop: int, rows: int, batch: int, seed: int,
+              window: int = 1) -> list[torch.Tensor]:
     """The row ids of every step of one epoch, in order."""
     gen = torch.Generator()
     gen.manual_seed(seed)
     steps = []
     for chunk, order in stream.epoch_chunks(CLASSIFICATION, source, stream.blocks(source, start, stop), rows, batch,
-                                            gen, {"num_classes": 3}, torch.device("cpu")):
+                                            gen, {"num_classes": 3}, torch.device("cpu"), window):
         for s in range(0, len(order), batch):
             steps.append(chunk.x[order[s:s + batch], 0].long())
     return steps
@@ -106,6 +107,22 @@ def test_only_a_share_over_the_budget_with_several_blocks_streams() -> None:
     assert stream.streams(source, 0, 1000, hold_bytes=15_999)
     assert not stream.streams(source, 0, 1000, hold_bytes=16_000)
     assert not stream.streams(source, 0, 100, hold_bytes=0)  # a single block gains nothing from streaming
+
+
+def test_a_window_of_blocks_is_shuffled_together_so_a_sorted_share_gives_mixed_batches() -> None:
+    # a share whose blocks each hold one "class" (row id // 50), as a label-sorted source's split gives
+    source = Blocks(1000, 50)  # 800 bytes a block
+    share = stream.streamed(source, 0, 1000, hold_bytes=15_999)
+    assert share is not None and share.window == 4  # blocks that fit in a quarter of the budget
+    assert stream.streamed(source, 0, 1000, hold_bytes=3_000).window == 1  # under two blocks: one at a time
+    mixed = one_epoch(source, 0, 1000, 1000, 32, seed=2, window=share.window)
+    single = one_epoch(Blocks(1000, 50), 0, 1000, 1000, 32, seed=2)
+    assert len(mixed) == math.ceil(1000 / 32) and all(len(s) == 32 for s in mixed[:-1])
+    assert sorted(torch.cat(mixed).tolist()) == list(range(1000))  # every row once
+    classes_per_step = [s.div(50, rounding_mode="floor").unique().numel() for s in mixed[:-1]]
+    assert min(classes_per_step) >= 2 and sum(classes_per_step) / len(classes_per_step) >= 3
+    assert max(s.div(50, rounding_mode="floor").unique().numel() for s in single) <= 2  # a block (+ carry) a step
+    assert sorted(source.loads) == source.blocks(0, 1000)  # still block by block, each read once
 
 
 def test_streamed_validation_counts_equal_the_held_ones() -> None:
