@@ -14,7 +14,7 @@ from tasks.data import Dataset
 from tasks.fit_config import EarlyStopping, FitConfig, LossConfig, OptimizerConfig, Resources
 from tasks.kinds import TaskKind, task_kind
 from tasks.storage import Storage
-from tasks.train import ArraySource, ShardSource
+from tasks.train import ArraySource, RowSource, ShardSource, SourceRows
 
 
 def task_for(spec: Workflow) -> TaskKind:
@@ -56,21 +56,32 @@ def data_meta(data: Dataset) -> dict[str, Any]:
     return {"num_features": data.num_features, "num_classes": data.num_classes, **data.extra.get("meta", {})}
 
 
-def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConfig:
-    """A teacher trained here: hard labels only, AdamW with teacher.train's values, the train stage's resources."""
+def rows_for_teacher(data: Dataset) -> tuple[RowSource, RowSource | None]:
+    """The teacher's train and val rows (val None when empty): a Parquet source's splits read from its pieces by
+    the training worker (`SourceRows`), so the driver puts nothing into Ray's object store; a built-in's arrays
+    put there (`ArraySource`). The teacher sees only the labeled train split, so transfer rows change nothing."""
+    if data.source_rows:
+        train = SourceRows(data.source_rows["train"])
+        return train, (SourceRows(data.source_rows["val"]) if data.rows("val") else None)
     import ray
 
+    val = ArraySource(ray.put(data.x["val"]), ray.put(data.y["val"])) if data.rows("val") else None
+    return ArraySource(ray.put(data.x["train"]), ray.put(data.y["train"])), val
+
+
+def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConfig:
+    """A teacher trained here: hard labels only, AdamW with teacher.train's values, the train stage's resources."""
     task = task_for(spec)
     # teacher.train has no optimizer section: AdamW, with momentum (unused by AdamW) from the spec's default
     optimizer = _optimizer(OptimizerSpec(name="adamw", lr=t.train.lr, weight_decay=t.train.weight_decay,
                                          schedule=t.train.schedule, warmup_steps=t.train.warmup_steps,
                                          grad_clip=t.train.grad_clip))
-    val = ArraySource(ray.put(data.x["val"]), ray.put(data.y["val"])) if data.rows("val") else None
+    train, val = rows_for_teacher(data)
     return FitConfig(
         log_prefix="teacher", task=task, model=t.model, params=t.params,
         dims=task.dims(data_meta(data)), seed=spec.seed,
         epochs=t.train.epochs, batch_size=t.train.batch_size, optimizer=optimizer, precision=spec.train.precision,
-        loss=None, data=ArraySource(ray.put(data.x["train"]), ray.put(data.y["train"])), val=val,
+        loss=None, data=train, val=val,
         early_stopping=None, checkpoint_every=spec.train.checkpoint_every,
         checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec), epoch_hook=None,
         hold_share_bytes=int(spec.train.hold_share_mb * 2**20))

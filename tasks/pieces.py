@@ -323,8 +323,8 @@ def fill(reader: Reader, pieces: list[Piece], reduced: Reduced, *, mean: np.ndar
 class SplitRows:
     """One split of a source, readable by row range: rows [a, b) of the split are its rows in piece order (as
     `fill` lays them out), read from the pieces they lie in, standardized with the merged statistics and
-    checked against the reduction's digests by whoever calls `rows` (a soft-target shard task), not the
-    driver. Small and picklable: a Ray task takes it instead of the split's arrays."""
+    checked against the reduction's digests by whoever calls `rows` (a soft-target shard task, the teacher's
+    training worker through `tasks.train.SourceRows`), not the driver. Small and picklable: a Ray task takes it instead of the split's arrays."""
 
     reader: Reader
     split: str
@@ -341,6 +341,18 @@ class SplitRows:
 
     def __len__(self) -> int:
         return int(sum(self.counts))
+
+    def ranges(self, a: int, b: int) -> list[tuple[int, int]]:
+        """[a, b) cut where one piece's rows of this split end: each part is read from one piece, once."""
+        out, first = [], 0
+        for n in self.counts:
+            lo, hi = max(a, first), min(b, first + n)
+            if lo < hi:
+                out.append((lo, hi))
+            first += n
+            if first >= b:
+                break
+        return out
 
     def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Standardized float32 features and int64 class indices of the split's rows [a, b)."""

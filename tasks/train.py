@@ -33,6 +33,7 @@ from tasks.fit_config import EarlyStopping, FitConfig, LossConfig, OptimizerConf
 from tasks.kinds import Share, TaskKind
 from tasks.kinds.classification import place_share  # noqa: F401 - kept importable from here (tests, benchmarks)
 from tasks.layout import checkpoints_path
+from tasks.pieces import SplitRows
 from tasks.soft_targets import SoftTargetStore, TargetBatch, shard_ranges
 from tasks.storage import Storage
 
@@ -62,7 +63,7 @@ class RowSource(Protocol):
 
 @dataclass
 class ArraySource:
-    """Rows held in Ray's object store (refs to numpy arrays): the teacher's training data."""
+    """Rows held in Ray's object store (refs to numpy arrays): the teacher's training data from a built-in."""
 
     x: Any
     y: Any
@@ -84,6 +85,35 @@ class ArraySource:
 
         x, y = ray.get(self.x), ray.get(self.y)
         return (stop - start) * (x[:1].nbytes + y[:1].nbytes)
+
+
+@dataclass
+class SourceRows:
+    """One split of a Parquet source, read from its pieces by the worker that trains on it: the teacher's
+    training data when the data is a Parquet source, so the driver puts nothing into Ray's object store and
+    a worker reads only its share (tasks/pieces.py:SplitRows: standardized with the merged statistics, each
+    piece's digest checked). Its blocks are the split's rows of one piece each, so a share over the fit's
+    `hold_share_bytes` streams piece by piece and reads every piece once per epoch.
+
+    Not kept by a warm process's row cache (tasks/warm.py:with_cache): a teacher is trained once per cache key,
+    and a cached split would stay in the warm actor beside the student's rows for the rest of the run."""
+
+    split: SplitRows
+
+    def rows(self) -> int:
+        return len(self.split)
+
+    def load(self, start: int, stop: int) -> TargetBatch:
+        """The rows an ArraySource over the driver's arrays gives: row ids are split indices, no targets."""
+        x, y = self.split.rows(start, stop)
+        return TargetBatch(torch.arange(start, stop), torch.from_numpy(x), torch.from_numpy(y), {})
+
+    def blocks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        return self.split.ranges(start, stop)
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        """As the rows take in memory (float32 features, int64 label), what an ArraySource says for them."""
+        return (stop - start) * (self.split.num_features * 4 + 8)
 
 
 @dataclass

@@ -184,6 +184,35 @@ def test_a_split_read_by_row_range_from_the_pieces_is_the_drivers_split(tmp_path
         d.source_rows["train"].rows(0, d.rows("train"))
 
 
+def test_source_rows_load_the_splits_rows_bit_for_bit_in_blocks_cut_at_piece_boundaries(tmp_path: Path) -> None:
+    import torch
+
+    from tasks.train import SourceRows
+
+    src = source(tmp_path, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})  # 15 row groups of <= 37
+    d = load_dataset(src, features=FEATURES, **SPLIT)
+    for k, split in d.source_rows.items():
+        rows, n = SourceRows(split), d.rows(k)
+        assert rows.rows() == n
+        # where one piece's rows of this split end, in split indices
+        ends = set(np.cumsum(split.counts).tolist())
+        assert len(ends) > 5  # many pieces, so the cuts below are tested
+        for a, b in [(0, n), (0, 1), (n - 1, n), (n // 3, 2 * n // 3), (7, 8), (5, 5)]:
+            batch = rows.load(a, b)
+            assert batch.x.dtype == torch.float32 and batch.y.dtype == torch.int64 and batch.targets == {}
+            assert torch.equal(batch.row_id, torch.arange(a, b))  # split indices, as an ArraySource's
+            assert torch.equal(batch.x, torch.from_numpy(d.x[k][a:b]))  # the driver's arrays, bit for bit
+            assert torch.equal(batch.y, torch.from_numpy(d.y[k][a:b]))
+            assert rows.stored_bytes(a, b) == (b - a) * (len(FEATURES) * 4 + 8)
+            blocks = rows.blocks(a, b)
+            if a == b:
+                assert blocks == []
+                continue
+            # [a, b) exactly, cut at every piece end inside it and nowhere else, no empty block
+            assert [lo for lo, _ in blocks] == sorted({a, *(e for e in ends if a < e < b)})
+            assert [hi for _, hi in blocks] == sorted({b, *(e for e in ends if a < e < b)})
+
+
 def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give(ray_session: None,
                                                                                  workdir: Path) -> None:
     import torch
