@@ -56,11 +56,31 @@ def data_meta(data: Dataset) -> dict[str, Any]:
     return {"num_features": data.num_features, "num_classes": data.num_classes, **data.extra.get("meta", {})}
 
 
+def workers_read_source(data: Dataset) -> bool:
+    """Whether Ray's workers read a Parquet source's rows themselves (`Dataset.source_rows`) rather than take the
+    driver's arrays: always from S3; from a local path only while every node of the cluster is on this machine
+    (a path on the driver's disk need not exist on another machine, nor a `kdflow submit` job's working folder
+    at the same place). Needs Ray up."""
+    if not data.source_rows:
+        return False
+    if next(iter(data.source_rows.values())).reader.url.startswith("s3://"):
+        return True
+    import ray
+
+    return machines(ray.nodes()) <= 1
+
+
+def machines(nodes: list[dict[str, Any]]) -> int:
+    """The machines under Ray's live nodes (`ray.nodes()`): nodes on one host share its address and its disk."""
+    return len({n["NodeManagerAddress"] for n in nodes if n.get("Alive")})
+
+
 def rows_for_teacher(data: Dataset) -> tuple[RowSource, RowSource | None]:
     """The teacher's train and val rows (val None when empty): a Parquet source's splits read from its pieces by
-    the training worker (`SourceRows`), so the driver puts nothing into Ray's object store; a built-in's arrays
-    put there (`ArraySource`). The teacher sees only the labeled train split, so transfer rows change nothing."""
-    if data.source_rows:
+    the training worker (`SourceRows`), so the driver puts nothing into Ray's object store, when the workers can
+    open the source (`workers_read_source`); else the arrays put there (`ArraySource`). The teacher sees only
+    the labeled train split, so transfer rows change nothing."""
+    if workers_read_source(data):
         train = SourceRows(data.source_rows["train"])
         return train, (SourceRows(data.source_rows["val"]) if data.rows("val") else None)
     import ray

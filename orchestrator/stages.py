@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from orchestrator import progress
-from orchestrator.configs import student_fit_config, task_for, torch_threads
+from orchestrator.configs import student_fit_config, task_for, torch_threads, workers_read_source
 from orchestrator.search.pool import Slot, fit_on
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher
@@ -68,7 +68,8 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
     key = soft_target_key(spec, data, teachers)
     store = SoftTargetStore(storage)
     with progress.stage("soft targets", f"{st.format}/{st.dtype} key {key}"):
-        splits = data.precompute_rows(spec.seed)  # a Parquet source's rows are read by the shard tasks
+        # a Parquet source's rows are read by the shard tasks, when they can open it
+        splits = data.precompute_rows(spec.seed, from_source=workers_read_source(data))
 
         def tick(split: str, i: int, n: int, reused: bool) -> None:
             progress.info(f"  shard {split} {i + 1}/{n} {'(already written)' if reused else 'written'}")

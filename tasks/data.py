@@ -52,11 +52,12 @@ class Dataset:
     def rows(self, split: str) -> int:
         return int(self.y[split].shape[0])
 
-    def precompute_rows(self, seed: int) -> dict[str, tuple[Any, Any]]:
+    def precompute_rows(self, seed: int, from_source: bool = True) -> dict[str, tuple[Any, Any]]:
         """Each split's (features, labels) for the soft-target precompute: `SplitRows` that its shard tasks
-        read from a Parquet source's pieces, when there are no transfer rows to interleave into train;
-        else the arrays here (which the precompute puts into Ray's object store)."""
-        if self.source_rows and "transfer" not in self.x:
+        read from a Parquet source's pieces, when there are no transfer rows to interleave into train and
+        `from_source` (the workers can open the source: `orchestrator.configs.workers_read_source`); else the
+        arrays here (which the precompute puts into Ray's object store)."""
+        if from_source and self.source_rows and "transfer" not in self.x:
             return {k: (r, r) for k, r in self.source_rows.items()}
         return {"train": self.distillation_rows(seed), "val": (self.x["val"], self.y["val"]),
                 "test": (self.x["test"], self.y["test"])}

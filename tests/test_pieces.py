@@ -236,6 +236,27 @@ def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give
         [[e["sha256"] for e in held["splits"][s]["shards"]] for s in SPLITS]
 
 
+def test_workers_read_a_local_source_only_while_the_cluster_is_on_this_machine(ray_session: None,
+                                                                               workdir: Path) -> None:
+    import ray
+
+    from orchestrator.configs import machines, rows_for_teacher, workers_read_source
+    from tasks.train import SourceRows
+
+    d = load_dataset(source(workdir, {"part-0.parquet": (0, 200)}), features=FEATURES, **SPLIT)
+    assert machines(ray.nodes()) == 1 and workers_read_source(d)  # the session's one local node
+    assert isinstance(rows_for_teacher(d)[0], SourceRows)
+    assert not workers_read_source(load_dataset("sklearn:digits"))  # a built-in has only the driver's arrays
+    # a second machine (another address) may not have the driver's path: the driver's arrays go instead
+    node = next(n for n in ray.nodes() if n["Alive"])
+    two = [node, {**node, "NodeID": "other", "NodeManagerAddress": "10.0.0.2"}]
+    assert machines(two) == 2 and machines([*two[:1], {**two[1], "Alive": False}]) == 1
+    assert machines([node, {**node, "NodeID": "second-node-same-host"}]) == 1  # two nodes, one disk
+    arrays = d.precompute_rows(SPLIT["seed"], from_source=False)
+    assert not any(isinstance(x, SplitRows) for x, _ in arrays.values())
+    assert all(np.array_equal(arrays[k][0], d.x[k]) for k in ("train", "val", "test"))
+
+
 def test_a_rows_id_is_its_files_name_under_the_source_however_the_source_is_spelled(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "data").mkdir()
