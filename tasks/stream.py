@@ -13,7 +13,7 @@ Rows are shuffled within a window of blocks, not over the whole share: the price
 every streaming loader. The window is as many blocks as fit in a quarter of the budget (the window being
 trained, the next one read and its parts being joined stay within it): with the default 1 GiB and shards
 of a few MB, a window mixes hundreds of shards, so a split that keeps a label-sorted source's order
-(tasks/pieces.py) still gives mixed batches. A budget smaller than two blocks streams one block at a time.
+(tasks/pieces.py) still gives mixed batches. A budget under four blocks streams one block at a time.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_a_window_of_blocks_is_shuffled_together_so_a_sorted_share_gives_mixed_b
     source = Blocks(1000, 50)  # 800 bytes a block
     share = stream.streamed(source, 0, 1000, hold_bytes=15_999)
     assert share is not None and share.window == 4  # blocks that fit in a quarter of the budget
-    assert stream.streamed(source, 0, 1000, hold_bytes=3_000).window == 1  # under two blocks: one at a time
+    assert stream.streamed(source, 0, 1000, hold_bytes=3_000).window == 1  # a quarter of it under one block: one at a time
     mixed = one_epoch(source, 0, 1000, 1000, 32, seed=2, window=share.window)
     single = one_epoch(Blocks(1000, 50), 0, 1000, 1000, 32, seed=2)
     assert len(mixed) == math.ceil(1000 / 32) and all(len(s) == 32 for s in mixed[:-1])
