@@ -342,38 +342,37 @@ class SplitRows:
     def __len__(self) -> int:
         return int(sum(self.counts))
 
+    def _overlaps(self, a: int, b: int) -> Iterator[tuple[int, int]]:
+        """(piece index, the split's index of that piece's first row of this split) of each piece that holds
+        some of the split's rows [a, b) (none for an empty range)."""
+        if a >= b:
+            return
+        first = 0
+        for i, n in enumerate(self.counts):
+            if first >= b:
+                return
+            if first + n > a:
+                yield i, first
+            first += n
+
     def ranges(self, a: int, b: int) -> list[tuple[int, int]]:
         """[a, b) cut where one piece's rows of this split end: each part is read from one piece, once."""
-        out, first = [], 0
-        for n in self.counts:
-            lo, hi = max(a, first), min(b, first + n)
-            if lo < hi:
-                out.append((lo, hi))
-            first += n
-            if first >= b:
-                break
-        return out
+        return [(max(a, first), min(b, first + self.counts[i])) for i, first in self._overlaps(a, b)]
 
     def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Standardized float32 features and int64 class indices of the split's rows [a, b)."""
         x = np.empty((b - a, self.num_features), np.float32)
         y = np.full(b - a, -1, np.int64)
         code = SPLIT_CODES[self.split]
-        first = 0  # the split's index of the piece's first row of this split
-        for piece, n, digest in zip(self.pieces, self.counts, self.digests, strict=True):
-            if first < b and first + n > a:
-                at = first
-                for codes, xc, lab in _checked_chunks(self.reader, piece, digest, split=True, seed=self.seed,
-                                                      val=self.val, test=self.test):
-                    mask = codes == code
-                    k = int(mask.sum())
-                    lo, hi = max(a, at), min(b, at + k)
-                    if lo < hi:
-                        _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x[lo - a:hi - a])
-                        if lab is not None and self.classes is not None:
-                            y[lo - a:hi - a] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
-                    at += k
-            first += n
-            if first >= b:
-                break
+        for i, at in self._overlaps(a, b):
+            for codes, xc, lab in _checked_chunks(self.reader, self.pieces[i], self.digests[i], split=True,
+                                                  seed=self.seed, val=self.val, test=self.test):
+                mask = codes == code
+                k = int(mask.sum())
+                lo, hi = max(a, at), min(b, at + k)
+                if lo < hi:
+                    _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x[lo - a:hi - a])
+                    if lab is not None and self.classes is not None:
+                        y[lo - a:hi - a] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
+                at += k
         return x, y
