@@ -1,8 +1,10 @@
-"""The one train loop through Ray Train: losses x target formats, 1 vs 2 workers, early stopping, mixed
-precision, checkpoints, and a worker killed for real mid-training.
+"""The one train loop: losses x target formats, 1 vs 2 workers, early stopping, mixed precision,
+checkpoints, and a worker killed for real mid-training.
 
-Every fit here is a real `TorchTrainer` run on the session's Ray (or, for the kill test, a `kdflow run`
-with its own Ray), reading soft targets from a real store on digits.
+Single-worker fits run as a `kdflow run` runs them: on a warm Ray actor of the session's Ray (one for the
+module, `fit_on`), which runs the same `train_loop` as Ray Train. The 1-vs-2-workers test runs both as real
+`TorchTrainer` runs; the kill test is a `kdflow run` with its own Ray. All read soft targets from a real
+store on digits.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +26,7 @@ import torch
 import yaml
 
 from orchestrator import stages
+from orchestrator.search.pool import Slot
 from orchestrator.spec import Workflow
 from tasks.data import load_dataset
 from tasks.fit_config import LossConfig
@@ -51,7 +55,7 @@ def quick_teacher(x: np.ndarray, y: np.ndarray, hidden: int = 64, steps: int = 1
 
 
 @pytest.fixture(scope="module")
-def digits(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def digits(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """Digits soft targets in both formats (dense float16 logits, top-3), 3 train shards each."""
     data = load_dataset("sklearn:digits")
     teacher = quick_teacher(data.x["train"], data.y["train"])
@@ -65,17 +69,23 @@ def digits(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Simpl
         "topk": store.precompute("digits-top3", [teacher], splits, shards=3, format="topk", dtype="float16",
                                  top_k=3, ensemble="mean_probs", meta=meta)[0],
     }
-    return SimpleNamespace(storage=storage, manifests=manifests, data=data, fits={}, run_names={})
+    warm = Slot(0, label="test warm worker")
+    yield SimpleNamespace(storage=storage, manifests=manifests, data=data, fits={}, run_names={}, warm=warm)
+    warm.close()
 
 
-def train(digits: SimpleNamespace, fmt: str = "logits", **overrides: Any) -> FitResult:
-    """The student stage (`stages.train_student`) on the digits store; identical calls share one fit."""
-    key = json.dumps([fmt, overrides], sort_keys=True)
+def train(digits: SimpleNamespace, fmt: str = "logits", ray_train: bool = False, **overrides: Any) -> FitResult:
+    """The student stage (`stages.train_student`) on the digits store; identical calls share one fit.
+
+    A single-worker fit runs on the module's warm actor, as a `kdflow run`'s does; `ray_train` (or more
+    workers) makes it a Ray Train run."""
+    key = json.dumps([fmt, ray_train, overrides], sort_keys=True)
     if key not in digits.fits:
         spec = Workflow.model_validate(workflow(**{"train.epochs": 3, "student.params": {"hidden": [32]},
                                                    **overrides}))
         run = f"t{len(digits.fits)}-{time.time_ns() % 10**9}"
-        digits.fits[key] = stages.train_student(spec, digits.manifests[fmt], digits.storage, run_name=run)
+        digits.fits[key] = stages.train_student(spec, digits.manifests[fmt], digits.storage, run_name=run,
+                                                warm=None if ray_train else digits.warm)
         digits.run_names[id(digits.fits[key])] = run
     return digits.fits[key]
 
@@ -106,7 +116,7 @@ def test_every_loss_trains_with_both_target_formats(digits: SimpleNamespace, los
 
 
 def test_two_workers_reach_the_one_worker_accuracy_band(digits: SimpleNamespace) -> None:
-    runs = {w: train(digits, **{"train.workers": w, "train.epochs": 10, "train.checkpoint_every": 4})
+    runs = {w: train(digits, ray_train=True, **{"train.workers": w, "train.epochs": 10, "train.checkpoint_every": 4})
             for w in (1, 2)}
     assert runs[1].workers == 1 and runs[2].workers == 2
     acc = {w: accuracy_on_test(digits, r) for w, r in runs.items()}
