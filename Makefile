@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build (constraints.txt), so nothing pulls a multi-GB CUDA wheel
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt torch
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	# the empty MLflow store new stores are copied from (its migrations take seconds), in ~/.cache/kdflow
+	$(VENV)/bin/python -m orchestrator.tracking
 	touch $(STAMP)
 
 demo: $(STAMP)

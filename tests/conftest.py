@@ -23,6 +23,8 @@ BIN = Path(sys.executable).parent
 # MLflow and Ray leave temp files behind: keep them in one folder the session removes.
 _TMP = tempfile.mkdtemp(prefix="kdflow-tests-")
 os.environ.setdefault("TMPDIR", _TMP)
+# kdflow's per-user cache (the empty MLflow store every new store is copied from): one per session
+os.environ["KDFLOW_CACHE_DIR"] = os.path.join(_TMP, "kdflow-cache")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
