@@ -123,9 +123,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             result = run_workflow(spec, source=args.file)
         except (Exception, KeyboardInterrupt) as exc:
-            from tasks.errors import StageFailed
+            from tasks.errors import StageFailed, user_error_in
+            from tasks.pieces import SourceChanged
 
             stage = progress.failed_stage or "setup"
+            mistake = user_error_in(exc) if isinstance(exc, Exception) else None
+            if mistake is not None and mistake is not exc:  # raised on a worker: the same exit 2 as here
+                exc = mistake.under("data") if isinstance(mistake, SourceChanged) else mistake
             if isinstance(exc, StageFailed):
                 stage, message = exc.stage, str(exc).split(" failed: ", 1)[-1]
             elif isinstance(exc, UserError):
@@ -140,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.json:
                 emit(out, {"workflow": spec.name, "status": "failed", "stage": stage, "message": message}, True)
             if isinstance(exc, (UserError, KeyboardInterrupt)):
-                raise
+                raise exc from None
             raise RunFailed(f"stage {stage} failed: {message} (KDFLOW_DEBUG=1 shows the traceback; "
                             "the MLflow run has it as error.txt)") from None
         emit(out, result, args.json)

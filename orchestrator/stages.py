@@ -18,6 +18,7 @@ from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher
 from tasks.data import Dataset
 from tasks.errors import ShardFailed, StageFailed, UserError
+from tasks.pieces import SourceChanged
 from tasks.soft_targets import PrecomputeStats, SoftTargetStore, cache_key
 from tasks.storage import Storage
 from tasks.train import FitResult
@@ -91,6 +92,8 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
                       **data.extra.get("meta", {})})
         except ShardFailed as exc:
             raise StageFailed("soft targets", str(exc)) from None
+        except SourceChanged as exc:  # a shard task read a file that changed since the data stage
+            raise exc.under("data") from None
         if stats.reused:
             progress.info(f"  reusing {store.uri(key)} (no teacher forward)")
     return manifest, stats

@@ -339,7 +339,13 @@ class SoftTargetStore:
             storage, path, x_ref, y_ref, a, b, off = item[2]
             return (task, storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k, ensemble)
 
+        mistakes: list[UserError] = []  # the user's (a source changed under the run): exit 2, not a failed stage
+
         def failed(split: str, i: int, exc: BaseException) -> None:
+            cause = getattr(exc, "cause", exc)  # a Ray task's or actor call's own exception
+            if isinstance(cause, UserError):
+                mistakes.append(cause)
+                return
             entry = plan[split][i]
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
             failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
@@ -356,13 +362,16 @@ class SoftTargetStore:
 
         if runner is not None:  # one after another on a warm process: each shard tried 1 + max_retries times
             for item in todo:
+                out, error = None, None
                 for _ in range(max_retries + 1):
                     try:
                         out = runner(*args(item))
                         break
                     except Exception as exc:  # noqa: BLE001 - the teacher's error or a dead worker: retried
                         error = exc
-                else:
+                        if isinstance(getattr(exc, "cause", exc), UserError):  # the same again on a retry
+                            break
+                if out is None:
                     failed(item[0], item[1], error)
                     continue
                 done(item[0], item[1], out)
@@ -381,6 +390,8 @@ class SoftTargetStore:
                     failed(split, i, exc)
                     continue
                 done(split, i, out)
+        if mistakes:  # the other shards are written and kept, as for a failure
+            raise mistakes[0]
         if failures:
             raise ShardFailed(f"{len(failures)} of {total} soft-target shards failed after {max_retries} "
                               f"retries; the {total - len(failures)} others are written and stay under "

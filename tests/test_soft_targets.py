@@ -584,3 +584,44 @@ def test_leftover_shard_with_foreign_rows_is_recomputed_not_trusted(ray_session:
     assert stats.computed_shards == 4  # shard 2 was kept; shard 0 (foreign rows) and the rest were computed
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 
+
+
+def test_a_source_that_changes_under_the_shard_tasks_is_the_users_error_and_the_written_shards_stay(
+        ray_session: None, workdir: Path) -> None:
+    """A shard task (a Ray task, or a call on the run's warm actor) that finds a file changed since the data
+    stage raises the data stage's exit-2 error naming the source, not a failed stage; shards of rows that
+    did not change are written and kept for the rerun."""
+    import functools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.search.pool import Slot
+    from tasks.pieces import SourceChanged
+    from tests.test_pieces import FEATURES, SPLIT, source
+
+    src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
+    d = load_dataset(src, features=FEATURES, **SPLIT)
+    rows = d.precompute_rows(SPLIT["seed"])
+    t = pq.read_table(workdir / "part-1.parquet")  # after the data stage, one value in the last file changes
+    f0 = t.column("f0").to_numpy().copy()
+    f0[-1] += 1.0
+    pq.write_table(t.set_column(1, "f0", pa.array(f0)), workdir / "part-1.parquet", row_group_size=37)
+    store = SoftTargetStore(Storage(".kdflow"))
+    args: dict[str, Any] = {"shards": 3, "format": "logits", "dtype": "float32", "top_k": None,
+                            "ensemble": "mean_probs", "meta": {}, "max_retries": 1}
+    teacher = torch.nn.Linear(3, 3)
+    warm = Slot(0, label="test warm worker")
+    try:
+        for key, runner in (("tasks", None), ("warm", functools.partial(warm.shard, threads=1))):
+            with pytest.raises(SourceChanged) as err:
+                store.precompute(key, [teacher], rows, runner=runner, **args)
+            assert err.value.where == "source" and "part-1.parquet" in str(err.value), key
+            assert err.value.under("data").where == "data.source"
+            # train shard 0 reads only the first file: written, and kept (no manifest: the entry is not whole)
+            entry = workdir / ".kdflow" / "soft_targets" / key
+            assert (entry / "train" / "part-00000-of-00003.parquet").is_file(), key
+            assert not (entry / "train" / "part-00002-of-00003.parquet").exists(), key
+            assert not (entry / "manifest.json").exists(), key
+    finally:
+        warm.close()
