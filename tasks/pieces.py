@@ -106,6 +106,16 @@ class SourceChanged(UserError):
         super().__init__(f"{piece.name or 'the data'} (row group {piece.row_group}) changed while this run read it",
                          where=where)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its message (a Ray task's error crosses to the driver pickled; `__init__` takes a piece)."""
+        return _source_changed, (self.message, self.where)
+
+
+def _source_changed(message: str, where: str | None) -> SourceChanged:
+    exc = SourceChanged.__new__(SourceChanged)
+    UserError.__init__(exc, message, where=where)
+    return exc
+
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
     z = z + np.uint64(0x9E3779B97F4A7C15)

@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +39,7 @@ from tasks.errors import ShardFailed, UserError
 from tasks.kinds import TaskKind
 from tasks.kinds.classification import Classification, teacher_logits
 from tasks.layout import SOFT_TARGETS
-from tasks.pieces import SplitRows
+from tasks.pieces import SourceChanged, SplitRows
 from tasks.shards import TargetBatch, decode_rows, encode_rows, shard_schema_problem
 from tasks.storage import Storage, sha256_bytes
 from tasks.target_formats import FORMATS, TORCH_DTYPES
@@ -62,6 +62,11 @@ def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dt
                           "format": format, "dtype": dtype, "top_k": top_k if format == "topk" else None,
                           "ensemble": ensemble if len(teacher_digests) > 1 else None}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+# val and test are cut into shards of about this many rows (at most `shards`): the unit a streamed evaluation
+# holds at once (orchestrator/evaluation.py)
+SPLIT_SHARD_ROWS = 50_000
 
 
 def shard_ranges(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -222,6 +227,13 @@ class SoftTargetStore:
             raise UserError(f"no rows in [{start}, {stop}) of split {split}", where=self.uri(manifest["key"]))
         return TargetBatch.concat(parts)
 
+    def batches(self, manifest: dict[str, Any], split: str, verify: bool = True) -> Iterator[TargetBatch]:
+        """A split's rows one shard at a time, in row order (checked as `read` checks them): a reader that
+        reduces over the split (the test metrics) holds one shard, not the split."""
+        for shard in manifest["splits"][split]["shards"]:
+            if shard["row_stop"] > shard["row_start"]:
+                yield self.read(manifest, split, shard["row_start"], shard["row_stop"], verify=verify)
+
     def _reusable_shard(self, path: str, entry: dict[str, Any], format: str, dtype: str) -> bytes | None:
         """The bytes of a shard a killed run left behind, if they hold exactly this entry's rows."""
         data = self.storage.read_bytes(path)
@@ -299,7 +311,7 @@ class SoftTargetStore:
         offset = 0
         for split in SPLITS:
             x, y = splits[split]
-            n_shards = shards if split == "train" else max(1, min(shards, int(np.ceil(len(y) / 50_000))))
+            n_shards = shards if split == "train" else max(1, min(shards, int(np.ceil(len(y) / SPLIT_SHARD_ROWS))))
             ranges = shard_ranges(len(y), n_shards) if len(y) else []
             plan[split] = []
             # a split readable from the source by row range goes to each task as it is (small)
@@ -334,12 +346,16 @@ class SoftTargetStore:
         total = sum(len(v) for v in plan.values())
         teachers_ref = ray.put(teachers)
         computed, forward_rows, failures = 0, 0, []
+        changed: list[SourceChanged] = []
 
         def args(item: tuple[str, int, tuple[Any, ...]]) -> tuple[Any, ...]:
             storage, path, x_ref, y_ref, a, b, off = item[2]
             return (task, storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k, ensemble)
 
         def failed(split: str, i: int, exc: BaseException) -> None:
+            cause = exc if isinstance(exc, SourceChanged) else getattr(exc, "cause", None)
+            if isinstance(cause, SourceChanged):  # the source, not the work: the user's to fix (exit 2)
+                changed.append(cause)
             entry = plan[split][i]
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
             failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
@@ -381,6 +397,8 @@ class SoftTargetStore:
                     failed(split, i, exc)
                     continue
                 done(split, i, out)
+        if changed:  # the shards already written stay; a rerun reads the source as it is now (a new key)
+            raise changed[0]
         if failures:
             raise ShardFailed(f"{len(failures)} of {total} soft-target shards failed after {max_retries} "
                               f"retries; the {total - len(failures)} others are written and stay under "
