@@ -308,11 +308,41 @@ def test_a_run_whose_workers_read_the_source_never_fills_the_drivers_arrays_and_
     assert fills and loaded[-1].filled  # the arrays path is really the other path
 
     def shards(root: str, result: dict) -> list[list[str]]:
-        m = SoftTargetStore(Storage(root)).manifest(result["soft_targets"]["key"])
+        m = SoftTargetStore(Storage(root)).manifest(result["soft_targets"]["cache_key"])
         return [[e["sha256"] for e in m["splits"][s]["shards"]] for s in SPLITS]
 
-    assert read["soft_targets"]["key"] == arrays["soft_targets"]["key"]
+    assert read["soft_targets"]["cache_key"] == arrays["soft_targets"]["cache_key"]
     assert shards("store-read", read) == shards("store-arrays", arrays)
     for k in ("test_accuracy", "teacher_agreement", "num_params"):
         assert read["student"][k] == arrays["student"][k], k
     assert read["teacher"]["test_accuracy"] == arrays["teacher"]["test_accuracy"]
+
+
+def test_a_source_changed_after_the_data_stage_is_still_the_users_error_naming_the_source(
+        ray_session: None, workdir: Path) -> None:
+    """With no fill in the data stage, a file changed after the reduction is found by whoever reads it next: the
+    shard tasks (a `SourceChanged`, exit 2, not a failed shard) or a late fill of the arrays (named under the
+    workflow's section)."""
+    import torch
+
+    from tasks.soft_targets import SoftTargetStore
+    from tasks.storage import Storage
+
+    src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
+    d = load_dataset(src, features=FEATURES, **SPLIT)
+    assert not d.filled
+    t = pq.read_table(workdir / "part-1.parquet")
+    f0 = t.column("f0").to_numpy().copy()
+    f0[10] += 1.0
+    pq.write_table(t.set_column(1, "f0", pa.array(f0)), workdir / "part-1.parquet", row_group_size=37)
+    torch.manual_seed(0)
+    with pytest.raises(SourceChanged) as err:
+        SoftTargetStore(Storage(".kdflow")).precompute(
+            "changed", [torch.nn.Linear(3, 3)], d.precompute_rows(SPLIT["seed"]), shards=3, format="logits",
+            dtype="float32", top_k=None, ensemble="mean_probs", max_retries=0, meta={})
+    assert err.value.where == "source" and "part-1.parquet (row group 0) changed while this run read it" in str(err.value)
+    d.where = "data"
+    with pytest.raises(UserError) as late:
+        d.x  # noqa: B018 - the late fill
+    assert late.value.where == "data.source" and "changed while this run read it" in str(late.value)
+    assert not d.filled
