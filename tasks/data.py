@@ -350,8 +350,10 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
                  val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
                  limit: int | None = None, storage: Storage | None = None, threads: int | None = None) -> Dataset:
     """Load, split (a hash of seed and row id, tasks/pieces.py) and standardize a dataset, piece by piece:
-    a reduction pass (counts, train mean/std, classes, digests), then each split read into arrays of its
-    counted size."""
+    a reduction pass (counts, train mean/std, classes, digests). The split arrays are read (`Fill`) the first
+    time `Dataset.x`/`.y` is asked for: at once for a built-in, whose rows are in memory anyway; for a Parquet
+    source only if a stage needs them (transfer rows, a cluster whose workers cannot open the source), so a
+    run whose workers read the pieces (`Dataset.source_rows`) holds metadata only."""
     src = _sources(source, features, label, transfer, storage)
     pieces = _limit(src.pieces, limit)
     red = scan(src.reader, pieces, seed=seed, val=val, test=test, threads=threads)
