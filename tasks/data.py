@@ -357,6 +357,7 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     src = _sources(source, features, label, transfer, storage)
     pieces = _limit(src.pieces, limit)
     red = scan(src.reader, pieces, seed=seed, val=val, test=test, threads=threads)
+    _release_arrow_pool()
     if not all(s.finite for s in red.per_piece):
         raise UserError("features contain NaN or infinity", where="features")
     classes = [] if red.classes is None else red.classes.tolist()
@@ -399,6 +400,14 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     if not rows:  # a built-in: its rows are in memory already, and every consumer takes its arrays
         data.x  # noqa: B018 - fills them now, where a reading mistake belongs to the data stage
     return data
+
+
+def _release_arrow_pool() -> None:
+    """Give back what pyarrow's pool kept from the last decoded row group (about its size): the reduction is
+    done with it, and otherwise it stays under every later stage's peak in the driver."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _hash_pieces(h: Any, pieces: list[Piece], digests: list[str]) -> None:
