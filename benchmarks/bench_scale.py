@@ -14,7 +14,8 @@ Measured, from the operating system, not from kdflow:
   - stage seconds from the run's result JSON, bytes per row from its soft-target manifest.
 
 Run from the repository root: ``python benchmarks/bench_scale.py [--rows 200000 2000000 ...]``; with
-``--data-only``, only the data stage (`load_dataset` in a fresh process, its VmHWM read just before it exits)
+``--data-only``, only the data stage (`load_dataset` in a fresh process, its VmHWM read just before it exits:
+for a Parquet source the reduction pass alone, since the split arrays are filled only when a stage asks)
 (a markdown table on stdout, progress on stderr; 20M rows needs about 20 GB free for today's path).
 """
 
@@ -148,7 +149,7 @@ d = load_dataset(sys.argv[1], label="label", val=0.05, test=0.05)
 seconds = time.perf_counter() - t0
 hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
            if line.startswith("VmHWM:"))
-print(hwm * 1024, seconds, sum(d.rows(k) for k in d.y))
+print(hwm * 1024, seconds, sum(d.counts.values()))
 """
 
 

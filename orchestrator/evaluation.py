@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.errors import UserError
 from tasks.kinds import TaskKind
 from tasks.models import model_bytes, num_params
 from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
-from tasks.train import evaluate
 
 
 def latency_ms(model: nn.Module, num_features: int, repeats: int = 200) -> float:
@@ -38,15 +38,35 @@ def latency_ms(model: nn.Module, num_features: int, repeats: int = 200) -> float
     return float(np.median(times) * 1000)
 
 
+def stream_metrics(task: TaskKind, model: nn.Module, manifest: dict[str, Any], storage: Storage,
+                   split: str = "test") -> dict[str, float]:
+    """The task kind's metrics over a split, read one shard at a time: its counts are additive
+    (`TaskKind.eval_counts`), so the driver holds one shard and the running sums, never the split."""
+    dims, cpu = task.dims(manifest), torch.device("cpu")
+    counts: torch.Tensor | None = None
+    with_teacher = False
+    for batch in SoftTargetStore(storage).batches(manifest, split):
+        c = task.eval_counts(model, batch, dims, cpu)
+        counts = c if counts is None else counts + c
+        with_teacher = with_teacher or bool(batch.targets)
+    if counts is None:
+        raise UserError(f"no rows in split {split}", where=SoftTargetStore(storage).uri(manifest["key"]))
+    return task.metrics(counts, with_teacher)
+
+
 def evaluate_test(task: TaskKind, model: nn.Module, manifest: dict[str, Any], storage: Storage) -> dict[str, Any]:
-    test = SoftTargetStore(storage).read(manifest, "test")
-    m = evaluate(task, model, test, task.dims(manifest), torch.device("cpu"))
+    m = stream_metrics(task, model, manifest, storage)
     return {"test_accuracy": m["accuracy"], "teacher_agreement": m["agreement"], "num_params": num_params(model),
             "model_bytes": model_bytes(model), "latency_ms": latency_ms(model, manifest["num_features"])}
 
 
 def teacher_test_accuracy(task: TaskKind, manifest: dict[str, Any], storage: Storage) -> float:
-    """From the stored test-split logits: no teacher forward needed, on reruns too."""
-    test = SoftTargetStore(storage).read(manifest, "test")
-    pred = task.decode_targets(test.targets, task.dims(manifest)).argmax(-1)
-    return float((pred == test.y).float().mean())
+    """From the stored test-split logits, shard by shard (correct predictions and positions summed): no
+    teacher forward needed, on reruns too."""
+    dims = task.dims(manifest)
+    correct = total = 0
+    for test in SoftTargetStore(storage).batches(manifest, "test"):
+        pred = task.decode_targets(test.targets, dims).argmax(-1)
+        correct += int((pred == test.y).sum())
+        total += test.y.numel()
+    return correct / total if total else 0.0

@@ -22,12 +22,11 @@ from torch import nn
 
 from orchestrator import progress
 from orchestrator.configs import task_for
+from orchestrator.evaluation import stream_metrics
 from orchestrator.quiet import no_mlflow_eprint
 from orchestrator.spec import GATE_METRICS, Gate, Workflow
 from tasks.errors import UserError
-from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
-from tasks.train import evaluate
 
 PIP_REQUIREMENTS = ["torch", "numpy", "pandas", "safetensors", "kdflow"]
 CHALLENGER = "challenger"
@@ -138,9 +137,8 @@ def _champion_accuracy(spec: Workflow, client: Any, name: str, alias: str, manif
     model = task.from_serving(served, manifest)  # ... made to take the stored (standardized) test rows
     if model is None:
         return int(holder.version), None
-    test = SoftTargetStore(storage).read(manifest, "test")
-    try:
-        acc = evaluate(task, model, test, task.dims(manifest), torch.device("cpu"))["accuracy"]
+    try:  # shard by shard, as the student's own test metrics
+        acc = stream_metrics(task, model, manifest, storage)["accuracy"]
     except RuntimeError:  # a champion for another feature layout cannot be compared on this split
         return int(holder.version), None
     return int(holder.version), acc

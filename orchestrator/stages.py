@@ -33,12 +33,13 @@ def load_data(spec: Workflow, storage: Storage) -> Dataset:
             data = task_for(spec).load_data(d.model_dump(mode="json"), seed=spec.seed, storage=storage)
         except UserError as exc:
             raise exc.under("data") from None
+        data.where = "data"  # a split read later (only where a stage needs the arrays) names data.source too
         meta = data.extra.get("meta", {})
         shape = (f"{meta['seq_len']} tokens per row, vocabulary {meta['vocab_size']} (tokenizer "
                  f"{meta['tokenizer_hash']})" if "seq_len" in meta
                  else f"{data.num_features} features, {data.num_classes} classes")
         progress.info(f"  {shape}, rows: "
-                      + ", ".join(f"{k} {data.rows(k)}" for k in data.y) + f", fingerprint {data.fingerprint[:12]}")
+                      + ", ".join(f"{k} {n}" for k, n in data.counts.items()) + f", fingerprint {data.fingerprint[:12]}")
     st = spec.soft_targets
     if st.format == "topk" and st.top_k and st.top_k > data.num_classes:  # before any teacher work
         raise UserError(f"top_k {st.top_k} is larger than the {data.num_classes} classes (vocabulary) it selects from",
@@ -86,13 +87,12 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
                 top_k=st.top_k, ensemble=st.ensemble, max_retries=st.max_retries, on_shard=tick, runner=runner,
                 meta={"num_classes": data.num_classes, "num_features": data.num_features,
                       "data_fingerprint": data.fingerprint, "mean": data.mean.tolist(), "std": data.std.tolist(),
-                      "transfer_rows": data.rows("transfer")
-                      if "transfer" in data.y else 0,
+                      "transfer_rows": data.counts.get("transfer", 0),
                       "teachers": [{"origin": t.origin, "digest": t.digest} for t in teachers],
                       **data.extra.get("meta", {})})
         except ShardFailed as exc:
             raise StageFailed("soft targets", str(exc)) from None
-        except SourceChanged as exc:  # a shard task read a file that changed since the data stage
+        except SourceChanged as exc:  # a shard task read a piece that is not what the data stage reduced
             raise exc.under("data") from None
         if stats.reused:
             progress.info(f"  reusing {store.uri(key)} (no teacher forward)")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import UserError
-from tasks.pieces import SPLIT_CODES, SPLIT_RULE, Piece, Reader, SplitRows, fill, scan
+from tasks.pieces import SPLIT_CODES, SPLIT_RULE, Piece, Reader, Reduced, SplitRows, fill, scan
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 BUILTINS = ("sklearn:digits", "mnist1d")
@@ -29,14 +29,45 @@ PREPROCESSING = "standardize-v1"
 
 
 @dataclass
+class Fill:
+    """How to read the standardized split arrays from the source's pieces once someone asks for them
+    (`Dataset.x`/`Dataset.y`): picklable and small (readers, pieces, the reductions), so a Dataset whose
+    consumers read the source themselves never holds its rows (docs/streaming.md)."""
+
+    reader: Reader
+    pieces: list[Piece]
+    reduced: Reduced
+    transfer: tuple[Reader, list[Piece], Reduced] | None
+    mean: np.ndarray
+    std: np.ndarray
+    seed: int
+    val: float
+    test: float
+    threads: int | None
+
+    def __call__(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Each split read again into arrays of its counted size; a piece whose digest is not the reduction's
+        raises `SourceChanged`."""
+        kw: dict[str, Any] = {"mean": self.mean, "std": self.std, "seed": self.seed, "val": self.val,
+                              "test": self.test, "threads": self.threads}
+        xs, ys = fill(self.reader, self.pieces, self.reduced, **kw)
+        if self.transfer is not None:
+            t_reader, t_pieces, t_red = self.transfer
+            tx, _ = fill(t_reader, t_pieces, t_red, split=False, **kw)
+            xs["transfer"], ys["transfer"] = tx["train"], np.full(t_red.counts["train"], -1, np.int64)
+        return xs, ys
+
+
+@dataclass
 class Dataset:
-    x: dict[str, np.ndarray]  # split -> float32 [N, F] (standardized)
-    y: dict[str, np.ndarray]  # split -> int64 [N]; -1 marks unlabeled transfer rows
     num_classes: int
     mean: np.ndarray
     std: np.ndarray
     fingerprint: str  # every row the soft targets hold, transfer rows included
     labeled_fingerprint: str  # train, val and test only: what a teacher trained here depends on
+    # split -> its rows (the reduction's counts; "transfer" only when there are transfer rows): sizes come
+    # from here, never from the arrays, so asking a size reads nothing
+    counts: dict[str, int] = field(default_factory=dict)
     classes: list[Any] = field(default_factory=list)
     feature_names: list[str] = field(default_factory=list)  # the user's column names (registered model's input)
     # what another task kind carries beside the rows (causal_lm: the tokenizer, and "meta" for the manifest)
@@ -44,20 +75,52 @@ class Dataset:
     # split -> its rows readable by row range from a Parquet source's pieces (empty for a built-in): the
     # same rows as x/y, for a reader that should not get them from the driver (soft-target shard tasks)
     source_rows: dict[str, SplitRows] = field(default_factory=dict)
+    # the split arrays (x: split -> float32 [N, F] standardized; y: split -> int64 [N], -1 unlabeled
+    # transfer rows), given, or read by `filler` the first time `x` or `y` is asked for
+    arrays: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+    filler: Fill | None = None
+    # the workflow section a late fill's error is named under (orchestrator: "data" -> "data.source")
+    where: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.counts and self.arrays is not None:
+            self.counts = {k: int(v.shape[0]) for k, v in self.arrays[1].items()}
+
+    @property
+    def filled(self) -> bool:
+        """Whether the split arrays are held (a Parquet source whose workers read it never fills them)."""
+        return self.arrays is not None
+
+    def _arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        if self.arrays is None:
+            assert self.filler is not None, "a Dataset needs its arrays or a filler"
+            try:
+                self.arrays = self.filler()
+            except UserError as exc:  # a file changed since the reduction: SourceChanged, still exit 2
+                raise (exc.under(self.where) if self.where else exc) from None
+        return self.arrays
+
+    @property
+    def x(self) -> dict[str, np.ndarray]:
+        return self._arrays()[0]
+
+    @property
+    def y(self) -> dict[str, np.ndarray]:
+        return self._arrays()[1]
 
     @property
     def num_features(self) -> int:
         return int(self.mean.shape[0])
 
     def rows(self, split: str) -> int:
-        return int(self.y[split].shape[0])
+        return int(self.counts[split])
 
     def precompute_rows(self, seed: int, from_source: bool = True) -> dict[str, tuple[Any, Any]]:
         """Each split's (features, labels) for the soft-target precompute: `SplitRows` that its shard tasks
         read from a Parquet source's pieces, when there are no transfer rows to interleave into train and
         `from_source` (the workers can open the source: `orchestrator.configs.workers_read_source`); else the
-        arrays here (which the precompute puts into Ray's object store)."""
-        if from_source and self.source_rows and "transfer" not in self.x:
+        arrays here (which the precompute puts into Ray's object store), filled now if they were not."""
+        if from_source and self.source_rows and "transfer" not in self.counts:
             return {k: (r, r) for k, r in self.source_rows.items()}
         return {"train": self.distillation_rows(seed), "val": (self.x["val"], self.y["val"]),
                 "test": (self.x["test"], self.y["test"])}
@@ -67,7 +130,7 @@ class Dataset:
         by a seeded permutation, so that every data-parallel worker's contiguous share holds both kinds
         (appended, the last worker would get nearly all the unlabeled rows)."""
         x, y = self.x["train"], self.y["train"]
-        if "transfer" not in self.x:
+        if "transfer" not in self.counts:
             return x, y
         order = np.random.default_rng(seed).permutation(len(y) + self.rows("transfer"))
         return np.concatenate([x, self.x["transfer"]])[order], np.concatenate([y, self.y["transfer"]])[order]
@@ -287,11 +350,14 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
                  val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
                  limit: int | None = None, storage: Storage | None = None, threads: int | None = None) -> Dataset:
     """Load, split (a hash of seed and row id, tasks/pieces.py) and standardize a dataset, piece by piece:
-    a reduction pass (counts, train mean/std, classes, digests), then each split read into arrays of its
-    counted size."""
+    a reduction pass (counts, train mean/std, classes, digests). The split arrays are read (`Fill`) the first
+    time `Dataset.x`/`.y` is asked for: at once for a built-in, whose rows are in memory anyway; for a Parquet
+    source only if a stage needs them (transfer rows, a cluster whose workers cannot open the source), so a
+    run whose workers read the pieces (`Dataset.source_rows`) holds metadata only."""
     src = _sources(source, features, label, transfer, storage)
     pieces = _limit(src.pieces, limit)
     red = scan(src.reader, pieces, seed=seed, val=val, test=test, threads=threads)
+    _release_arrow_pool()
     if not all(s.finite for s in red.per_piece):
         raise UserError("features contain NaN or infinity", where="features")
     classes = [] if red.classes is None else red.classes.tolist()
@@ -303,12 +369,13 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     std64 = np.sqrt(red.var)
     mean = red.mean.astype(np.float32)
     std = np.where(std64 < 1e-6, 1.0, std64).astype(np.float32)
-    xs, ys = fill(src.reader, pieces, red, mean=mean, std=std, seed=seed, val=val, test=test, threads=threads)
 
     h = hashlib.sha256()
     h.update(f"{PREPROCESSING}|{SPLIT_RULE}|seed={seed}|val={val}|test={test}|features={src.names}|".encode())
     _hash_pieces(h, pieces, red.digests)
     labeled = h.hexdigest()
+    counts = dict(red.counts)
+    transfer = None
     if src.transfer is not None:
         t_reader, t_pieces = src.transfer
         t_red = scan(t_reader, t_pieces, seed=seed, val=val, test=test, split=False, threads=threads)
@@ -318,17 +385,29 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
         if not all(s.finite for s in t_red.per_piece):
             raise UserError("transfer features contain NaN or infinity", where="transfer")
         if t_red.counts["train"]:
-            tx, _ = fill(t_reader, t_pieces, t_red, mean=mean, std=std, seed=seed, val=val, test=test, split=False,
-                         threads=threads)
-            xs["transfer"], ys["transfer"] = tx["train"], np.full(t_red.counts["train"], -1, np.int64)
+            transfer = (t_reader, t_pieces, t_red)
+            counts["transfer"] = t_red.counts["train"]
             h.update(b"transfer")
             _hash_pieces(h, t_pieces, t_red.digests)
     names = src.names or _builtin_feature_names(source, red.num_features)
     rows = {} if src.reader.arrays is not None else {
         k: SplitRows(src.reader, k, pieces, [s.counts[k] for s in red.per_piece], red.digests, mean, std,
                      red.classes, red.num_features, seed, val, test) for k in SPLIT_CODES}
-    return Dataset(x=xs, y=ys, num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
-                   labeled_fingerprint=labeled, classes=classes, feature_names=names, source_rows=rows)
+    filler = Fill(src.reader, pieces, red, transfer, mean, std, seed, val, test, threads)
+    data = Dataset(num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
+                   labeled_fingerprint=labeled, counts=counts, classes=classes, feature_names=names,
+                   source_rows=rows, filler=filler)
+    if not rows:  # a built-in: its rows are in memory already, and every consumer takes its arrays
+        data.x  # noqa: B018 - fills them now, where a reading mistake belongs to the data stage
+    return data
+
+
+def _release_arrow_pool() -> None:
+    """Give back what pyarrow's pool kept from the last decoded row group (about its size): the reduction is
+    done with it, and otherwise it stays under every later stage's peak in the driver."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _hash_pieces(h: Any, pieces: list[Piece], digests: list[str]) -> None:

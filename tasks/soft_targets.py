@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +62,11 @@ def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dt
                           "format": format, "dtype": dtype, "top_k": top_k if format == "topk" else None,
                           "ensemble": ensemble if len(teacher_digests) > 1 else None}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+# val and test are cut into shards of about this many rows (at most `shards`): the unit a streamed evaluation
+# holds at once (orchestrator/evaluation.py)
+SPLIT_SHARD_ROWS = 50_000
 
 
 def shard_ranges(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -222,6 +227,13 @@ class SoftTargetStore:
             raise UserError(f"no rows in [{start}, {stop}) of split {split}", where=self.uri(manifest["key"]))
         return TargetBatch.concat(parts)
 
+    def batches(self, manifest: dict[str, Any], split: str, verify: bool = True) -> Iterator[TargetBatch]:
+        """A split's rows one shard at a time, in row order (checked as `read` checks them): a reader that
+        reduces over the split (the test metrics) holds one shard, not the split."""
+        for shard in manifest["splits"][split]["shards"]:
+            if shard["row_stop"] > shard["row_start"]:
+                yield self.read(manifest, split, shard["row_start"], shard["row_stop"], verify=verify)
+
     def _reusable_shard(self, path: str, entry: dict[str, Any], format: str, dtype: str) -> bytes | None:
         """The bytes of a shard a killed run left behind, if they hold exactly this entry's rows."""
         data = self.storage.read_bytes(path)
@@ -299,7 +311,7 @@ class SoftTargetStore:
         offset = 0
         for split in SPLITS:
             x, y = splits[split]
-            n_shards = shards if split == "train" else max(1, min(shards, int(np.ceil(len(y) / 50_000))))
+            n_shards = shards if split == "train" else max(1, min(shards, int(np.ceil(len(y) / SPLIT_SHARD_ROWS))))
             ranges = shard_ranges(len(y), n_shards) if len(y) else []
             plan[split] = []
             # a split readable from the source by row range goes to each task as it is (small)

@@ -1,10 +1,15 @@
-"""orchestrator/evaluation.py: test-split metrics and the latency probe, which must leave the driver as it was."""
+"""orchestrator/evaluation.py: test-split metrics (streamed shard by shard, equal to the whole split's) and the
+latency probe, which must leave the driver as it was."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
 
-from orchestrator.evaluation import latency_ms
+from orchestrator.evaluation import evaluate_test, latency_ms, teacher_test_accuracy
 from tasks.models import build_model
 
 
@@ -17,3 +22,50 @@ def test_latency_probe_restores_the_thread_count() -> None:
         assert torch.get_num_threads() == 2  # the probe runs on one thread, then puts the count back
     finally:
         torch.set_num_threads(before)
+
+
+def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_a_time(
+        ray_session: None, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks import soft_targets
+    from tasks.data import load_dataset
+    from tasks.kinds import task_kind
+    from tasks.soft_targets import SPLITS, SoftTargetStore
+    from tasks.storage import Storage
+    from tasks.train import evaluate
+    from tests.test_train import quick_teacher
+
+    monkeypatch.setattr(soft_targets, "SPLIT_SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards
+    data = load_dataset("sklearn:digits")
+    task = task_kind("classification")
+    storage = Storage(".kdflow")
+    store = SoftTargetStore(storage)
+    manifest, _ = store.precompute(
+        "digits-eval", [quick_teacher(data.x["train"], data.y["train"])], {s: (data.x[s], data.y[s]) for s in SPLITS},
+        shards=5, format="topk", dtype="float16", top_k=3, ensemble="mean_probs", meta={"num_classes": 10,
+                                                                                          "num_features": 64})
+    torch.manual_seed(1)
+    student = build_model("mlp", {"hidden": [8]}, 64, 10).eval()  # untrained: agreement and accuracy far from 1
+    dims = task.dims(manifest)
+
+    # the whole-split path of before: every test row in memory at once
+    whole = store.read(manifest, "test")
+    want = evaluate(task, student, whole, dims, torch.device("cpu"))
+    want_teacher = float((task.decode_targets(whole.targets, dims).argmax(-1) == whole.y).float().mean())
+
+    reads: list[tuple[int, int]] = []
+    real_read = SoftTargetStore.read
+
+    def recording(self: SoftTargetStore, m: dict, split: str, start: int = 0, stop: int | None = None,
+                  verify: bool = True) -> Any:
+        batch = real_read(self, m, split, start, stop, verify)
+        reads.append((start, start + len(batch)))
+        return batch
+
+    monkeypatch.setattr(SoftTargetStore, "read", recording)
+    got = evaluate_test(task, student, manifest, storage)
+    teacher = teacher_test_accuracy(task, manifest, storage)
+    shards = [(s["row_start"], s["row_stop"]) for s in manifest["splits"]["test"]["shards"]]
+    assert len(shards) == 5 and reads == shards + shards  # two passes, one shard read at a time, each once
+    assert got["test_accuracy"] == want["accuracy"] and got["teacher_agreement"] == want["agreement"]
+    assert 0.02 < got["test_accuracy"] < 0.9 and 0.02 < got["teacher_agreement"] < 0.9
+    assert teacher == pytest.approx(want_teacher, abs=1e-6) and teacher > 0.8

@@ -268,3 +268,81 @@ def test_a_rows_id_is_its_files_name_under_the_source_however_the_source_is_spel
     assert all(p == listed[0] for p in listed)  # absolute paths: a Ray task elsewhere opens the same files
     assert {p.name for p in listed[0]} == {"part-0.parquet", "part-1.parquet"}
     assert len({load_dataset(s, features=FEATURES, **SPLIT).fingerprint for s in spellings}) == 1
+
+
+def test_a_run_whose_workers_read_the_source_never_fills_the_drivers_arrays_and_ends_as_the_arrays_path(
+        ray_session: None, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole run in this process on a Parquet source: the driver's Dataset holds metadata only (`fill`, counted
+    where the Dataset calls it, never runs); the same run made to take the driver's arrays (as on a cluster of
+    several machines) fills them and writes the same soft targets and the same student."""
+    from orchestrator import configs, stages
+    from orchestrator.pipeline import run_workflow
+    from orchestrator.spec import Workflow
+    from tasks import data as data_module
+    from tasks.soft_targets import SPLITS, SoftTargetStore
+    from tasks.storage import Storage
+    from tests.helpers import workflow
+
+    src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
+    fills: list[int] = []
+    real_fill = data_module.fill
+    monkeypatch.setattr(data_module, "fill", lambda *a, **k: fills.append(1) or real_fill(*a, **k))
+    loaded: list[Dataset] = []
+    real_load = stages.load_data
+    monkeypatch.setattr(stages, "load_data", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
+
+    def run(root: str) -> dict:
+        spec = workflow(**{"storage.root": root, "data.source": src, "data.features": FEATURES,
+                           "data.label": "label", "data.split": {"val": SPLIT["val"], "test": SPLIT["test"]},
+                           "seed": SPLIT["seed"], "teacher.train.epochs": 3})
+        return run_workflow(Workflow.model_validate(spec))
+
+    read = run("store-read")
+    assert fills == [] and not loaded[-1].filled and loaded[-1].arrays is None
+    assert loaded[-1].rows("train") + loaded[-1].rows("val") + loaded[-1].rows("test") == 550
+
+    monkeypatch.setattr(configs, "workers_read_source", lambda data: False)
+    monkeypatch.setattr(stages, "workers_read_source", lambda data: False)
+    arrays = run("store-arrays")
+    assert fills and loaded[-1].filled  # the arrays path is really the other path
+
+    def shards(root: str, result: dict) -> list[list[str]]:
+        m = SoftTargetStore(Storage(root)).manifest(result["soft_targets"]["cache_key"])
+        return [[e["sha256"] for e in m["splits"][s]["shards"]] for s in SPLITS]
+
+    assert read["soft_targets"]["cache_key"] == arrays["soft_targets"]["cache_key"]
+    assert shards("store-read", read) == shards("store-arrays", arrays)
+    for k in ("test_accuracy", "teacher_agreement", "num_params"):
+        assert read["student"][k] == arrays["student"][k], k
+    assert read["teacher"]["test_accuracy"] == arrays["teacher"]["test_accuracy"]
+
+
+def test_a_source_changed_after_the_data_stage_is_still_the_users_error_naming_the_source(
+        ray_session: None, workdir: Path) -> None:
+    """With no fill in the data stage, a file changed after the reduction is found by whoever reads it next: the
+    shard tasks (a `SourceChanged`, exit 2, not a failed shard) or a late fill of the arrays (named under the
+    workflow's section)."""
+    import torch
+
+    from tasks.soft_targets import SoftTargetStore
+    from tasks.storage import Storage
+
+    src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
+    d = load_dataset(src, features=FEATURES, **SPLIT)
+    assert not d.filled
+    t = pq.read_table(workdir / "part-1.parquet")
+    f0 = t.column("f0").to_numpy().copy()
+    f0[10] += 1.0
+    pq.write_table(t.set_column(1, "f0", pa.array(f0)), workdir / "part-1.parquet", row_group_size=37)
+    torch.manual_seed(0)
+    with pytest.raises(SourceChanged) as err:
+        SoftTargetStore(Storage(".kdflow")).precompute(
+            "changed", [torch.nn.Linear(3, 3)], d.precompute_rows(SPLIT["seed"]), shards=3, format="logits",
+            dtype="float32", top_k=None, ensemble="mean_probs", max_retries=0, meta={})
+    assert err.value.where == "source" and "part-1.parquet (row group 0) changed while this run read it" in str(err.value)
+    d.where = "data"
+    with pytest.raises(UserError) as late:
+        d.x  # noqa: B018 - the late fill
+    assert late.value.where == "data.source" and "changed while this run read it" in str(late.value)
+    assert not d.filled

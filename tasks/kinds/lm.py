@@ -207,7 +207,7 @@ def lm_dataset(options: Mapping[str, Any], *, seed: int, storage: Storage | None
     from tasks.lm_data import load_lm_data
 
     d = load_lm_data(options, seed=seed, storage=storage)
-    return Dataset(x=d.x, y=d.y, num_classes=d.vocab_size, mean=np.zeros(d.seq_len, np.float32),
+    return Dataset(arrays=(d.x, d.y), num_classes=d.vocab_size, mean=np.zeros(d.seq_len, np.float32),
                    std=np.ones(d.seq_len, np.float32), fingerprint=d.fingerprint, labeled_fingerprint=d.fingerprint,
                    extra={"tokenizer": d.tokenizer, "documents": d.documents,
                           "meta": {"task": "causal_lm", "seq_len": d.seq_len, "vocab_size": d.vocab_size,
