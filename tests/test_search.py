@@ -576,7 +576,8 @@ def test_a_pruned_trial_releases_its_warm_worker_at_once(tmp_path: Path, store: 
         for _ in range(2):
             trial = study.ask()
             ray_get(monitor.begin.remote(trial.number, trial._trial_id, 2000))
-            cfg, storage = _student_config({"train.epochs": 2000}, teacher, store, PruneHook(monitor, trial.number))
+            hook = PruneHook(monitor, trial.number, trial._trial_id, 2000)
+            cfg, storage = _student_config({"train.epochs": 2000}, teacher, store, hook)
             result, retries = slot.fit(cfg, storage, f"prune-{uuid.uuid4().hex}")
             epochs = [h["epoch"] for h in result.history]
             assert result.stop_reason.value == "pruned" and 1 <= len(epochs) <= 3 and retries == 0

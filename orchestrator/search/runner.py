@@ -243,41 +243,39 @@ class Search:
             self.train_s += seconds
 
     def watch(self, trial: Any, last_epoch: int) -> PruneHook:
-        """The trial's epoch hook, begun on the search's monitor (a dead monitor replaced and opened anew from
-        the stored study, which holds every value reported so far)."""
-        import ray
-
+        """The trial's epoch hook on the search's monitor; nothing waited for (the trial's first report
+        begins it there). A monitor found dead (`ended`, `settle`) is replaced here and opened anew from
+        the stored study, which holds every value reported so far."""
         with self.monitor_lock:
-            for attempt in (1, 2):
-                try:
-                    if self.monitor is None:
-                        self.monitor, self.monitor_owned = start_monitor(), True
-                        self.open_monitor()
-                    ray.get(self.monitor.begin.remote(trial.number, self.trials.trial_id(trial), last_epoch))
-                    return PruneHook(self.monitor, trial.number)
-                except ray.exceptions.RayActorError:
-                    self.monitor = None
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+            if self.monitor is None:
+                self.monitor, self.monitor_owned = start_monitor(), True
+                self.open_monitor()
+            return PruneHook(self.monitor, trial.number, self.trials.trial_id(trial), last_epoch)
 
     def open_monitor(self) -> None:
-        """The monitor watches this study: its stored trials copied in (`study.TrialMonitor`)."""
-        import ray
-
+        """The monitor watches this study: its stored trials copied in (`study.TrialMonitor`). Not waited
+        for: the first trials start while the monitor's process may still be starting."""
         assert self.monitor is not None
         trials = self.study.get_trials(deepcopy=False) if self.prunes else []
-        ray.get(self.monitor.open.remote(self.url, self.name, [d for _, d in self.objectives], self.pruner,
-                                         self.objectives[0][0] if self.prunes else None, trials))
+        self.monitor.open.remote(self.url, self.name, [d for _, d in self.objectives], self.pruner,
+                                 self.objectives[0][0] if self.prunes else None, trials)
 
-    @staticmethod
-    def ended(hook: PruneHook | None) -> list[dict[str, float]]:
+    def monitor_died(self, hook_monitor: Any) -> None:
+        with self.monitor_lock:
+            if self.monitor is hook_monitor:
+                self.monitor = None
+
+    def ended(self, hook: PruneHook | None) -> list[dict[str, float]]:
         """The epochs the trial reported, once its values are stored (raises if they could not be)."""
         if hook is None:
             return []
         import ray
 
-        return list(ray.get(hook.monitor.end.remote(hook.number)))
+        try:
+            return list(ray.get(hook.monitor.end.remote(hook.number)))
+        except ray.exceptions.RayActorError:
+            self.monitor_died(hook.monitor)
+            raise
 
     @staticmethod
     def monitored(hook: PruneHook | None) -> list[dict[str, float]]:
@@ -304,7 +302,7 @@ class Search:
         try:
             ray.get(monitor.settle.remote(trial.number, trial.state.name, trial.values))
         except ray.exceptions.RayActorError:
-            pass
+            self.monitor_died(monitor)
 
     def on_trial_done(self, study: Any, trial: Any) -> None:
         """The live line: trial k/n, state, params, value, best so far."""
@@ -374,7 +372,8 @@ class Search:
             try:
                 self.run_trials(remaining, jobs)
             finally:
-                self.runs.flush()  # every trial's MLflow run written before the search ends
+                with span("mlflow flush"):
+                    self.runs.flush()  # every trial's MLflow run written before the search ends
         else:
             progress.info(f"  study {self.name} already has {self.search.trials} finished trials: none to run")
         wall_s = time.perf_counter() - t0
@@ -434,7 +433,8 @@ class Search:
             self.monitor = self.slots[0].monitor  # started with the run, idle until now
         else:
             self.monitor, self.monitor_owned = start_monitor(), True
-        self.open_monitor()
+        with span("monitor open"):
+            self.open_monitor()
 
         def run_slot(index: int) -> None:
             owned = index >= len(self.slots)  # a slot the caller started is the caller's to close
@@ -455,7 +455,8 @@ class Search:
                         errors.append(exc)
                         return
             finally:
-                info = slot.info()
+                with span("slot info"):
+                    info = slot.info()
                 if info is not None:
                     with lock:
                         self.slot_info.append({"slot": index, "pid": info["pid"], "replaced": info["replaced"],

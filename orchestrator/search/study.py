@@ -186,6 +186,10 @@ class TrialMonitor:
         self.writes: queue.Queue[Any] = queue.Queue()
         self.write_errors: dict[int, str] = {}
         self.stored: Any = None
+        self.url = ""
+        # the driver does not wait for `open` (nor for this process to start): every other call waits here
+        self.opened = threading.Event()
+        self.open_error: str | None = None
         threading.Thread(target=self._writer, name="kdflow-study-writer", daemon=True).start()
 
     def open(self, url: str, name: str, directions: list[str], pruner: Any, metric: str | None,
@@ -195,11 +199,25 @@ class TrialMonitor:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.opened.clear()
+        try:
+            self._open(url, name, directions, pruner, metric, trials)
+        except Exception as exc:  # kept: every call that waits for `open` raises it
+            self.open_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.opened.set()
+
+    def _open(self, url: str, name: str, directions: list[str], pruner: Any, metric: str | None,
+              trials: list[Any]) -> None:
+        import optuna
+
         with self.lock:
-            self.metric, self.watched, self.mirror = metric, {}, None
+            self.metric, self.watched, self.mirror, self.open_error = metric, {}, None, None
             if metric is None:
                 return
-            self.stored = open_storage(url)
+            self.url, self.stored = url, None  # opened by the writer, at its first write: the first trial does
+            # not wait for SQLAlchemy's import and the storage's set-up (seconds in a fresh process under load)
             self.mirror = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
                                               directions=directions, pruner=pruner,
                                               sampler=optuna.samplers.RandomSampler())
@@ -224,12 +242,22 @@ class TrialMonitor:
                 datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},
                 intermediate_values={}))
 
+    def _wait_open(self) -> None:
+        if not self.opened.wait(timeout=600):
+            raise RuntimeError("the pruning monitor was never opened on a study")
+        if self.open_error:
+            raise RuntimeError(f"the pruning monitor could not open the study: {self.open_error}")
+
     def begin(self, number: int, stored_id: int, last_epoch: int) -> None:
-        """Watch trial `number` (`stored_id` its id in the stored study) from its first epoch."""
+        """Watch trial `number` (`stored_id` its id in the stored study) from its first epoch (its first
+        `report` does this when no `begin` came first)."""
         import optuna
         from optuna.trial import TrialState
 
+        self._wait_open()
         with self.lock:
+            if number in self.watched:
+                return
             watched: dict[str, Any] = {"epochs": [], "last": last_epoch, "stored_id": stored_id, "trial": None,
                                        "attrs": {}}
             if self.mirror is not None:
@@ -238,7 +266,9 @@ class TrialMonitor:
                 watched["trial"] = optuna.trial.Trial(self.mirror, mirror_id)
             self.watched[number] = watched
 
-    def report(self, number: int, epoch: int, metrics: dict[str, float]) -> bool:
+    def report(self, number: int, epoch: int, metrics: dict[str, float], stored_id: int = -1,
+               last_epoch: int = 0) -> bool:
+        self.begin(number, stored_id, last_epoch)
         with self.lock:
             w = self.watched[number]
             # a trial retried from its checkpoint repeats the epochs after it: keep the newest of each
@@ -271,6 +301,8 @@ class TrialMonitor:
                 number, stored_id, kind, key, value = item
                 if number in self.write_errors:
                     continue
+                if self.stored is None:
+                    self.stored = open_storage(self.url)
                 if kind == "value":
                     self.stored.set_trial_intermediate_value(stored_id, key, value)
                 else:
@@ -285,6 +317,7 @@ class TrialMonitor:
         failed: the trial then fails, as an epoch whose report failed did before)."""
         import threading
 
+        self._wait_open()
         done = threading.Event()
         self.writes.put(done.set)
         done.wait()
@@ -297,6 +330,7 @@ class TrialMonitor:
 
     def history(self, number: int) -> list[dict[str, float]]:
         """The epochs trial `number` reported so far (what a failed trial's MLflow run can still show)."""
+        self._wait_open()
         with self.lock:
             return list(self.watched.get(number, {}).get("epochs", []))
 
@@ -304,6 +338,7 @@ class TrialMonitor:
         """Trial `number` is over with `state` (an Optuna TrialState name): later decisions count it so."""
         from optuna.trial import TrialState
 
+        self._wait_open()
         with self.lock:
             self.watched.pop(number, None)
             if self.mirror is not None:
@@ -318,11 +353,14 @@ class PruneHook:
 
     monitor: Any
     number: int
+    stored_id: int  # the trial's id in the stored study
+    last_epoch: int  # reported, never pruned
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
         import ray
 
-        return bool(ray.get(self.monitor.report.remote(self.number, epoch, metrics)))
+        return bool(ray.get(self.monitor.report.remote(self.number, epoch, metrics, self.stored_id,
+                                                       self.last_epoch)))
 
 
 def start_monitor() -> Any:
