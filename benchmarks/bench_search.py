@@ -18,8 +18,8 @@ torch thread.
    study, MLflow), the same small search with pruner none and median: wall time of the search stage and
    trials/hour. Each trial pays Ray Train's start-up, which no pruner saves.
 
-Run from the repository root: ``python benchmarks/bench_search.py [--ray]`` (tables on stdout, ~1 min
-without --ray on 2 cores, a few more with it).
+Run from the repository root: ``python benchmarks/bench_search.py [--ray | --ray-only]`` (tables on stdout,
+~1 min without --ray on 2 cores, a few more with it; --ray-only runs part 3 alone).
 """
 
 from __future__ import annotations
@@ -278,10 +278,15 @@ def part3(trials: int, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ray", action="store_true", help="also time kdflow's own search on Ray (minutes)")
+    parser.add_argument("--ray-only", action="store_true", help="only part 3 (kdflow's search on Ray)")
     parser.add_argument("--ray-trials", type=int, default=8)
     parser.add_argument("--ray-epochs", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.ray_only:
+        log(f"part 3: kdflow search on Ray, {args.ray_trials} trials x {args.ray_epochs} epochs, 2 at a time")
+        print_part3(part3(args.ray_trials, args.ray_epochs), args.ray_trials, args.ray_epochs)
+        return
 
     d = load_dataset("mnist1d", val=0.1, test=0.2, seed=0)
     x, y = torch.from_numpy(d.x["train"]), torch.from_numpy(d.y["train"])
@@ -327,17 +332,20 @@ def main() -> None:
         print(f"| {pruner} | {s['seconds']:.1f} s | {SEARCH_TRIALS / s['seconds'] * 3600:,.0f} | {s['epochs']} | "
               f"{s['pruned']} | {s['best']:.3f} |")
     if p3:
-        print(f"\n## 3. kdflow search on Ray ({args.ray_trials} trials x up to {args.ray_epochs} epochs, 2 at a "
-              "time; the search stage only)\n")
-        print("| pruner | search wall time | mean trial | of which training steps | epochs trained | completed | pruned "
-              "| trials/hour | best val acc | load avg |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for pruner, r in p3.items():
-            s = r["search"]
-            print(f"| {pruner} | {r['seconds']:.0f} s | {r['per_trial']:.1f} s | {r['epoch_s']:.1f} s | {r['epochs']} "
-                  f"| {s['completed']} | {s['pruned']} | {args.ray_trials / r['seconds'] * 3600:,.0f} | "
-                  f"{s['best_values']['val_accuracy']:.3f} | {r['load']:.1f} |")
+        print_part3(p3, args.ray_trials, args.ray_epochs)
 
+
+def print_part3(p3: dict, trials: int, epochs: int) -> None:
+    print(f"\n## 3. kdflow search on Ray ({trials} trials x up to {epochs} epochs, 2 at a "
+          "time; the search stage only)\n")
+    print("| pruner | search wall time | wall_s | train_s | efficiency | mean trial | of which training steps "
+          "| epochs trained | completed | pruned | trials/hour | best val acc | load avg |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for pruner, r in p3.items():
+        s = r["search"]
+        print(f"| {pruner} | {r['seconds']:.1f} s | {s['wall_s']:.1f} s | {s['train_s']:.1f} s | {s['efficiency']:.2f} "
+              f"| {r['per_trial']:.2f} s | {r['epoch_s']:.2f} s | {r['epochs']} | {s['completed']} | {s['pruned']} "
+              f"| {trials / r['seconds'] * 3600:,.0f} | {s['best_values']['val_accuracy']:.3f} | {r['load']:.1f} |")
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,7 @@ from tasks.layout import checkpoints_path
 from tasks.pieces import SplitRows
 from tasks.soft_targets import SoftTargetStore, TargetBatch, shard_ranges
 from tasks.storage import Storage
+from tasks.trace import span
 
 # A progress line for the first and last epoch and at most one per this many seconds between: a small
 # model runs dozens of epochs a second, and every line travels through Ray's log forwarding.
@@ -500,12 +501,10 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
 
 def stop_decision(w: Worker, state: LoopState, epoch: int, metrics: dict[str, float]) -> StopReason | None:
     """Early stopping on a plateau, else the epoch hook (rank 0 asks it); every rank gets rank 0's answer."""
-    import ray
-
     es, hook = w.cfg.early_stopping, w.cfg.epoch_hook
     stop = 1 if es and state.bad_epochs >= es.patience else 0
     if hook is not None and w.rank == 0 and not stop:
-        stop = 2 if ray.get(hook.report.remote(epoch, metrics)) else 0
+        stop = 2 if hook(epoch, metrics) else 0
     if w.world > 1:  # the hook answers rank 0 only, and every rank must leave the loop together
         flag = torch.tensor([stop], device=w.device)
         torch.distributed.broadcast(flag, src=0)
@@ -544,11 +543,15 @@ def train_loop(config: dict[str, Any]) -> None:
     """Runs on every worker: setup, resume, then per epoch train + validate, decide, maybe checkpoint.
 
     `config["session"]` says where it runs; absent, in a Ray Train worker group."""
-    quiet_report_lines()
     cfg: FitConfig = config["fit"]
-    session: Session = config.get("session") or RayTrainSession()
-    w = setup_worker(cfg, session)
-    state = resume(w, session)
+    session: Session | None = config.get("session")
+    if session is None:  # in a Ray Train worker (a warm actor's fit does not import Ray Train: seconds, idle)
+        quiet_report_lines()
+        session = RayTrainSession()
+    with span("setup worker"):
+        w = setup_worker(cfg, session)
+    with span("resume"):
+        state = resume(w, session)
     state.nodes = worker_nodes(w.world)
     es: EarlyStopping | None = cfg.early_stopping
     watch, maximize = (es.metric, es.maximize) if es else cfg.task.best_by
@@ -556,9 +559,11 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter = Reporter(session)
     last_ckpt = last_log = time.monotonic()
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        metrics = run_epoch(w, epoch, gen)
+        with span("epoch", epoch=epoch):
+            metrics = run_epoch(w, epoch, gen)
         state.record(metrics, w.core, watch, maximize)
-        stopped = stop_decision(w, state, epoch, metrics)
+        with span("stop decision", epoch=epoch):
+            stopped = stop_decision(w, state, epoch, metrics)
         last = stopped is not None or epoch == cfg.epochs
         if epoch == 1 or last or time.monotonic() - last_log >= PROGRESS_EVERY_S:
             last_log = time.monotonic()
@@ -566,11 +571,13 @@ def train_loop(config: dict[str, Any]) -> None:
                   + (f" ({stopped.value})" if stopped else ""))
         # a report costs a controller round trip, so none without a checkpoint
         if last or checkpoint_due(cfg, epoch, time.monotonic() - last_ckpt):
-            checkpoint(w, state, reporter, metrics, (stopped or StopReason.COMPLETED) if last else StopReason.RUNNING)
+            with span("checkpoint", epoch=epoch):
+                checkpoint(w, state, reporter, metrics, (stopped or StopReason.COMPLETED) if last else StopReason.RUNNING)
             last_ckpt = time.monotonic()
         if stopped:
             break
-    reporter.close()
+    with span("reporter close"):
+        reporter.close()
 
 
 # ---------------------------------------------------------------- the trainer

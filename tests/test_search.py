@@ -243,6 +243,67 @@ def test_every_sampler_and_pruner_searches_the_space_with_list_choices(sampler: 
     assert space.values(study.best_trial.params) == seen[study.best_trial.number]
 
 
+@pytest.mark.parametrize("pruner", ["median", "asha", "hyperband"])
+def test_the_monitor_prunes_exactly_as_optuna_does_on_the_stored_study(tmp_path: Path, pruner: str) -> None:
+    import random
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from orchestrator.search.study import TrialMonitor, make_pruner
+
+    # two trials at a time, epochs interleaved: the reference asks Optuna's own should_prune on a sqlite study
+    # (as kdflow did before the in-memory monitor); the other study goes through the monitor as a search does
+    # (open, begin, report per epoch, end before the tell, settle after). Both must take the same decision at
+    # every epoch, and end with the same stored values and pruner attributes. Curves: some learn, some do not.
+    search = validate(workflow(search={"trials": 12, "concurrency": 2, "pruner": pruner, "space": SPACE})).search
+    epochs = 12
+    # one study name in two files: Hyperband picks a trial's bracket from the study name and trial number
+    ref = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/ref.db", direction="maximize",
+                              pruner=make_pruner(search, epochs))
+    url = f"sqlite:///{tmp_path}/mon.db"
+    mon = optuna.create_study(study_name="s", storage=url, direction="maximize", pruner=make_pruner(search, epochs))
+    # a resumed search: two trials already stored before the monitor opens
+    for study in (ref, mon):
+        for k, state in enumerate((TrialState.COMPLETE, TrialState.PRUNED)):
+            t = study.ask()
+            for e in range(1, 5 if k else epochs + 1):
+                t.report(0.5 + 0.01 * e - 0.2 * k, e)
+            study.tell(t, 0.62 if not k else None, state=state)
+    monitor = TrialMonitor()
+    monitor.open(url, "s", ["maximize"], make_pruner(search, epochs), "val_accuracy", mon.get_trials(deepcopy=False))
+    rng = random.Random(7)
+    curves = [[min(0.99, rng.uniform(0.1, 0.9) * (1 - 0.7 ** e)) for e in range(1, epochs + 1)] for _ in range(16)]
+    running: list[tuple[Any, Any, list[float], int]] = []  # (ref trial, monitored trial, curve, next epoch)
+    decisions = []
+    pending = list(curves)
+    while pending or running:
+        while pending and len(running) < 2:
+            r, m = ref.ask(), mon.ask()
+            assert r.number == m.number
+            monitor.begin(m.number, m._trial_id, epochs)
+            running.append((r, m, pending.pop(0), 1))
+        r, m, curve, e = running.pop(0)
+        value = curve[e - 1]
+        r.report(value, e)
+        expected = e < epochs and r.should_prune()
+        got = monitor.report(m.number, e, {"epoch": e, "val_accuracy": value})
+        decisions.append((m.number, e, got))
+        assert got == expected, (pruner, m.number, e)
+        if got or e == epochs:
+            state = TrialState.PRUNED if got else TrialState.COMPLETE
+            assert [h["epoch"] for h in monitor.end(m.number)] == list(range(1, e + 1))
+            ref.tell(r, None if got else max(curve[:e]), state=state)
+            mon.tell(m, None if got else max(curve[:e]), state=state)
+            done = mon.trials[m.number]
+            monitor.settle(m.number, done.state.name, done.values)
+        else:
+            running.insert(1 if len(running) else 0, (r, m, curve, e + 1))
+    assert any(p for *_, p in decisions) and not all(p for *_, p in decisions)  # the pruner did judge
+    for a, b in zip(ref.trials, mon.trials, strict=True):
+        assert (a.state, a.intermediate_values, a.system_attrs) == (b.state, b.intermediate_values, b.system_attrs)
+
+
 # ---------------------------------------------------------------- bad specs exit 2 naming the key
 
 
@@ -501,27 +562,36 @@ def test_a_pruned_trial_releases_its_warm_worker_at_once(tmp_path: Path, store: 
     import optuna
 
     from orchestrator.search.pool import Slot
+    from orchestrator.search.study import PruneHook, start_monitor
 
     # a real study and monitor whose pruner prunes every trial once past its warm-up: a trial set to run
     # 2000 epochs must come back within a few epochs, and the slot's same worker then takes the next trial
     url = f"sqlite:///{tmp_path}/study.db"
     pruner = optuna.pruners.ThresholdPruner(lower=1.5, n_warmup_steps=1)
     study = optuna.create_study(study_name="s", storage=url, direction="maximize", pruner=pruner)
-    slot = Slot(0)
+    slot, monitor = Slot(0), start_monitor()
     try:
+        ray_get(monitor.open.remote(url, "s", ["maximize"], pruner, "val_accuracy", []))
         pids = []
         for _ in range(2):
             trial = study.ask()
-            monitor = slot.watch(url, "s", trial._trial_id, pruner, "val_accuracy", 2000)
-            cfg, storage = _student_config({"train.epochs": 2000}, teacher, store, monitor)
+            ray_get(monitor.begin.remote(trial.number, trial._trial_id, 2000))
+            hook = PruneHook(monitor, trial.number, trial._trial_id, 2000)
+            cfg, storage = _student_config({"train.epochs": 2000}, teacher, store, hook)
             result, retries = slot.fit(cfg, storage, f"prune-{uuid.uuid4().hex}")
             epochs = [h["epoch"] for h in result.history]
             assert result.stop_reason.value == "pruned" and 1 <= len(epochs) <= 3 and retries == 0
-            assert [e["epoch"] for e in ray_get(monitor.history.remote())] == epochs
+            assert [e["epoch"] for e in ray_get(monitor.end.remote(trial.number))] == epochs
+            # the values the pruner judged are in the stored study once `end` returns
+            assert sorted(study.trials[trial.number].intermediate_values) == epochs
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             pids.append(ray_get(slot.worker.info.remote())["pid"])
         assert pids[0] == pids[1] and ray_get(slot.worker.info.remote())["fits"] == 2
     finally:
         slot.close()
+        import ray
+
+        ray.kill(monitor)
 
 
 def ray_get(ref: Any) -> Any:

@@ -1,14 +1,14 @@
 """Warm trial slots: each of a search's `concurrency` slots keeps its actors for trial after trial.
 
-A slot holds a `TrialMonitor` (the pruner's epoch hook, on the driver's node) and, for single-worker
-CPU trials, a `TrialWorker`: a long-lived Ray actor with torch imported that runs the one train loop
+A slot holds, for single-worker CPU trials, a `TrialWorker`: a long-lived Ray actor with torch imported that runs the one train loop
 (`tasks.warm.fit_here`) once per call and keeps the decoded soft-target rows of each cache key between
 calls. A trial is then one actor call, and its cost is its epochs (docs/architecture.md has the
 measurements). A pruned trial returns from its call at the epoch it was pruned, so its slot takes the
 next trial at once. An actor that dies mid-trial (its process killed, the node lost) is replaced by a
 fresh one and the trial retried, up to `train.max_failures` times, from its newest checkpoint; after
 that the trial fails with the error recorded. Trials with `train.workers > 1` (or GPUs) still run as Ray
-Train runs, whose start-up is small beside data-parallel work; they use the slot's monitor only.
+Train runs, whose start-up is small beside data-parallel work. Every trial's epochs are judged by the
+search's one pruning monitor (`study.TrialMonitor`), which slot 0 may hold from the run's start.
 
 A `kdflow run` keeps one more such actor for its stages (`run_worker`): started as soon as Ray is up,
 it trains the teacher, computes the soft-target shards of a small precompute and trains the student,
@@ -41,10 +41,12 @@ class TrialWorker:
         self.shards = 0
 
     def fit(self, cfg: FitConfig, storage: Storage, run_name: str) -> FitResult:
+        from tasks.trace import span
         from tasks.warm import fit_here, with_cache
 
         self.fits += 1
-        return fit_here(with_cache(cfg, self.cache), storage=storage, run_name=run_name)
+        with span("actor fit"):
+            return fit_here(with_cache(cfg, self.cache), storage=storage, run_name=run_name)
 
     def shard(self, *args: Any, threads: int = 1) -> dict[str, Any]:
         """One soft-target shard (`tasks.soft_targets.compute_shard`'s arguments), written from this process."""
@@ -87,21 +89,6 @@ class Slot:
         self.worker: Any = None
         self.worker_cpus: float | None = None
         self.replaced = 0  # workers replaced after they died
-
-    def watch(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None, last_epoch: int) -> Any:
-        """The slot's monitor, begun for this trial (started on first use, or again if it died)."""
-        import ray
-
-        from orchestrator.search.study import start_monitor
-
-        if self.monitor is not None:
-            try:
-                ray.get(self.monitor.begin.remote(url, study, trial_id, pruner, metric, last_epoch))
-                return self.monitor
-            except ray.exceptions.RayActorError:
-                self.monitor = None
-        self.monitor = start_monitor(url, study, trial_id, pruner, metric, last_epoch)
-        return self.monitor
 
     def start(self, cpus: float) -> Any:
         """The slot's worker for fits of `cpus` CPUs: the running one, or a fresh one (its start is not awaited)."""
@@ -163,7 +150,8 @@ class Slot:
             self.worker = None
 
     def start_monitor(self) -> None:
-        """Start the slot's pruning monitor now, idle (Optuna imported), so the first trial does not wait for it."""
+        """Start the search's pruning monitor on this slot now, idle (Optuna imported), so the first trial
+        does not wait for it; the search uses slot 0's (`runner.Search.watch`)."""
         if self.monitor is None:
             from orchestrator.search.study import start_monitor
 
@@ -197,7 +185,7 @@ def run_worker(spec: Any, eager: bool) -> Slot | None:
 def run_slots(spec: Any, cluster_cpus: float) -> list[Slot]:
     """The run's warm actors, all started now (their processes boot while the driver opens MLflow and the
     teacher trains): slot 0 (`run_worker`) for the run's single-worker CPU stages, and with a search of
-    such trials, `search.concurrency - 1` more slots and every slot's pruning monitor. Slot 0 is then the
+    such trials, `search.concurrency - 1` more slots and the search's pruning monitor. Slot 0 is then the
     search's first trial slot, so no trial waits for a process to start (docs/architecture.md). The extra
     slots start early only when they leave a CPU of the cluster free (a large precompute's shard tasks
     need one); else the search starts them itself. [] when the stages run on Ray Train."""
@@ -212,8 +200,7 @@ def run_slots(spec: Any, cluster_cpus: float) -> list[Slot]:
             for i in range(1, spec.search.concurrency):
                 slots.append(Slot(i))
                 slots[-1].start(cpus)
-        for slot in slots:
-            slot.start_monitor()
+        warm.start_monitor()
     return slots
 
 

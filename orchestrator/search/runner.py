@@ -30,6 +30,7 @@ from orchestrator.search.selection import Candidate, pareto_front, select_trial
 from orchestrator.search.space import Space, apply, check_space
 from orchestrator.search.study import (
     OptunaTrials,
+    PruneHook,
     display_url,
     make_pruner,
     make_sampler,
@@ -44,6 +45,7 @@ from tasks.errors import StageFailed, UserError
 from tasks.layout import checkpoints_path, trial_weights_path
 from tasks.models import num_params
 from tasks.storage import Storage
+from tasks.trace import span
 from tasks.train import FitResult, StopReason, fit
 
 
@@ -127,6 +129,11 @@ class Search:
         self.slots = list(slots or [])
         self.slot_trials: dict[int, int] = {}  # slot index -> trials it ran
         self.slot_info: list[dict[str, Any]] = []  # the slots' workers, for the summary
+        # the search's pruning monitor (slot 0's when the run started one), opened on this study
+        self.monitor: Any = None
+        self.monitor_owned = False
+        self.monitor_lock = threading.Lock()
+        self.finished: dict[int, Any] = {}  # number -> the study's complete and pruned trials (progress lines)
 
     # ------------------------------------------------ resume
 
@@ -148,15 +155,12 @@ class Search:
             if t.user_attrs.get("ray_train_run"):  # its half-trained checkpoints are of no use
                 self.storage.rm(checkpoints_path(self.storage, t.user_attrs["ray_train_run"]))
             progress.info(f"  trial #{t.number} was interrupted: marked failed, it does not count")
-        done = self.counted()
+        self.finished = {t.number: t for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+        done = len(self.finished)
         if done:
             progress.info(f"  resuming study {self.name}: {done} of {self.search.trials} trials already done")
         return max(0, self.search.trials - done)
-
-    def counted(self) -> int:
-        from optuna.trial import TrialState
-
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
     # ------------------------------------------------ one trial
 
@@ -166,62 +170,71 @@ class Search:
         On a slot, the trial's monitor (and for a single CPU worker, its fit) runs on the slot's warm actors."""
         import optuna
 
-        values = self.space.suggest(trial)
-        run_id = self.runs.start(trial.number, values)
-        trial.set_user_attr("mlflow_run_id", run_id)
+        with span("suggest", trial=trial.number):
+            values = self.space.suggest(trial)
+        with span("mlflow start", trial=trial.number):
+            run_id = self.runs.start(trial.number, values)
+        with span("user attrs", trial=trial.number):
+            trial.set_user_attr("mlflow_run_id", run_id)
         progress.info(f"  [dim]trial #{trial.number} started {_fmt(values)}[/]")
         run_name = f"{self.name}-trial-{trial.number}-{uuid.uuid4().hex[:6]}"
         trial.set_user_attr("ray_train_run", run_name)
-        monitor = None
+        hook: PruneHook | None = None
         size: int | None = None
         try:
             trial_spec = apply(self.spec, values)
             size = num_params(self.task.build_model(trial_spec.student.model, trial_spec.student.params,
                                                     self.task.dims(self.manifest)))
             trial.set_user_attr("num_params", size)
-            watch = (self.url, self.name, self.trials.trial_id(trial), self.pruner,
-                     self.objectives[0][0] if self.prunes else None, trial_spec.train.epochs)
-            monitor = slot.watch(*watch) if slot is not None else start_monitor(*watch)
-            cfg = student_fit_config(trial_spec, self.manifest, self.storage, monitor,
+            with span("monitor begin", trial=trial.number):
+                hook = self.watch(trial, trial_spec.train.epochs)
+            cfg = student_fit_config(trial_spec, self.manifest, self.storage, hook,
                                      concurrent=self.search.concurrency)
             if slot is not None and warm_fits(cfg):
                 trial.set_user_attr("slot", slot.index)
-                result, _ = slot.fit(cfg, self.storage, run_name,
-                                     on_retry=functools.partial(trial.set_user_attr, "retries"))
+                with span("slot fit", trial=trial.number):
+                    result, _ = slot.fit(cfg, self.storage, run_name,
+                                         on_retry=functools.partial(trial.set_user_attr, "retries"))
                 trial.set_user_attr("resumed_from", result.resumed_from)
             else:
                 result = fit(cfg, storage=self.storage, run_name=run_name)
+            with span("monitor end", trial=trial.number):
+                self.ended(hook)  # the trial's values are in the stored study before Optuna is told its state
         except Exception as exc:
-            history = self.monitored(monitor)
+            history = self.monitored(hook)
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
             trial.set_user_attr("epochs", len(history))
             self.count_train(trial, history)
-            self.runs.finish(run_id, "failed", history, {"num_params": size} if size is not None else {},
+            self.runs.finish_later(run_id, "failed", history, {"num_params": size} if size is not None else {},
                              error="".join(traceback.format_exception(exc)))
             raise
         finally:
-            if monitor is not None and slot is None:
-                import ray
-
-                ray.kill(monitor)
-            self.storage.rm(checkpoints_path(self.storage, run_name))  # the best weights are kept below
+            with span("checkpoint rm", trial=trial.number):
+                self.storage.rm(checkpoints_path(self.storage, run_name))  # the best weights are kept below
 
         trial.set_user_attr("epochs", len(result.history))
         self.count_train(trial, result.history)
         if result.stop_reason == StopReason.PRUNED:
-            self.runs.finish(run_id, "pruned", result.history, {"num_params": size})
+            with span("mlflow finish", trial=trial.number):
+                self.runs.finish_later(run_id, "pruned", result.history, {"num_params": size})
             raise optuna.TrialPruned(f"pruned after epoch {len(result.history)}")
         best = best_epoch_metrics(result)
         best["num_params"] = size
         path = trial_weights_path(self.storage, self.name, trial.number)
-        save_weights(self.storage, path, result)
+        with span("save weights", trial=trial.number):
+            save_weights(self.storage, path, result)
         trial.set_user_attr("weights", path)
         trial.set_user_attr("best_epoch", result.best_epoch)
         final = {f"best_{m}": float(v) for m, v in best.items() if m.startswith("val_") or m in dict(self.objectives)}
-        self.runs.finish(run_id, "complete", result.history, {**final, "num_params": size,
-                                                              "best_epoch": result.best_epoch})
+        with span("mlflow finish", trial=trial.number):
+            self.runs.finish_later(run_id, "complete", result.history, {**final, "num_params": size,
+                                                                  "best_epoch": result.best_epoch})
         objective_values = tuple(float(best[m]) for m, _ in self.objectives)
         return objective_values[0] if len(objective_values) == 1 else objective_values
+
+    def traced_objective(self, trial: Any, slot: Slot | None = None) -> float | tuple[float, ...]:
+        with span("objective", trial=trial.number):
+            return self.objective(trial, slot)
 
     def count_train(self, trial: Any, history: list[dict[str, float]]) -> None:
         seconds = train_seconds(history)
@@ -229,20 +242,76 @@ class Search:
         with self.lock:
             self.train_s += seconds
 
-    @staticmethod
-    def monitored(monitor: Any) -> list[dict[str, float]]:
-        """The epochs a failed trial's hook saw (what its MLflow run can still show)."""
-        if monitor is None:
+    def watch(self, trial: Any, last_epoch: int) -> PruneHook:
+        """The trial's epoch hook on the search's monitor; nothing waited for (the trial's first report
+        begins it there). A monitor found dead (`ended`, `settle`) is replaced here and opened anew from
+        the stored study, which holds every value reported so far."""
+        with self.monitor_lock:
+            if self.monitor is None:
+                self.monitor, self.monitor_owned = start_monitor(), True
+                self.open_monitor()
+            return PruneHook(self.monitor, trial.number, self.trials.trial_id(trial), last_epoch)
+
+    def open_monitor(self) -> None:
+        """The monitor watches this study: its stored trials copied in (`study.TrialMonitor`). Not waited
+        for: the first trials start while the monitor's process may still be starting."""
+        assert self.monitor is not None
+        trials = self.study.get_trials(deepcopy=False) if self.prunes else []
+        self.monitor.open.remote(self.url, self.name, [d for _, d in self.objectives], self.pruner,
+                                 self.objectives[0][0] if self.prunes else None, trials)
+
+    def monitor_died(self, hook_monitor: Any) -> None:
+        with self.monitor_lock:
+            if self.monitor is hook_monitor:
+                self.monitor = None
+
+    def ended(self, hook: PruneHook | None) -> list[dict[str, float]]:
+        """The epochs the trial reported, once its values are stored (raises if they could not be)."""
+        if hook is None:
             return []
         import ray
 
         try:
-            return ray.get(monitor.history.remote(), timeout=10)
-        except ray.exceptions.RayError:
+            return list(ray.get(hook.monitor.end.remote(hook.number)))
+        except ray.exceptions.RayActorError:
+            self.monitor_died(hook.monitor)
+            raise
+
+    @staticmethod
+    def monitored(hook: PruneHook | None) -> list[dict[str, float]]:
+        """The epochs a failed trial's hook saw (what its MLflow run can still show); its values stored."""
+        if hook is None:
             return []
+        import ray
+
+        try:
+            return list(ray.get(hook.monitor.end.remote(hook.number), timeout=60))
+        except (ray.exceptions.RayError, RuntimeError):
+            try:
+                return list(ray.get(hook.monitor.history.remote(hook.number), timeout=10))
+            except ray.exceptions.RayError:
+                return []
+
+    def settle(self, trial: Any) -> None:
+        """Tell the monitor how the trial ended, so the pruner counts it (a dead monitor is replaced later)."""
+        import ray
+
+        monitor = self.monitor
+        if monitor is None:
+            return
+        try:
+            ray.get(monitor.settle.remote(trial.number, trial.state.name, trial.values))
+        except ray.exceptions.RayActorError:
+            self.monitor_died(monitor)
 
     def on_trial_done(self, study: Any, trial: Any) -> None:
         """The live line: trial k/n, state, params, value, best so far."""
+        with span("monitor settle", trial=trial.number):
+            self.settle(trial)
+        with span("trial done line", trial=trial.number):
+            self._trial_done_line(trial)
+
+    def _trial_done_line(self, trial: Any) -> None:
         from rich.markup import escape
 
         state = trial.state.name.lower()
@@ -252,7 +321,10 @@ class Search:
             progress.info(f"trial #{trial.number} [red]\\[failed][/] {params} {escape(error[:300])}")
             return
         color = "green" if state == "complete" else "yellow"
-        line = f"trial {self.counted()}/{self.search.trials} #{trial.number} [{color}]\\[{state}][/] {params}"
+        with self.lock:
+            self.finished[trial.number] = trial
+            counted = len(self.finished)
+        line = f"trial {counted}/{self.search.trials} #{trial.number} [{color}]\\[{state}][/] {params}"
         if state == "pruned":
             line += f" after epoch {trial.user_attrs.get('epochs', '?')}"
         if trial.values:
@@ -261,13 +333,17 @@ class Search:
         progress.info(f"{line} in {seconds:.0f}s {self.best_so_far()}")
 
     def best_so_far(self) -> str:
+        """From the trials finished so far as the driver saw them (not a read of the whole stored study)."""
         from optuna.trial import TrialState
 
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        with self.lock:
+            complete = sorted((t for t in self.finished.values() if t.state == TrialState.COMPLETE),
+                              key=lambda t: t.number)
         if not complete:
             return "(no complete trial yet)"
         if len(self.objectives) == 1:
-            best = self.study.best_trial
+            sign = 1.0 if self.objectives[0][1] == "maximize" else -1.0
+            best = max(complete, key=lambda t: sign * float(t.value))  # the first of equal ones
             return f"(best {best.value:.4g}, #{best.number})"
         return f"(Pareto front: {len(pareto_front(self.candidates(complete), self.objectives))} trial(s))"
 
@@ -293,7 +369,11 @@ class Search:
                 " (pruning is off: Optuna cannot prune a multi-objective study)"
             progress.info(f"  study {self.name}: {remaining} trial(s), {jobs} at a time, sampler "
                           f"{self.search.sampler}, pruner {self.search.pruner if self.prunes else 'none'}{note}")
-            self.run_trials(remaining, jobs)
+            try:
+                self.run_trials(remaining, jobs)
+            finally:
+                with span("mlflow flush"):
+                    self.runs.flush()  # every trial's MLflow run written before the search ends
         else:
             progress.info(f"  study {self.name} already has {self.search.trials} finished trials: none to run")
         wall_s = time.perf_counter() - t0
@@ -349,11 +429,17 @@ class Search:
         left = [n]
         lock = threading.Lock()
         errors: list[BaseException] = []
+        if self.slots and self.slots[0].monitor is not None:
+            self.monitor = self.slots[0].monitor  # started with the run, idle until now
+        else:
+            self.monitor, self.monitor_owned = start_monitor(), True
+        with span("monitor open"):
+            self.open_monitor()
 
         def run_slot(index: int) -> None:
             owned = index >= len(self.slots)  # a slot the caller started is the caller's to close
             slot = Slot(index) if owned else self.slots[index]
-            objective = functools.partial(self.objective, slot=slot)
+            objective = functools.partial(self.traced_objective, slot=slot)
             try:
                 while True:
                     with lock:
@@ -361,14 +447,16 @@ class Search:
                             return
                         left[0] -= 1
                     try:
-                        self.study.optimize(objective, n_trials=1, catch=(Exception,),
-                                            callbacks=[self.on_trial_done], gc_after_trial=False)
+                        with span("optimize"):
+                            self.study.optimize(objective, n_trials=1, catch=(Exception,),
+                                                callbacks=[self.on_trial_done], gc_after_trial=False)
                         self.slot_trials[index] = self.slot_trials.get(index, 0) + 1
                     except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
                         errors.append(exc)
                         return
             finally:
-                info = slot.info()
+                with span("slot info"):
+                    info = slot.info()
                 if info is not None:
                     with lock:
                         self.slot_info.append({"slot": index, "pid": info["pid"], "replaced": info["replaced"],
@@ -382,6 +470,11 @@ class Search:
             t.start()
         for t in threads:
             t.join()
+        if self.monitor is not None and self.monitor_owned:
+            import ray
+
+            ray.kill(self.monitor)
+        self.monitor = None
         if errors:
             raise errors[0]
 

@@ -7,6 +7,7 @@ Optuna), so each trial's hook starts in a fraction of a second.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import UserError
@@ -43,7 +44,27 @@ def open_storage(url: str) -> Any:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if url.startswith("sqlite"):
+        _sqlite_wal(storage.engine)
+    return storage
+
+
+def _sqlite_wal(engine: Any) -> None:
+    """Write-ahead logging, synced at checkpoints: a commit (a trial asked, an attribute, a value, a tell) no
+    longer waits for an fsync of the whole file, and readers do not block the writer. A killed process
+    loses nothing committed; only a machine that loses power may lose the last commits, never the file.
+    The WAL file works for processes on one machine, which is where kdflow's sqlite study is used."""
+    from sqlalchemy import event
+
+    def on_connect(conn: Any, _record: Any) -> None:
+        cursor = conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(engine, "connect", on_connect)
+    engine.dispose()  # the connections opened while the storage was set up reconnect with these settings
 
 
 def display_url(url: str) -> str:
@@ -136,69 +157,218 @@ def make_pruner(search: SearchSpec, epochs: int) -> Any:
 
 
 class TrialMonitor:
-    """The epoch hook of one trial: rank 0 of its Ray Train run calls `report` once per epoch.
+    """The search's epoch hook: rank 0 of each trial's fit asks it once per epoch whether to stop.
 
-    It records the epoch's metrics and, when the study prunes, reports the objective's value to Optuna
-    and answers `should_prune()` itself, with the study loaded from the same storage URL. That answer is
-    synchronous and exact (the pruner sees every other trial's values as stored), where an actor that
-    only held a flag set by a polling driver thread would answer one epoch late and need a thread per
-    trial. The actor is pinned to the driver's node, so a sqlite or journal file path means the same
-    file for both. It takes no CPU. A search keeps one per trial slot and `begin`s it for each trial
-    (the study stays loaded: starting an actor per trial cost more than a short trial's epochs). The
-    last epoch is reported but never pruned: the run is over, and a finished trial is a candidate.
+    One per search, shared by its trial slots (`PruneHook` names the trial). It decides from an in-memory
+    copy of the study (Optuna's InMemoryStorage with the same name, directions and pruner): the trials
+    stored when the search began (`open`), each running trial's values as they are reported, and each
+    trial's final state as the driver records it (`settle`). Optuna's pruners read only that (the
+    completed trials' intermediate values, the trial's own, trial numbers, and the rung attributes ASHA
+    and Hyperband write), and every trial of the search reports here, so `should_prune` answers as the
+    stored study would, without a sqlite write and read per epoch (those cost more than a small student's
+    epoch: benchmarks/RESULTS-search.md). A thread writes each reported value (and the pruner's
+    attributes) to the stored study behind the trial's back; `end` waits for a trial's writes, so the
+    driver tells Optuna the trial's state only once its values are stored. The actor is pinned to the
+    driver's node (a sqlite or journal path means the same file) and takes no CPU. The last epoch is
+    reported but never pruned: the run is over, and a finished trial is a candidate.
     """
 
-    def __init__(self, url: str | None = None, study: str = "", trial_id: int = -1, pruner: Any = None,
-                 metric: str | None = None, last_epoch: int = 0) -> None:
-        """With a url: watch that trial now. Without: an idle monitor (Optuna imported) that a search
-        `begin`s for its first trial, started before the search so that trial does not wait for it."""
+    def __init__(self) -> None:
+        import queue
+        import threading
+
         import optuna  # noqa: F401 - imported once here, not at the first trial
 
-        self.loaded: dict[str, Any] = {}  # (url, study) -> the study, loaded once
-        self.epochs: list[dict[str, float]] = []
-        self.metric, self.last_epoch, self.trial = None, 0, None
-        if url is not None:
-            self.begin(url, study, trial_id, pruner, metric, last_epoch)
+        self.lock = threading.Lock()
+        self.mirror: Any = None  # the in-memory copy of the study (None when nothing prunes)
+        self.metric: str | None = None
+        self.watched: dict[int, dict[str, Any]] = {}  # trial number -> its epochs, trial, stored id
+        self.writes: queue.Queue[Any] = queue.Queue()
+        self.write_errors: dict[int, str] = {}
+        self.stored: Any = None
+        self.url = ""
+        # the driver does not wait for `open` (nor for this process to start): every other call waits here
+        self.opened = threading.Event()
+        self.open_error: str | None = None
+        threading.Thread(target=self._writer, name="kdflow-study-writer", daemon=True).start()
 
-    def begin(self, url: str, study: str, trial_id: int, pruner: Any, metric: str | None,
-              last_epoch: int) -> None:
-        """Watch another trial (of this or another study) from its first epoch."""
-        self.metric = metric
-        self.last_epoch = last_epoch
-        self.epochs: list[dict[str, float]] = []
-        self.trial = None
-        if metric is not None:
-            import optuna
+    def open(self, url: str, name: str, directions: list[str], pruner: Any, metric: str | None,
+             trials: list[Any]) -> None:
+        """Watch a search of study `name` (stored at `url`): `trials` are its trials as stored now, in order.
+        `metric` None: nothing prunes (the epochs are only kept, for a failed trial's record)."""
+        import optuna
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            key = f"{url}\n{study}"
-            if key not in self.loaded:
-                self.loaded[key] = optuna.load_study(study_name=study, storage=open_storage(url), pruner=pruner,
-                                                     sampler=optuna.samplers.RandomSampler())
-            loaded = self.loaded[key]
-            loaded.pruner = pruner
-            self.trial = optuna.trial.Trial(loaded, trial_id)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.opened.clear()
+        try:
+            self._open(url, name, directions, pruner, metric, trials)
+        except Exception as exc:  # kept: every call that waits for `open` raises it
+            self.open_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.opened.set()
 
-    def report(self, epoch: int, metrics: dict[str, float]) -> bool:
-        # a trial retried from its checkpoint repeats the epochs after it: keep the newest of each
-        repeated = any(int(e["epoch"]) >= epoch for e in self.epochs)
-        self.epochs = [e for e in self.epochs if int(e["epoch"]) < epoch] + [dict(metrics)]
-        if self.trial is None or self.metric not in metrics:
-            return False
-        if not repeated:  # Optuna keeps the first value of a step (and warns about a second)
-            self.trial.report(float(metrics[self.metric]), epoch)
-        return epoch < self.last_epoch and bool(self.trial.should_prune())
+    def _open(self, url: str, name: str, directions: list[str], pruner: Any, metric: str | None,
+              trials: list[Any]) -> None:
+        import optuna
 
-    def history(self) -> list[dict[str, float]]:
-        return self.epochs
+        with self.lock:
+            self.metric, self.watched, self.mirror, self.open_error = metric, {}, None, None
+            if metric is None:
+                return
+            self.url, self.stored = url, None  # opened by the writer, at its first write: the first trial does
+            # not wait for SQLAlchemy's import and the storage's set-up (seconds in a fresh process under load)
+            self.mirror = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
+                                              directions=directions, pruner=pruner,
+                                              sampler=optuna.samplers.RandomSampler())
+            for t in sorted(trials, key=lambda t: t.number):
+                self._placeholders(t.number)  # numbers are dense in a study; a gap stays a waiting placeholder
+                self.mirror._storage.create_new_trial(self.mirror._study_id, template_trial=t)
+
+    def _mirror_id(self, number: int) -> int:
+        """The mirror's id of trial `number`, with waiting placeholders for numbers not seen yet (trials asked
+        by the other slots, which begin here in any order): the number is what Hyperband's brackets hash."""
+        self._placeholders(number + 1)
+        return int(self.mirror._storage.get_trial_id_from_study_id_trial_number(self.mirror._study_id, number))
+
+    def _placeholders(self, count: int) -> None:
+        """Waiting trials until the mirror has `count` (a waiting trial is one no pruner reads)."""
+        from optuna.trial import FrozenTrial, TrialState
+
+        storage, study_id = self.mirror._storage, self.mirror._study_id
+        while storage.get_n_trials(study_id) < count:
+            storage.create_new_trial(study_id, template_trial=FrozenTrial(
+                number=-1, trial_id=-1, state=TrialState.WAITING, value=None, values=None, datetime_start=None,
+                datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},
+                intermediate_values={}))
+
+    def _wait_open(self) -> None:
+        if not self.opened.wait(timeout=600):
+            raise RuntimeError("the pruning monitor was never opened on a study")
+        if self.open_error:
+            raise RuntimeError(f"the pruning monitor could not open the study: {self.open_error}")
+
+    def begin(self, number: int, stored_id: int, last_epoch: int) -> None:
+        """Watch trial `number` (`stored_id` its id in the stored study) from its first epoch (its first
+        `report` does this when no `begin` came first)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        self._wait_open()
+        with self.lock:
+            if number in self.watched:
+                return
+            watched: dict[str, Any] = {"epochs": [], "last": last_epoch, "stored_id": stored_id, "trial": None,
+                                       "attrs": {}}
+            if self.mirror is not None:
+                mirror_id = self._mirror_id(number)
+                self.mirror._storage.set_trial_state_values(mirror_id, TrialState.RUNNING)
+                watched["trial"] = optuna.trial.Trial(self.mirror, mirror_id)
+            self.watched[number] = watched
+
+    def report(self, number: int, epoch: int, metrics: dict[str, float], stored_id: int = -1,
+               last_epoch: int = 0) -> bool:
+        self.begin(number, stored_id, last_epoch)
+        with self.lock:
+            w = self.watched[number]
+            # a trial retried from its checkpoint repeats the epochs after it: keep the newest of each
+            repeated = any(int(e["epoch"]) >= epoch for e in w["epochs"])
+            w["epochs"] = [e for e in w["epochs"] if int(e["epoch"]) < epoch] + [dict(metrics)]
+            trial = w["trial"]
+            if trial is None or self.metric not in metrics:
+                return False
+            if not repeated:  # Optuna keeps the first value of a step (and warns about a second)
+                value = float(metrics[self.metric])
+                trial.report(value, epoch)
+                self.writes.put((number, w["stored_id"], "value", epoch, value))
+            prune = epoch < w["last"] and bool(trial.should_prune())
+            # ASHA and Hyperband note a trial's rungs in its system attributes: stored too
+            attrs = self.mirror._storage.get_trial_system_attrs(trial._trial_id)
+            for key, value in attrs.items():
+                if w["attrs"].get(key) != value:
+                    w["attrs"][key] = value
+                    self.writes.put((number, w["stored_id"], "attr", key, value))
+            return prune
+
+    def _writer(self) -> None:
+        """Writes reported values and pruner attributes to the stored study, one at a time, in order."""
+        while True:
+            item = self.writes.get()
+            try:
+                if callable(item):  # `end`'s marker: everything before it is written
+                    item()
+                    continue
+                number, stored_id, kind, key, value = item
+                if number in self.write_errors:
+                    continue
+                if self.stored is None:
+                    self.stored = open_storage(self.url)
+                if kind == "value":
+                    self.stored.set_trial_intermediate_value(stored_id, key, value)
+                else:
+                    self.stored.set_trial_system_attr(stored_id, key, value)
+            except Exception as exc:  # noqa: BLE001 - reported to the trial's `end`
+                self.write_errors[number] = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.writes.task_done()
+
+    def end(self, number: int) -> list[dict[str, float]]:
+        """The epochs trial `number` reported, once its values are in the stored study (raises if a write
+        failed: the trial then fails, as an epoch whose report failed did before)."""
+        import threading
+
+        self._wait_open()
+        done = threading.Event()
+        self.writes.put(done.set)
+        done.wait()
+        with self.lock:
+            epochs = self.watched.get(number, {}).get("epochs", [])
+        error = self.write_errors.pop(number, None)
+        if error:
+            raise RuntimeError(f"the trial's values could not be stored: {error}")
+        return epochs
+
+    def history(self, number: int) -> list[dict[str, float]]:
+        """The epochs trial `number` reported so far (what a failed trial's MLflow run can still show)."""
+        self._wait_open()
+        with self.lock:
+            return list(self.watched.get(number, {}).get("epochs", []))
+
+    def settle(self, number: int, state: str, values: list[float] | None) -> None:
+        """Trial `number` is over with `state` (an Optuna TrialState name): later decisions count it so."""
+        from optuna.trial import TrialState
+
+        self._wait_open()
+        with self.lock:
+            self.watched.pop(number, None)
+            if self.mirror is not None:
+                mirror_id = self._mirror_id(number)
+                if not self.mirror._storage.get_trial(mirror_id).state.is_finished():
+                    self.mirror._storage.set_trial_state_values(mirror_id, TrialState[state], values)
 
 
-def start_monitor(*args: Any) -> Any:
-    """A TrialMonitor on the driver's node (a sqlite or journal path must mean the same file), watching the
-    trial `args` name (`TrialMonitor`'s), or idle without them."""
+@dataclass(frozen=True)
+class PruneHook:
+    """A trial's epoch hook (`FitConfig.epoch_hook`): the search's monitor, asked about this trial."""
+
+    monitor: Any
+    number: int
+    stored_id: int  # the trial's id in the stored study
+    last_epoch: int  # reported, never pruned
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
+        import ray
+
+        return bool(ray.get(self.monitor.report.remote(self.number, epoch, metrics, self.stored_id,
+                                                       self.last_epoch)))
+
+
+def start_monitor() -> Any:
+    """A search's TrialMonitor on the driver's node (a sqlite or journal path must mean the same file), idle
+    until `open`ed. Threaded: `end` waits for the stored writes while other trials report."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(num_cpus=0, max_restarts=0)(TrialMonitor)
-    return actor.options(scheduling_strategy=here).remote(*args)
+    actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)(TrialMonitor)
+    return actor.options(scheduling_strategy=here).remote()

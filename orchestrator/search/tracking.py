@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,12 @@ from orchestrator import progress
 
 
 class TrialRuns:
-    """A nested MLflow run per trial, through MlflowClient: the fluent active-run stack is thread-local."""
+    """A nested MLflow run per trial, through MlflowClient: the fluent active-run stack is thread-local.
+
+    A trial's run is created when it starts (its id goes on the Optuna trial, so a resumed search can close
+    the run of a trial a killed driver left behind); its metrics, tags and end are written by one
+    background thread (`finish_later`) while the slot goes on to its next trial, and `flush` waits for
+    them all before the search's outcome is logged."""
 
     def __init__(self, study: str, parent_id: str | None, experiment: str) -> None:
         """`parent_id`: the workflow's run (pipeline.py), under which the trials nest; None: top-level runs
@@ -20,6 +26,8 @@ class TrialRuns:
         from mlflow import MlflowClient
 
         self.client = MlflowClient()
+        self.pending: list[Future[None]] = []
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdflow-trial-runs")
         self.study = study
         self.parent_id = parent_id
         if parent_id:
@@ -55,6 +63,19 @@ class TrialRuns:
             self.client.set_tag(run_id, "kdflow.error", error.strip().splitlines()[-1][:4000])
             self.client.log_text(run_id, error, "error.txt")
         self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
+
+    def finish_later(self, run_id: str, state: str, history: list[dict[str, float]], final: dict[str, float],
+                     error: str | None = None) -> None:
+        """`finish`, on the background thread (in the order called)."""
+        self.pending.append(self.writer.submit(self.finish, run_id, state, list(history), dict(final), error))
+
+    def flush(self) -> None:
+        """Wait for every `finish_later`; raise the first that failed."""
+        pending, self.pending = self.pending, []
+        errors = [f.exception() for f in pending]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def log_search(self, summary: dict[str, Any], plots: Path | None) -> None:
         if not self.parent_id:
