@@ -245,6 +245,11 @@ def part3(trials: int, epochs: int) -> dict:
             "student": {"model": "cnn1d", "params": STUDENT},
             "train": {"epochs": epochs, "batch_size": BATCH, "workers": 1, "checkpoint_interval_s": 600},
             "registry": {"model": "bench-search-student"}}
+    # The teacher and its soft targets first, in a run of their own: else the first search trains the teacher
+    # while its trial slots boot and the second starts with both slots still booting inside its clock (a
+    # bias of ~9 s against whichever search runs second, seen in the trace of 2026-11-29 23:46).
+    with stdout_to_stderr():
+        run_workflow(validate(base))
     for pruner in ("none", "median"):
         spec = validate({**base, "search": {
             "trials": trials, "concurrency": 2, "pruner": pruner, "study": f"bench-{pruner}",
