@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.errors import ShardFailed, UserError
+from tasks.errors import ShardFailed, UserError, user_error_in
 from tasks.kinds import TaskKind
 from tasks.kinds.classification import Classification, teacher_logits
 from tasks.layout import SOFT_TARGETS
@@ -354,9 +354,9 @@ class SoftTargetStore:
         mistakes: list[UserError] = []  # the user's (a source changed under the run): exit 2, not a failed stage
 
         def failed(split: str, i: int, exc: BaseException) -> None:
-            cause = getattr(exc, "cause", exc)  # a Ray task's or actor call's own exception
-            if isinstance(cause, UserError):
-                mistakes.append(cause)
+            mistake = user_error_in(exc)  # inside a Ray task's or actor call's error
+            if mistake is not None:
+                mistakes.append(mistake)
                 return
             entry = plan[split][i]
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
@@ -381,7 +381,7 @@ class SoftTargetStore:
                         break
                     except Exception as exc:  # noqa: BLE001 - the teacher's error or a dead worker: retried
                         error = exc
-                        if isinstance(getattr(exc, "cause", exc), UserError):  # the same again on a retry
+                        if user_error_in(exc) is not None:  # the same again on a retry
                             break
                 if out is None:
                     failed(item[0], item[1], error)
