@@ -64,8 +64,9 @@ def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dt
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-# val and test are cut into shards of about this many rows (at most `shards`): the unit a streamed evaluation
-# holds at once (orchestrator/evaluation.py)
+# val and test are cut into shards of at most this many rows, however few train shards `soft_targets.shards`
+# asks for: the unit a streamed evaluation holds at once (orchestrator/evaluation.py), so its window stays the
+# same at any size
 SPLIT_SHARD_ROWS = 50_000
 
 
@@ -311,7 +312,7 @@ class SoftTargetStore:
         offset = 0
         for split in SPLITS:
             x, y = splits[split]
-            n_shards = shards if split == "train" else max(1, min(shards, int(np.ceil(len(y) / SPLIT_SHARD_ROWS))))
+            n_shards = shards if split == "train" else max(1, int(np.ceil(len(y) / SPLIT_SHARD_ROWS)))
             ranges = shard_ranges(len(y), n_shards) if len(y) else []
             plan[split] = []
             # a split readable from the source by row range goes to each task as it is (small)
