@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -40,18 +41,30 @@ def latency_ms(model: nn.Module, num_features: int, repeats: int = 200) -> float
 
 def stream_metrics(task: TaskKind, model: nn.Module, manifest: dict[str, Any], storage: Storage,
                    split: str = "test") -> dict[str, float]:
-    """The task kind's metrics over a split, read one shard at a time: its counts are additive
-    (`TaskKind.eval_counts`), so the driver holds one shard and the running sums, never the split."""
+    """The task kind's metrics over a split, read one shard at a time (see `split_metrics`)."""
+    return split_metrics(task, {"model": model}, manifest, storage, split)["model"]
+
+
+def split_metrics(task: TaskKind, models: dict[str, nn.Module], manifest: dict[str, Any], storage: Storage,
+                  split: str = "test", without_targets: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """Each model's metrics over a split, in one pass that reads each shard once.
+
+    The task kind's counts are additive (`TaskKind.eval_counts`), so the driver holds one shard and the
+    running sums, never the split. A model named in `without_targets` is scored on the labels alone (a
+    teacher judged against its own stored outputs would agree with itself).
+    """
     dims, cpu = task.dims(manifest), torch.device("cpu")
-    counts: torch.Tensor | None = None
+    counts: dict[str, torch.Tensor] = {}
     with_teacher = False
     for batch in SoftTargetStore(storage).batches(manifest, split):
-        c = task.eval_counts(model, batch, dims, cpu)
-        counts = c if counts is None else counts + c
         with_teacher = with_teacher or bool(batch.targets)
-    if counts is None:
+        bare = dataclasses.replace(batch, targets={})
+        for name, model in models.items():
+            c = task.eval_counts(model, bare if name in without_targets else batch, dims, cpu)
+            counts[name] = c if name not in counts else counts[name] + c
+    if not counts:
         raise UserError(f"no rows in split {split}", where=SoftTargetStore(storage).uri(manifest["key"]))
-    return task.metrics(counts, with_teacher)
+    return {name: task.metrics(c, with_teacher and name not in without_targets) for name, c in counts.items()}
 
 
 def evaluate_test(task: TaskKind, model: nn.Module, manifest: dict[str, Any], storage: Storage) -> dict[str, Any]:

@@ -16,13 +16,13 @@ from torch import nn
 
 from orchestrator import progress, stages
 from orchestrator.configs import student_fit_config, task_for
+from orchestrator.evaluation import split_metrics
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher
 from tasks.kinds import TaskKind
 from tasks.models import model_bytes, num_params
-from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
-from tasks.train import FitResult, evaluate, fit
+from tasks.train import FitResult, fit
 
 
 class TeacherEnsemble(nn.Module):
@@ -52,8 +52,6 @@ def finish_lm(spec: Workflow, chosen: Workflow, data: Any, fit_result: FitResult
 
     task = task_for(spec)
     dims = task.dims(manifest)
-    cpu = torch.device("cpu")
-    test = SoftTargetStore(storage).read(manifest, "test")
     baseline = None
     if chosen.distill.baseline:
         with progress.stage("baseline", f"{chosen.student.model} {chosen.student.params} without KD"):
@@ -61,11 +59,13 @@ def finish_lm(spec: Workflow, chosen: Workflow, data: Any, fit_result: FitResult
             log_history(base_fit.history, prefix="baseline_")
     with progress.stage("evaluate", "test split"):
         model = stages.student_model(chosen, manifest, fit_result)
-        s = evaluate(task, model, test, dims, cpu)
-        teacher_module = TeacherEnsemble(task, [t.model for t in teachers], spec.soft_targets.ensemble)
-        t = task.metrics(task.eval_counts(teacher_module, dataclasses.replace(test, targets={}), dims, cpu), False)
+        models = {"student": model, "teacher": TeacherEnsemble(task, [t.model for t in teachers],
+                                                               spec.soft_targets.ensemble)}
         if chosen.distill.baseline:
-            baseline = evaluate(task, base_model, test, dims, cpu)
+            models["baseline"] = base_model
+        # one pass over the test shards, one shard in memory at a time (the split can outgrow the driver)
+        m = split_metrics(task, models, manifest, storage, without_targets=("teacher",))
+        s, t, baseline = m["student"], m["teacher"], m.get("baseline")
     seq_len = int(dims["seq_len"])
     student: dict[str, Any] = {
         "perplexity": s["perplexity"], "test_loss": s["loss"], "test_accuracy": s["accuracy"],

@@ -3,13 +3,14 @@ latency probe, which must leave the driver as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from orchestrator.evaluation import evaluate_test, latency_ms, teacher_test_accuracy
+from orchestrator.evaluation import evaluate_test, latency_ms, split_metrics, teacher_test_accuracy
 from tasks.models import build_model
 
 
@@ -34,14 +35,15 @@ def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_
     from tasks.train import evaluate
     from tests.test_train import quick_teacher
 
-    monkeypatch.setattr(soft_targets, "SPLIT_SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards
+    monkeypatch.setattr(soft_targets, "SPLIT_SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards, beside 2 train ones
     data = load_dataset("sklearn:digits")
     task = task_kind("classification")
     storage = Storage(".kdflow")
     store = SoftTargetStore(storage)
+    teacher_model = quick_teacher(data.x["train"], data.y["train"])
     manifest, _ = store.precompute(
-        "digits-eval", [quick_teacher(data.x["train"], data.y["train"])], {s: (data.x[s], data.y[s]) for s in SPLITS},
-        shards=5, format="topk", dtype="float16", top_k=3, ensemble="mean_probs", meta={"num_classes": 10,
+        "digits-eval", [teacher_model], {s: (data.x[s], data.y[s]) for s in SPLITS},
+        shards=2, format="topk", dtype="float16", top_k=3, ensemble="mean_probs", meta={"num_classes": 10,
                                                                                           "num_features": 64})
     torch.manual_seed(1)
     student = build_model("mlp", {"hidden": [8]}, 64, 10).eval()  # untrained: agreement and accuracy far from 1
@@ -65,7 +67,19 @@ def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_
     got = evaluate_test(task, student, manifest, storage)
     teacher = teacher_test_accuracy(task, manifest, storage)
     shards = [(s["row_start"], s["row_stop"]) for s in manifest["splits"]["test"]["shards"]]
+    assert len(manifest["splits"]["train"]["shards"]) == 2  # the train count does not cap val/test's
     assert len(shards) == 5 and reads == shards + shards  # two passes, one shard read at a time, each once
     assert got["test_accuracy"] == want["accuracy"] and got["teacher_agreement"] == want["agreement"]
     assert 0.02 < got["test_accuracy"] < 0.9 and 0.02 < got["teacher_agreement"] < 0.9
     assert teacher == pytest.approx(want_teacher, abs=1e-6) and teacher > 0.8
+
+    # several models in one pass (the LM report: student, teacher, baseline): each shard read once, each
+    # model's metrics those of the whole split; the one scored without targets has no agreement to report
+    reads.clear()
+    both = split_metrics(task, {"student": student, "teacher": teacher_model}, manifest, storage,
+                         without_targets=("teacher",))
+    assert reads == shards
+    assert both["student"] == pytest.approx(want, rel=1e-5)
+    bare = dataclasses.replace(whole, targets={})
+    assert both["teacher"] == pytest.approx(evaluate(task, teacher_model, bare, dims, torch.device("cpu")), rel=1e-5)
+    assert "agreement" in want and "agreement" not in both["teacher"]
