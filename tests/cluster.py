@@ -110,13 +110,38 @@ class TwoNodes:
         self.address, self.gcs = f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
         from orchestrator.jobs import auth_headers
 
-        self._wait(lambda: requests.get(f"{self.address}/api/version", headers=auth_headers(), timeout=2).ok,
-                   head, timeout)
-        # a joining node authenticates with the cluster's token (~/.ray/auth_token, written by the head),
-        # and only tries to when told: RAY_AUTH_MODE=token
-        self._start("worker", [f"--address={self.gcs}", "--node-ip-address=127.0.0.1"], {"RAY_AUTH_MODE": "token"})
-        self._wait(lambda: len(self.alive_nodes()) == 2, self.nodes[1], timeout)
+        # the jobs API answers before `ray start` has finished starting the head's other processes; a node
+        # joining then competes with them for the CPU, so wait for the head's own "started" line as well
+        self._wait(lambda: requests.get(f"{self.address}/api/version", headers=auth_headers(), timeout=2).ok
+                   and "Ray runtime started" in head.log.read_text(), head, timeout)
+        self._join(timeout)
         return self
+
+    def _join(self, timeout: float, attempts: int = 3) -> None:
+        """Start the second node; start it again if `ray start` gives up on it.
+
+        `ray start` waits a fixed 30 s for its raylet to register with the GCS and exits 1 past that
+        ("The current node timed out during startup"). On a loaded 2-core machine the first RPC alone
+        can take that long, so that one failure is retried on fresh ports; any other exit is raised.
+        Checked by freezing the head's GCS (SIGSTOP, 40 s) as the node joins: two attempts timed out, the
+        third joined, and the cluster had its two nodes alive.
+        """
+        for attempt in range(1, attempts + 1):
+            # a joining node authenticates with the cluster's token (~/.ray/auth_token, written by the head),
+            # and only tries to when told: RAY_AUTH_MODE=token
+            node = self._start("worker", [f"--address={self.gcs}", "--node-ip-address=127.0.0.1"],
+                               {"RAY_AUTH_MODE": "token"})
+            try:
+                self._wait(lambda: len(self.alive_nodes()) == 2, node, timeout)
+                return
+            except RuntimeError:
+                if attempt == attempts or "timed out during startup" not in node.log.read_text():
+                    raise
+                node.log.rename(node.log.with_suffix(f".attempt{attempt}.log"))
+                node.stop()
+                self.nodes.remove(node)
+                shutil.rmtree(node.temp, ignore_errors=True)
+                time.sleep(5)  # let the GCS mark the half-joined node dead before the next one registers
 
     def _wait(self, ready, node: Node, timeout: float) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
