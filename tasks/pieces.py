@@ -80,7 +80,11 @@ class Reader:
         cols += [self.label] if self.label else []
         try:
             with fs.open(piece.path, "rb") as f:
-                pf = pq.ParquetFile(f, buffer_size=1 << 20)  # page by page, not whole column chunks
+                # page by page, not whole column chunks: pyarrow's pre-buffering (on by default) reads the row
+                # group's chunks whole first, 264 MB against 142 MB without for a 1M-row group of 33 float
+                # columns, and no faster from local disk. On S3 it stays on: it coalesces the ranged GETs.
+                remote = self.url.startswith("s3://")
+                pf = pq.ParquetFile(f, buffer_size=1 << 20 if remote else 1 << 16, pre_buffer=remote)
                 if piece.row_group >= pf.num_row_groups \
                         or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
                     raise SourceChanged(piece, self.where)
