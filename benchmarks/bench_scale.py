@@ -11,6 +11,8 @@ Measured, from the operating system, not from kdflow:
   - worker peak RSS: the largest VmHWM of any train worker process (Ray Train's RayTrainWorker or a warm
     TrialWorker), polled every 0.2 s while the run lasts (a process's VmHWM only grows, so the poll
     misses nothing but a worker that starts and ends between two polls);
+  - the driver's peak by stage: its VmRSS at each poll, charged to the stage whose "▶" line its stderr
+    showed last (where the driver's high-water mark is reached, not only how high it is);
   - stage seconds from the run's result JSON, bytes per row from its soft-target manifest.
 
 Run from the repository root: ``python benchmarks/bench_scale.py [--rows 200000 2000000 ...]``; with
@@ -89,6 +91,17 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
+def vm_rss(pid: int) -> int:
+    """Resident set of a live process now, bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    return 0
+
+
 def worker_pids() -> list[int]:
     out = []
     for p in Path("/proc").iterdir():
@@ -120,9 +133,17 @@ def run_once(rows: int, work: Path, hold_mb: float) -> dict[str, Any]:
                                 stdout=stdout, stderr=stderr)
         driver_peak = 0
         workers: dict[int, int] = {}  # pid -> peak, in the order the workers appeared
+        by_stage: dict[str, int] = {}  # stage -> the driver's largest RSS seen while it was the last begun
+        stage, seen = "start", 0
         t0 = time.perf_counter()
         while proc.poll() is None:
             driver_peak = max(driver_peak, vm_hwm(proc.pid) or 0)
+            text = err.read_text(errors="replace")
+            for line in text[seen:].splitlines():
+                if line.startswith("▶ "):
+                    stage = line[2:].split()[0]
+            seen = len(text)
+            by_stage[stage] = max(by_stage.get(stage, 0), vm_rss(proc.pid))
             for pid in worker_pids():
                 workers[pid] = max(workers.get(pid, 0), vm_hwm(pid) or 0)
             time.sleep(0.2)
@@ -135,7 +156,7 @@ def run_once(rows: int, work: Path, hold_mb: float) -> dict[str, Any]:
     peaks = list(workers.values())
     # without warm stages the teacher's and the student's Ray Train workers are two processes, in that order
     return {"rows": rows, "wall_s": wall, "driver_gb": driver_peak / 1e9, "worker_gb": max(peaks) / 1e9,
-            "last_worker_gb": peaks[-1] / 1e9,
+            "last_worker_gb": peaks[-1] / 1e9, "driver_by_stage": {k: round(v / 1e9, 3) for k, v in by_stage.items()},
             **{f"{k}_s": float(v) for k, v in stages.items()},
             "bytes_per_row": st["bytes"] / st["rows"] if st.get("rows") else float("nan")}
 
@@ -190,7 +211,7 @@ def main() -> None:
         for hold in args.hold_share_mb:
             log(f"{rows:,} rows, train.hold_share_mb {hold:g}")
             r = {"hold_share_mb": hold, **run_once(rows, work, hold)}
-            log(f"  {json.dumps({k: round(v, 3) for k, v in r.items()})}")
+            log(f"  {json.dumps({k: v if isinstance(v, dict) else round(v, 3) for k, v in r.items()})}")
             results.append(r)
     stages = [k for k in results[0] if k.endswith("_s") and k != "wall_s"]
     print(f"load average at the end: {os.getloadavg()}\n")
@@ -206,6 +227,13 @@ def main() -> None:
         print(f"| {r['rows']:,} | {r['hold_share_mb']:g} | {gb('driver_gb')} | {gb('worker_gb')} | "
               f"{gb('last_worker_gb')} | " + " | ".join(f"{r.get(s, float('nan')):.1f}" for s in stages)
               + f" | {r['wall_s']:.0f} s | {r['bytes_per_row']:.0f} |")
+    print("\nThe driver's largest RSS while each stage was the last begun (GB):\n")
+    names = list(dict.fromkeys(k for r in results for k in r["driver_by_stage"]))
+    print("| rows | hold_share_mb | " + " | ".join(names) + " |")
+    print("| ---: | ---: | " + " | ".join("---:" for _ in names) + " |")
+    for r in results:
+        print(f"| {r['rows']:,} | {r['hold_share_mb']:g} | "
+              + " | ".join(f"{r['driver_by_stage'].get(n, float('nan')):.2f}" for n in names) + " |")
 
 
 if __name__ == "__main__":
