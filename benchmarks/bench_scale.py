@@ -9,7 +9,7 @@ MLflow store.
 Measured, from the operating system, not from kdflow:
   - driver peak RSS: the `kdflow run` process's VmHWM (/proc/PID/status), read just before it exits;
   - worker peak RSS: the largest VmHWM of any train worker process (Ray Train's RayTrainWorker or a warm
-    TrialWorker), polled every 0.2 s while the run lasts (a process's VmHWM only grows, so the poll
+    TrialWorker) descended from the run's process (its local Ray), polled every 0.2 s while the run lasts (a process's VmHWM only grows, so the poll
     misses nothing but a worker that starts and ends between two polls);
   - the driver's peak by stage: its VmRSS at each poll, charged to the stage whose "▶" line its stderr
     showed last (where the driver's high-water mark is reached, not only how high it is);
@@ -102,7 +102,16 @@ def vm_rss(pid: int) -> int:
     return 0
 
 
-def worker_pids() -> list[int]:
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def worker_pids(root: int) -> list[int]:
+    """Train worker processes descended from `root` (the run's own local Ray starts under it), so other
+    Ray sessions' workers on the same machine are not counted."""
     out = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -112,7 +121,11 @@ def worker_pids() -> list[int]:
         except OSError:
             continue
         if any(t in cmd for t in WORKER_TITLES):
-            out.append(int(p.name))
+            pid = int(p.name)
+            while pid > 1 and pid != root:
+                pid = parent(pid)
+            if pid == root:
+                out.append(int(p.name))
     return out
 
 
@@ -144,7 +157,7 @@ def run_once(rows: int, work: Path, hold_mb: float) -> dict[str, Any]:
                     stage = line[2:].split()[0]
             seen = len(text)
             by_stage[stage] = max(by_stage.get(stage, 0), vm_rss(proc.pid))
-            for pid in worker_pids():
+            for pid in worker_pids(proc.pid):
                 workers[pid] = max(workers.get(pid, 0), vm_hwm(pid) or 0)
             time.sleep(0.2)
         wall = time.perf_counter() - t0
