@@ -14,19 +14,17 @@ import json
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import progress
-from orchestrator.configs import task_for
-from orchestrator.evaluation import stream_metrics
 from orchestrator.quiet import no_mlflow_eprint
 from orchestrator.spec import GATE_METRICS, Gate, Workflow
 from tasks.errors import UserError
 from tasks.storage import Storage
+
+if TYPE_CHECKING:  # torch is imported where a model is handled: `promote`, `rollback`, `models` start without it
+    import numpy as np
+    from torch import nn
 
 PIP_REQUIREMENTS = ["torch", "numpy", "pandas", "safetensors", "kdflow"]
 CHALLENGER = "challenger"
@@ -36,6 +34,8 @@ MOVE_PREFIX = "kdflow.alias_move."
 def log_student(model: nn.Module, mean: np.ndarray, std: np.ndarray, *, factory: str, params: dict[str, Any],
                 feature_names: list[str], classes: list[Any]) -> str:
     """Log the student as a pickle-free pyfunc taking the user's raw feature columns; returns the model URI."""
+    import torch
+
     from tasks.served import log_pyfunc
 
     names = feature_names or [f"x{i}" for i in range(len(mean))]
@@ -123,6 +123,8 @@ def _champion_accuracy(spec: Workflow, client: Any, name: str, alias: str, manif
     """The alias holder's test accuracy on this run's test split (its own tag when the split is the same)."""
     import mlflow
 
+    from orchestrator.configs import task_for
+    from orchestrator.evaluation import stream_metrics
     from tasks.served import load_module
 
     try:

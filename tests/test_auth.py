@@ -8,11 +8,12 @@ import os
 import secrets
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, free_port, kdflow, wait_for_http
+from tests.conftest import BIN, free_port, kdflow, session_ray_address, wait_for_http
 from tests.helpers import write_workflow
 
 pytestmark = pytest.mark.slow
@@ -60,17 +61,20 @@ def test_credentials_from_the_environment_only_and_never_written(workdir: Path,
     url, password = auth_server["url"], auth_server["password"]
     path = write_workflow(workdir, **{"tracking.uri": url, "registry.model": "auth-student", "train.epochs": 2,
                                       "teacher.train.epochs": 2})
-    wrong = kdflow("run", str(path), cwd=workdir, env={"MLFLOW_TRACKING_USERNAME": "admin",
-                                                       "MLFLOW_TRACKING_PASSWORD": "not-" + password})
+    # three refused runs, each a whole `kdflow run` process; at once, as none of them may start any work
+    session_ray_address()  # started here, not by three threads at once
+    refused = {"wrong": (str(path),), "none": (str(path),),
+               "in_uri": (str(path), "--set", f"tracking.uri=http://admin:{password}@{url.removeprefix('http://')}")}
+    envs = {"wrong": {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "not-" + password}}
+    with ThreadPoolExecutor(len(refused)) as pool:
+        futures = {k: pool.submit(kdflow, "run", *args, cwd=workdir, env=envs.get(k)) for k, args in refused.items()}
+    wrong, none, in_uri = (futures[k].result() for k in ("wrong", "none", "in_uri"))
     assert wrong.returncode == 2, wrong.stderr[-2000:]
     assert "tracking.uri" in wrong.stderr and "wrong user name or password" in wrong.stderr
     assert "Traceback" not in wrong.stderr and password not in wrong.stderr
-    assert not (workdir / ".kdflow" / "soft_targets").exists()  # refused before any work
-    none = kdflow("run", str(path), cwd=workdir)
+    assert not (workdir / ".kdflow" / "soft_targets").exists()  # refused before any work, all three
     assert none.returncode == 2 and "MLFLOW_TRACKING_USERNAME" in none.stderr
 
-    in_uri = kdflow("run", str(path), "--set", f"tracking.uri=http://admin:{password}@{url.removeprefix('http://')}",
-                    cwd=workdir)
     assert in_uri.returncode == 2 and "credentials in the URI" in in_uri.stderr and password not in in_uri.stderr
 
     creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -102,12 +103,18 @@ def test_registry_gates_decide_the_alias_on_a_tracking_server(workdir: Path, mlf
     assert client.get_model_version("gated-student", "2").tags["kdflow.gate.num_params"].startswith("FAIL")
 
     assert client.get_model_version_by_alias("gated-student", "challenger").version == "2"
-    listed = kdflow("models", "show", "gated-student", "--json", "--tracking-uri", mlflow_server, cwd=workdir)
+    # `models show` and a refused `promote` change nothing: both processes at once
+    with ThreadPoolExecutor(2) as pool:
+        showing = pool.submit(kdflow, "models", "show", "gated-student", "--json", "--tracking-uri", mlflow_server,
+                              cwd=workdir)
+        refusing = pool.submit(kdflow, "promote", "gated-student", "--version", "2", "--tracking-uri", mlflow_server,
+                               cwd=workdir)
+    listed, refused = showing.result(), refusing.result()
     assert listed.returncode == 0
     assert [(v["version"], v["aliases"]) for v in json.loads(listed.stdout)["versions"]] == [
         (1, ["champion"]), (2, ["challenger"])]
-    refused = kdflow("promote", "gated-student", "--version", "2", "--tracking-uri", mlflow_server, cwd=workdir)
     assert refused.returncode == 2 and "num_params" in refused.stderr
+    assert client.get_model_version_by_alias("gated-student", "champion").version == "1"  # the refusal moved nothing
     moved = kdflow("promote", "gated-student", "--version", "2", "--force", "--reason", "test", "--tracking-uri",
                    mlflow_server, cwd=workdir)
     assert moved.returncode == 0, moved.stderr

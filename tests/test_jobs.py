@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,13 @@ def test_submit_waits_for_the_job_and_prints_its_result(workdir: Path, ray_head:
     assert result["status"] == "succeeded" and result["student"]["test_accuracy"] > 0.3
     assert (workdir / "store" / "soft_targets" / result["soft_targets"]["cache_key"] / "manifest.json").exists()
 
-    listed = kdflow("jobs", "list", "--address", ray_head, cwd=workdir)
+    # three read-only commands on the finished job: their processes at once
+    with ThreadPoolExecutor(3) as pool:
+        listing, asking, reading = (pool.submit(kdflow, "jobs", *args, "--address", ray_head, cwd=workdir)
+                                    for args in (("list",), ("status", job_id), ("logs", job_id)))
+    listed, status, logs = listing.result(), asking.result(), reading.result()
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    status = kdflow("jobs", "status", job_id, "--address", ray_head, cwd=workdir)
     assert status.stdout.strip() == "SUCCEEDED"
-    logs = kdflow("jobs", "logs", job_id, "--address", ray_head, cwd=workdir)
     assert "soft targets" in logs.stdout
 
 

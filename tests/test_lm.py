@@ -377,6 +377,10 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path, s3_bucket: str) -> Non
     """The whole LM path once: stored on the loopback S3 server (tokenizer, teacher, per-token shards)."""
     raw = lm_workflow(source="python-stdlib", corpus={"max_bytes": 30000}, split={"val": 0.1, "test": 0.1})
     raw["storage"] = {"root": f"s3://{s3_bucket}/lm"}
+    # one shard per split: each shard is a Ray task in a fresh worker process (torch, tokenizer and S3 client
+    # loaded again), and the default 4 train shards put six of those on two cores at once; sharding a split
+    # and resuming a half-written entry are covered above (test_killed_lm_precompute_resumes_...)
+    raw["soft_targets"]["shards"] = 1
     raw.update(train={"epochs": 2, "batch_size": 8, "workers": 2,
                       "optimizer": {"schedule": "cosine", "warmup_steps": 2, "grad_clip": 1.0}})
     raw["teacher"]["train"] = {"epochs": 2, "batch_size": 8}

@@ -7,6 +7,8 @@ it); the CLI commands run as a user runs them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,13 @@ def cli(*args: str, server: str, cwd: Path, actor: str = "tester") -> Any:
     return kdflow(*args, "--tracking-uri", server, cwd=cwd, env={"KDFLOW_ACTOR": actor})
 
 
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
+    """Independent `kdflow` commands (ones that change nothing) as processes at the same time, in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 def test_gates_challenger_champion_forced_promote_rollback_and_history(server: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -73,9 +82,10 @@ def test_gates_challenger_champion_forced_promote_rollback_and_history(server: s
     assert "num_params" in tags["kdflow.promotion"] and "not promoted" in tags["kdflow.promotion"]
     assert tags["kdflow.num_params"] == "500"
 
-    refused = cli("promote", name, "--version", "2", server=server, cwd=tmp_path)
+    # two refusals (a failing gate, --force without --reason) change nothing: their processes at once
+    refused, no_reason = at_once(lambda: cli("promote", name, "--version", "2", server=server, cwd=tmp_path),
+                                 lambda: cli("promote", name, "--version", "2", "--force", server=server, cwd=tmp_path))
     assert refused.returncode == 2 and "num_params" in refused.stderr and "Traceback" not in refused.stderr
-    no_reason = cli("promote", name, "--version", "2", "--force", server=server, cwd=tmp_path)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
@@ -89,7 +99,13 @@ def test_gates_challenger_champion_forced_promote_rollback_and_history(server: s
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version_by_alias(name, "challenger").version == "2"  # rollback moves only @champion
 
-    listed = cli("models", "history", name, "--json", server=server, cwd=tmp_path)
+    # four reads and a refused rollback (nothing before v1 held @champion) change nothing: at once
+    listed, shown_json, shown_text, history_out, again = at_once(
+        lambda: cli("models", "history", name, "--json", server=server, cwd=tmp_path),
+        lambda: cli("models", "show", name, "--json", server=server, cwd=tmp_path),
+        lambda: cli("models", "show", name, server=server, cwd=tmp_path),
+        lambda: cli("models", "history", name, server=server, cwd=tmp_path),
+        lambda: cli("rollback", name, server=server, cwd=tmp_path))
     champion = [m for m in json.loads(listed.stdout) if m["alias"] == "champion"]
     assert [(m["from"], m["to"], m["kind"]) for m in champion] == [(None, 1, "run"), (1, 2, "promote"),
                                                                     (2, 1, "rollback")]
@@ -99,15 +115,14 @@ def test_gates_challenger_champion_forced_promote_rollback_and_history(server: s
     assert champion[2]["actor"] == "bob"
     assert all(m["time"] for m in champion)
 
-    shown = json.loads(cli("models", "show", name, "--json", server=server, cwd=tmp_path).stdout)
+    shown = json.loads(shown_json.stdout)
     assert [(v["version"], v["aliases"]) for v in shown["versions"]] == [(1, ["champion"]), (2, ["challenger"])]
-    text = cli("models", "show", name, server=server, cwd=tmp_path).stdout
+    text = shown_text.stdout
     assert "FAIL num_params" in text and "rollback from v2" in text and "bob" in text, text
-    history_text = cli("models", "history", name, server=server, cwd=tmp_path).stdout
+    history_text = history_out.stdout
     assert "alice" in history_text and "rollback" in history_text
 
     # nothing before v1 held @champion: a second rollback of the same chain refuses and changes nothing
-    again = cli("rollback", name, server=server, cwd=tmp_path)
     assert again.returncode == 2 and "no earlier holder" in again.stderr
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 

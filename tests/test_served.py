@@ -75,17 +75,19 @@ def test_registered_student_is_pickle_free_loads_fresh_and_serves_http(workdir: 
             "print(json.dumps([str(v) for v in m.predict(pd.DataFrame(rows['data'], columns=rows['columns']))]))\n")
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin, as in an activated venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    fresh = subprocess.run([sys.executable, "-c", code], check=False, input=json.dumps({"columns": cols, "data": x[:40].tolist()}),
-                           capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == own.tolist()
-
     port = free_port()
+    # the server boots while the fresh process loads the model (both only read the registry): their
+    # interpreter starts and imports overlap instead of adding up
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/served-student@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     try:
+        fresh = subprocess.run([sys.executable, "-c", code], check=False, timeout=300, capture_output=True, text=True,
+                               input=json.dumps({"columns": cols, "data": x[:40].tolist()}), env=env, cwd=workdir)
+        assert fresh.returncode == 0, fresh.stderr[-3000:]
+        assert json.loads(fresh.stdout.strip().splitlines()[-1]) == own.tolist()
+
         wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=server)
         # two rows, columns in another order than training: the names decide, not the positions
         order = cols[::-1]
