@@ -452,7 +452,9 @@ def test_pareto_search_picks_by_the_rule_and_records_a_failed_trial(workdir: Pat
 
 def test_killed_search_resumes_keeping_its_finished_trials(workdir: Path, store: Path, teacher: Path) -> None:
     seed_store(workdir, store)
-    trials = 4
+    # enough trials that the kill lands mid-search: warm trials take about a second, and with 4 the two in
+    # flight when the second one completed sometimes finished too before the kill (a CI failure, 4 < 4)
+    trials = 8
     path = workdir / "wf.yaml"
     path.write_text(json.dumps(base(teacher, **{"train.epochs": 2, "search": {
         "trials": trials, "concurrency": 2, "pruner": "none", "space": SPACE}})))  # JSON is YAML
