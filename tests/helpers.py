@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +38,11 @@ def write_workflow(folder: Path, name: str = "wf.yaml", **overrides: Any) -> Pat
     path = folder / name
     path.write_text(yaml.safe_dump(workflow(**overrides), sort_keys=False))
     return path
+
+
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
+    """Independent commands (ones that change nothing, or are all refused) run at the same time; their
+    results in the order given. Each is still its own process, as a user runs it."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]

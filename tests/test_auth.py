@@ -8,13 +8,12 @@ import os
 import secrets
 import subprocess
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BIN, free_port, kdflow, session_ray_address, wait_for_http
-from tests.helpers import write_workflow
+from tests.helpers import at_once, write_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +65,8 @@ def test_credentials_from_the_environment_only_and_never_written(workdir: Path,
     refused = {"wrong": (str(path),), "none": (str(path),),
                "in_uri": (str(path), "--set", f"tracking.uri=http://admin:{password}@{url.removeprefix('http://')}")}
     envs = {"wrong": {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "not-" + password}}
-    with ThreadPoolExecutor(len(refused)) as pool:
-        futures = {k: pool.submit(kdflow, "run", *args, cwd=workdir, env=envs.get(k)) for k, args in refused.items()}
-    wrong, none, in_uri = (futures[k].result() for k in ("wrong", "none", "in_uri"))
+    wrong, none, in_uri = at_once(*(lambda k=k: kdflow("run", *refused[k], cwd=workdir, env=envs.get(k))
+                                    for k in ("wrong", "none", "in_uri")))
     assert wrong.returncode == 2, wrong.stderr[-2000:]
     assert "tracking.uri" in wrong.stderr and "wrong user name or password" in wrong.stderr
     assert "Traceback" not in wrong.stderr and password not in wrong.stderr

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import kdflow
-from tests.helpers import write_workflow
+from tests.helpers import at_once, write_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -104,12 +103,9 @@ def test_registry_gates_decide_the_alias_on_a_tracking_server(workdir: Path, mlf
 
     assert client.get_model_version_by_alias("gated-student", "challenger").version == "2"
     # `models show` and a refused `promote` change nothing: both processes at once
-    with ThreadPoolExecutor(2) as pool:
-        showing = pool.submit(kdflow, "models", "show", "gated-student", "--json", "--tracking-uri", mlflow_server,
-                              cwd=workdir)
-        refusing = pool.submit(kdflow, "promote", "gated-student", "--version", "2", "--tracking-uri", mlflow_server,
-                               cwd=workdir)
-    listed, refused = showing.result(), refusing.result()
+    listed, refused = at_once(
+        lambda: kdflow("models", "show", "gated-student", "--json", "--tracking-uri", mlflow_server, cwd=workdir),
+        lambda: kdflow("promote", "gated-student", "--version", "2", "--tracking-uri", mlflow_server, cwd=workdir))
     assert listed.returncode == 0
     assert [(v["version"], v["aliases"]) for v in json.loads(listed.stdout)["versions"]] == [
         (1, ["champion"]), (2, ["challenger"])]

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BIN, free_port, kdflow, wait_for_http
-from tests.helpers import write_workflow
+from tests.helpers import at_once, write_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +59,8 @@ def test_submit_waits_for_the_job_and_prints_its_result(workdir: Path, ray_head:
     assert (workdir / "store" / "soft_targets" / result["soft_targets"]["cache_key"] / "manifest.json").exists()
 
     # three read-only commands on the finished job: their processes at once
-    with ThreadPoolExecutor(3) as pool:
-        listing, asking, reading = (pool.submit(kdflow, "jobs", *args, "--address", ray_head, cwd=workdir)
-                                    for args in (("list",), ("status", job_id), ("logs", job_id)))
-    listed, status, logs = listing.result(), asking.result(), reading.result()
+    listed, status, logs = at_once(*(lambda args=args: kdflow("jobs", *args, "--address", ray_head, cwd=workdir)
+                                     for args in (("list",), ("status", job_id), ("logs", job_id))))
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     assert status.stdout.strip() == "SUCCEEDED"
     assert "soft targets" in logs.stdout

@@ -7,8 +7,6 @@ it); the CLI commands run as a user runs them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import torch
 from orchestrator.errors import UserError
 from orchestrator.spec import validate
 from tests.conftest import kdflow
-from tests.helpers import workflow
+from tests.helpers import at_once, workflow
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["low", "high"]
@@ -53,13 +51,6 @@ def server(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def cli(*args: str, server: str, cwd: Path, actor: str = "tester") -> Any:
     return kdflow(*args, "--tracking-uri", server, cwd=cwd, env={"KDFLOW_ACTOR": actor})
-
-
-def at_once(*calls: Callable[[], Any]) -> list[Any]:
-    """Independent `kdflow` commands (ones that change nothing) as processes at the same time, in order."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-    return [f.result() for f in futures]
 
 
 def test_gates_challenger_champion_forced_promote_rollback_and_history(server: str, tmp_path: Path) -> None:
