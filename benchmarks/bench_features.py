@@ -65,8 +65,8 @@ def main() -> None:
     n = len(train)
     log(f"{args.rows:,} rows, train split {n:,}, {args.shards} shards; work dir {work}")
 
+    torch.manual_seed(0)  # the same teacher every run
     teacher = torch.nn.Linear(FEATURES, CLASSES)
-    torch.manual_seed(0)
     ranges = shard_ranges(n, args.shards)
     encode_s = {"with": 0.0, "without": 0.0}
     for i, (a, b) in enumerate(ranges):

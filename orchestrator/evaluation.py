@@ -58,7 +58,7 @@ def split_metrics(task: TaskKind, models: dict[str, nn.Module], manifest: dict[s
     with_teacher = False
     for batch in SoftTargetStore(storage).batches(manifest, split):
         with_teacher = with_teacher or bool(batch.targets)
-        bare = dataclasses.replace(batch, targets={})
+        bare = dataclasses.replace(batch, targets={}) if without_targets else batch
         for name, model in models.items():
             c = task.eval_counts(model, bare if name in without_targets else batch, dims, cpu)
             counts[name] = c if name not in counts else counts[name] + c
