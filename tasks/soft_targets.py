@@ -64,10 +64,28 @@ def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dt
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-# val and test are cut into shards of at most this many rows, however few train shards `soft_targets.shards`
-# asks for: the unit a streamed evaluation holds at once (orchestrator/evaluation.py), so its window stays the
-# same at any size
-SPLIT_SHARD_ROWS = 50_000
+# Every shard file holds at most SHARD_ROWS rows and about SHARD_BYTES stored bytes, whatever the split's size
+# or `soft_targets.shards` (which sets how many tasks compute train, each writing its range as files of this
+# bound): a shard is the unit a worker reads, verifies and decodes at once (tasks/stream.py), a streamed
+# evaluation holds (orchestrator/evaluation.py) and a task holds between its forward and its write, so all
+# three stay the same at any size. val and test get one task per SHARD_ROWS rows.
+SHARD_ROWS = 50_000
+SHARD_BYTES = 16 * 2**20
+
+
+def row_bytes(x: Any, y: Any, num_classes: int, format: str, dtype: str, top_k: int | None) -> int:
+    """About what one row takes stored (before compression): its inputs, label(s) and teacher targets. A
+    sequence row (an LM's: labels [n, S]) has per-token targets."""
+    width = x.num_features if isinstance(x, SplitRows) else int(np.prod(x.shape[1:], dtype=np.int64))
+    tokens = int(y.shape[1]) if getattr(y, "ndim", 1) == 2 else 1
+    per_value = TORCH_DTYPES[dtype].itemsize
+    targets = num_classes * per_value if format == "logits" else int(top_k or 1) * (per_value + 4) + 4
+    return 8 + width * 4 + tokens * (8 + targets)
+
+
+def file_cuts(a: int, b: int, max_rows: int) -> list[tuple[int, int]]:
+    """[a, b) cut into as few equal files as keep each at most `max_rows` rows."""
+    return [(a + lo, a + hi) for lo, hi in shard_ranges(b - a, -(-(b - a) // max(1, max_rows)))]
 
 
 def shard_ranges(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -82,30 +100,55 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 # ---------------------------------------------------------------- teacher forward (a Ray task or a warm call per shard)
 
-# A shard runner: called with `compute_shard`'s positional arguments (teachers, x and y as Ray object refs),
-# it computes and writes the shard somewhere (the run's warm actor) and returns its entry, or raises.
-ShardRunner = Callable[..., dict[str, Any]]
+# A shard runner: called with `compute_shards`' positional arguments (teachers, x and y as Ray object refs),
+# it computes and writes the shards somewhere (the run's warm actor) and returns their entries, or raises.
+ShardRunner = Callable[..., list[dict[str, Any]]]
 
 
-def compute_shard(task: TaskKind, storage: Storage, path: str, teachers: list[torch.nn.Module],
-                  x: np.ndarray | SplitRows, y: np.ndarray | SplitRows, start: int, stop: int, row_offset: int, format: str, dtype: str, top_k: int | None,
-                  ensemble: str, threads: int = 1) -> dict[str, Any]:
-    """Run the teacher(s) over rows [start, stop) of a split (its arrays, or `SplitRows` read from the
-    source here) and write one shard; returns its manifest entry.
+def _rows_by_file(x: np.ndarray | SplitRows, y: np.ndarray | SplitRows, files: list[tuple[str, int, int]],
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each file's rows (features, labels) in order. From a source, its pieces are read once each, in order,
+    and only those that hold some file's rows (a resumed task skips the pieces of the files already written):
+    what is held is at most one piece's rows of the split and one file's."""
+    if not isinstance(x, SplitRows):
+        for _, a, b in files:
+            yield x[a:b], y[a:b]
+        return
+    ranges = iter(x.ranges(files[0][1], files[-1][2]))  # each within one piece
+    held: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    for _, a, b in files:
+        held = [h for h in held if h[1] > a]
+        while not held or held[-1][1] < b:
+            lo, hi = next(ranges)
+            if hi > a:
+                held.append((lo, hi, *x.rows(lo, hi)))
+        parts = [(h[2][max(a, h[0]) - h[0]:min(b, h[1]) - h[0]], h[3][max(a, h[0]) - h[0]:min(b, h[1]) - h[0]])
+                 for h in held if h[0] < b]
+        yield (np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0],
+               np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1])
+
+
+def compute_shards(task: TaskKind, storage: Storage, files: list[tuple[str, int, int]],
+                   teachers: list[torch.nn.Module], x: np.ndarray | SplitRows, y: np.ndarray | SplitRows,
+                   row_offset: int, format: str, dtype: str, top_k: int | None, ensemble: str,
+                   threads: int = 1) -> list[dict[str, Any]]:
+    """Run the teacher(s) over each file's rows [start, stop) of a split (its arrays, or `SplitRows` read
+    from the source here) and write the file before the next one's forward; returns their manifest entries.
 
     `threads`: 1 in a Ray task (tasks run side by side); a warm actor computing shards one after another
     gets its torch threads."""
     torch.set_num_threads(threads)
+    out = []
     t0 = time.perf_counter()
-    if isinstance(x, SplitRows):  # read from the source's pieces here, not put into Ray by the driver
-        xs, ys = x.rows(start, stop)
-    else:
-        xs, ys = x[start:stop], y[start:stop]
-    logits = task.teacher_outputs(teachers, xs, ensemble)
-    data = encode_rows(np.arange(row_offset + start, row_offset + stop), xs, ys, logits, format, dtype, top_k)
-    storage.write_bytes(path, data)
-    return {"rows": stop - start, "bytes": len(data), "sha256": sha256_bytes(data),
-            "forward_rows": stop - start, "seconds": time.perf_counter() - t0}
+    for (path, start, stop), (xs, ys) in zip(files, _rows_by_file(x, y, files), strict=True):
+        logits = task.teacher_outputs(teachers, xs, ensemble)
+        data = encode_rows(np.arange(row_offset + start, row_offset + stop), xs, ys, logits, format, dtype, top_k)
+        del logits, xs, ys
+        storage.write_bytes(path, data)
+        out.append({"rows": stop - start, "bytes": len(data), "sha256": sha256_bytes(data),
+                    "forward_rows": stop - start, "seconds": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+    return out
 
 
 # ---------------------------------------------------------------- the store
@@ -266,7 +309,10 @@ class SoftTargetStore:
         existing = self._existing(key, teachers, format, dtype, top_k, ensemble, meta)
         if existing is not None:
             return existing, PrecomputeStats(reused=True, computed_shards=0, forward_rows=0)
-        plan, todo = self._plan(key, splits, shards, format, dtype, on_shard)
+        first = next((v for v in splits.values() if len(v[1])), splits["train"])
+        max_rows = min(SHARD_ROWS, max(1, SHARD_BYTES // row_bytes(*first, int(meta.get("num_classes", 1)), format,
+                                                                    dtype, top_k)))
+        plan, todo = self._plan(key, splits, shards, format, dtype, max_rows, on_shard)
         computed, forward_rows = self._dispatch(key, plan, todo, task, teachers, format=format, dtype=dtype,
                                                 top_k=top_k, ensemble=ensemble, max_retries=max_retries,
                                                 workers=workers, on_shard=on_shard, runner=runner)
@@ -302,35 +348,45 @@ class SoftTargetStore:
         return existing
 
     def _plan(self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], shards: int, format: str,
-              dtype: str, on_shard: Callable[[str, int, int, bool], None] | None,
-              ) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, int, tuple[Any, ...]]]]:
-        """Every shard's manifest entry, and the shards still to compute (a killed run's whole ones are kept)."""
+              dtype: str, max_rows: int, on_shard: Callable[[str, int, int, bool], None] | None,
+              ) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, list[int], tuple[Any, ...]]]]:
+        """Every shard's manifest entry, and the tasks still to run: each a split, the indices of its shards
+        still to compute (a killed run's whole ones are kept) and its arguments. Train is `shards` tasks, val
+        and test one per SHARD_ROWS rows; each task's range is cut into files of at most `max_rows` rows."""
         import ray
 
         plan: dict[str, list[dict[str, Any]]] = {}
-        todo: list[tuple[str, int, tuple[Any, ...]]] = []
+        todo: list[tuple[str, list[int], tuple[Any, ...]]] = []
         offset = 0
         for split in SPLITS:
             x, y = splits[split]
-            n_shards = shards if split == "train" else max(1, int(np.ceil(len(y) / SPLIT_SHARD_ROWS)))
-            ranges = shard_ranges(len(y), n_shards) if len(y) else []
+            n_tasks = shards if split == "train" else max(1, int(np.ceil(len(y) / SHARD_ROWS)))
+            tasks = [file_cuts(a, b, max_rows) for a, b in shard_ranges(len(y), n_tasks)] if len(y) else []
+            count = sum(len(t) for t in tasks)
             plan[split] = []
             # a split readable from the source by row range goes to each task as it is (small)
-            refs = None if not ranges else (x, y) if isinstance(x, SplitRows) else (ray.put(x), ray.put(y))
-            for i, (a, b) in enumerate(ranges):
-                rel = shard_name(split, i, len(ranges))
-                entry = {"path": rel, "row_start": a, "row_stop": b, "rows": b - a, "row_id_offset": offset}
-                plan[split].append(entry)
-                path = self._shard_path(key, rel)
-                if self.storage.exists(path):  # left by an interrupted run
-                    data = self._reusable_shard(path, entry, format, dtype)
-                    if data is not None:
-                        entry.update(bytes=len(data), sha256=sha256_bytes(data))
-                        if on_shard:
-                            on_shard(split, i, len(ranges), True)
-                        continue
-                    log.warning("recomputing %s: it does not hold this entry's rows", self.storage._display(path))
-                todo.append((split, i, (self.storage, path, refs[0], refs[1], a, b, offset)))
+            refs = None if not tasks else (x, y) if isinstance(x, SplitRows) else (ray.put(x), ray.put(y))
+            for cuts in tasks:
+                missing: list[int] = []
+                for a, b in cuts:
+                    i = len(plan[split])
+                    rel = shard_name(split, i, count)
+                    entry = {"path": rel, "row_start": a, "row_stop": b, "rows": b - a, "row_id_offset": offset}
+                    plan[split].append(entry)
+                    path = self._shard_path(key, rel)
+                    if self.storage.exists(path):  # left by an interrupted run
+                        data = self._reusable_shard(path, entry, format, dtype)
+                        if data is not None:
+                            entry.update(bytes=len(data), sha256=sha256_bytes(data))
+                            if on_shard:
+                                on_shard(split, i, count, True)
+                            continue
+                        log.warning("recomputing %s: it does not hold this entry's rows", self.storage._display(path))
+                    missing.append(i)
+                if missing:
+                    files = [(self._shard_path(key, plan[split][i]["path"]), plan[split][i]["row_start"],
+                              plan[split][i]["row_stop"]) for i in missing]
+                    todo.append((split, missing, (self.storage, files, refs[0], refs[1], offset)))
             offset += len(y)
         return plan, todo
 
@@ -348,30 +404,33 @@ class SoftTargetStore:
         teachers_ref = ray.put(teachers)
         computed, forward_rows, failures = 0, 0, []
 
-        def args(item: tuple[str, int, tuple[Any, ...]]) -> tuple[Any, ...]:
-            storage, path, x_ref, y_ref, a, b, off = item[2]
-            return (task, storage, path, teachers_ref, x_ref, y_ref, a, b, off, format, dtype, top_k, ensemble)
+        def args(item: tuple[str, list[int], tuple[Any, ...]]) -> tuple[Any, ...]:
+            storage, files, x_ref, y_ref, off = item[2]
+            return (task, storage, files, teachers_ref, x_ref, y_ref, off, format, dtype, top_k, ensemble)
 
         mistakes: list[UserError] = []  # the user's (a source changed under the run): exit 2, not a failed stage
 
-        def failed(split: str, i: int, exc: BaseException) -> None:
+        def failed(split: str, idx: list[int], exc: BaseException) -> None:
+            """A task failed: each of its shards not written is a failure (those it wrote are left for a rerun)."""
             mistake = user_error_in(exc)  # inside a Ray task's or actor call's error
             if mistake is not None:
                 mistakes.append(mistake)
                 return
-            entry = plan[split][i]
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
-                            f"{entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
-                            f"{type(exc).__name__}: {reason}")
+            for i in idx:
+                entry = plan[split][i]
+                failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
+                                f"{entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
+                                f"{type(exc).__name__}: {reason}")
 
-        def done(split: str, i: int, out: dict[str, Any]) -> None:
+        def done(split: str, idx: list[int], outs: list[dict[str, Any]]) -> None:
             nonlocal computed, forward_rows
-            plan[split][i].update(bytes=out["bytes"], sha256=out["sha256"])
-            computed += 1
-            forward_rows += out["forward_rows"]
-            if on_shard:
-                on_shard(split, i, len(plan[split]), False)
+            for i, out in zip(idx, outs, strict=True):
+                plan[split][i].update(bytes=out["bytes"], sha256=out["sha256"])
+                computed += 1
+                forward_rows += out["forward_rows"]
+                if on_shard:
+                    on_shard(split, i, len(plan[split]), False)
 
         if runner is not None:  # one after another on a warm process: each shard tried 1 + max_retries times
             for item in todo:
@@ -389,8 +448,8 @@ class SoftTargetStore:
                     continue
                 done(item[0], item[1], out)
         else:
-            remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shard)
-            pending: dict[Any, tuple[str, int]] = {}
+            remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shards)
+            pending: dict[Any, tuple[str, list[int]]] = {}
             while todo or pending:
                 while todo and (workers is None or len(pending) < workers):
                     item = todo.pop(0)

@@ -4,6 +4,7 @@ latency probe, which must leave the driver as it was."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_
     from tasks.train import evaluate
     from tests.test_train import quick_teacher
 
-    monkeypatch.setattr(soft_targets, "SPLIT_SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards, beside 2 train ones
+    monkeypatch.setattr(soft_targets, "SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards; 2 train tasks' files
     data = load_dataset("sklearn:digits")
     task = task_kind("classification")
     storage = Storage(".kdflow")
@@ -67,7 +68,8 @@ def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_
     got = evaluate_test(task, student, manifest, storage)
     teacher = teacher_test_accuracy(task, manifest, storage)
     shards = [(s["row_start"], s["row_stop"]) for s in manifest["splits"]["test"]["shards"]]
-    assert len(manifest["splits"]["train"]["shards"]) == 2  # the train count does not cap val/test's
+    train = [s["rows"] for s in manifest["splits"]["train"]["shards"]]
+    assert max(train) <= 60 and len(train) == 2 * math.ceil(sum(train) / 2 / 60)  # 2 tasks, each cut in files
     assert len(shards) == 5 and reads == shards + shards  # two passes, one shard read at a time, each once
     assert got["test_accuracy"] == want["accuracy"] and got["teacher_agreement"] == want["agreement"]
     assert 0.02 < got["test_accuracy"] < 0.9 and 0.02 < got["teacher_agreement"] < 0.9

@@ -3,6 +3,7 @@ the fingerprint, and a file that changes between the reduction and the read (tas
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -213,10 +214,11 @@ def test_source_rows_load_the_splits_rows_bit_for_bit_in_blocks_cut_at_piece_bou
             assert [hi for _, hi in blocks] == sorted({b, *(e for e in ends if a < e < b)})
 
 
-def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give(ray_session: None,
-                                                                                 workdir: Path) -> None:
+def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give(
+        ray_session: None, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    from tasks import soft_targets
     from tasks.soft_targets import SPLITS, SoftTargetStore
     from tasks.storage import Storage
 
@@ -234,6 +236,24 @@ def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give
     assert stats.forward_rows == 550
     assert [[e["sha256"] for e in read["splits"][s]["shards"]] for s in SPLITS] == \
         [[e["sha256"] for e in held["splits"][s]["shards"]] for s in SPLITS]
+
+    # files bounded below a task's range: each task writes several, some across the two files' boundary
+    monkeypatch.setattr(soft_targets, "SHARD_ROWS", 40)
+    held, _ = store.precompute("held-40", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
+    read, _ = store.precompute("read-40", [teacher], rows, **args)
+    train = read["splits"]["train"]["shards"]
+    assert max(e["rows"] for e in train) <= 40 and len(train) == 3 * math.ceil(len(d.y["train"]) / 3 / 40)
+    sums = {m["key"]: [[e["sha256"] for e in m["splits"][s]["shards"]] for s in SPLITS] for m in (held, read)}
+    assert sums["read-40"] == sums["held-40"]
+    # a task killed after some of its files: the rerun computes only its missing ones, reading past the others
+    entry = workdir / ".kdflow" / "soft_targets" / "read-40"
+    (entry / "manifest.json").unlink()
+    gone = train[1:3] + train[-1:]
+    for e in gone:
+        (entry / e["path"]).unlink()
+    again, stats = store.precompute("read-40", [teacher], rows, **args)
+    assert stats.forward_rows == sum(e["rows"] for e in gone) and stats.computed_shards == len(gone)
+    assert [[e["sha256"] for e in again["splits"][s]["shards"]] for s in SPLITS] == sums["held-40"]
 
 
 def test_workers_read_a_local_source_only_while_the_cluster_is_on_this_machine(ray_session: None,

@@ -48,12 +48,13 @@ class TrialWorker:
         with span("actor fit"):
             return fit_here(with_cache(cfg, self.cache), storage=storage, run_name=run_name)
 
-    def shard(self, *args: Any, threads: int = 1) -> dict[str, Any]:
-        """One soft-target shard (`tasks.soft_targets.compute_shard`'s arguments), written from this process."""
-        from tasks.soft_targets import compute_shard
+    def shard(self, *args: Any, threads: int = 1) -> list[dict[str, Any]]:
+        """One task's soft-target shards (`tasks.soft_targets.compute_shards`' arguments), written from this
+        process."""
+        from tasks.soft_targets import compute_shards
 
-        self.shards += 1
-        return compute_shard(*args, threads=threads)
+        self.shards += 1  # tasks run, failed ones included
+        return compute_shards(*args, threads=threads)
 
     def info(self) -> dict[str, Any]:
         """The process, how many fits and shards it ran, and the cache keys whose rows it holds."""
@@ -118,14 +119,14 @@ class Slot:
                 if on_retry is not None:
                     on_retry(retries)
 
-    def shard(self, *args: Any, threads: int = 1) -> dict[str, Any]:
-        """One soft-target shard on the slot's worker. A dead worker is dropped (the next call starts a fresh
-        one) and the error raised: the store retries the shard as it retries a failed Ray task."""
+    def shard(self, *args: Any, threads: int = 1) -> list[dict[str, Any]]:
+        """One task's soft-target shards on the slot's worker. A dead worker is dropped (the next call starts a
+        fresh one) and the error raised: the store retries the task as it retries a failed Ray task."""
         import ray
 
         worker = self.start(self.worker_cpus if self.worker_cpus is not None else 1)
         try:
-            return dict(ray.get(worker.shard.remote(*args, threads=threads)))
+            return list(ray.get(worker.shard.remote(*args, threads=threads)))
         except ray.exceptions.RayActorError:
             self.worker = None
             self.replaced += 1
