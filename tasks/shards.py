@@ -107,6 +107,20 @@ class TargetBatch:
         return TargetBatch(self.row_id[idx], self.x[idx], self.y[idx], {k: v[idx] for k, v in self.targets.items()})
 
     @staticmethod
+    def empty_like(like: TargetBatch, rows: int) -> TargetBatch:
+        """`rows` uninitialized rows of `like`'s columns (shapes past the first, dtypes)."""
+        def new(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty((rows, *t.shape[1:]), dtype=t.dtype)
+
+        return TargetBatch(new(like.row_id), new(like.x), new(like.y), {k: new(v) for k, v in like.targets.items()})
+
+    def put(self, idx: torch.Tensor, rows: TargetBatch) -> None:
+        """Write `rows` at positions `idx` (one position per row)."""
+        self.row_id[idx], self.x[idx], self.y[idx] = rows.row_id, rows.x, rows.y
+        for k, v in rows.targets.items():
+            self.targets[k][idx] = v
+
+    @staticmethod
     def concat(parts: list[TargetBatch]) -> TargetBatch:
         return TargetBatch(torch.cat([p.row_id for p in parts]), torch.cat([p.x for p in parts]),
                            torch.cat([p.y for p in parts]),

@@ -18,6 +18,7 @@ of a few MB, a window mixes hundreds of shards, so a split that keeps a label-so
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import torch
 from tasks.shards import TargetBatch
 
 ARRAY_BLOCK_ROWS = 65_536  # block size of a source with no boundaries of its own
+WINDOW_SHARE = 1 / 16  # of `hold_share_bytes`: the rows a streamed epoch shuffles together
+VAL_HOLD_SHARE = 1 / 8  # of `hold_share_bytes`: a validation share over it streams (it is held beside training's)
 
 
 def blocks(source: Any, start: int, stop: int) -> list[tuple[int, int]]:
@@ -61,15 +64,57 @@ def streamed(source: Any, start: int, stop: int, hold_bytes: int) -> Streamed | 
     """Rows [start, stop) as a Streamed share when they stream (`streams`), else None (held whole)."""
     if not streams(source, start, stop, hold_bytes):
         return None
+    give_back_freed_windows()
     pieces = blocks(source, start, stop)
     return Streamed(getattr(source, "uncached", source), pieces, window_blocks(source, pieces, hold_bytes))
 
 
+def give_back_freed_windows() -> None:
+    """Have glibc return a freed window's memory to the system, as it does by default until the first one.
+
+    A window is tens of MB; glibc serves such an allocation with its own mmap, but when one is freed it
+    raises its mmap threshold to that size (up to 32 MB), so the next windows come from the heap and stay
+    there, fragmented: a 20M-row student's worker grew 762 -> 871 MiB from its first epoch to its second,
+    and 743 -> 759 with the threshold fixed at 1 MB (benchmarks/RESULTS-scale.md). Fixing it also stops
+    the adjustment. Batches (well under 1 MB) are not affected. Nothing is done off glibc."""
+    global _MMAP_FIXED
+    if _MMAP_FIXED or not sys.platform.startswith("linux"):
+        return
+    _MMAP_FIXED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # another C library: nothing to set
+        pass
+
+
+_MMAP_FIXED = False
+
+
 def window_blocks(source: Any, pieces: list[tuple[int, int]], hold_bytes: int) -> int:
-    """How many blocks an epoch shuffles together: as many of the largest as fit in a quarter of
-    `hold_bytes` (the window in training, the next one being read and joined), at least one."""
+    """How many blocks an epoch shuffles together: as many of the largest as fit in WINDOW_SHARE of
+    `hold_bytes`, at least one. A worker holds the window being trained and the next one being built."""
     largest = max((source.stored_bytes(a, b) for a, b in pieces), default=0)
-    return max(1, hold_bytes // 4 // largest) if largest else 1
+    return max(1, int(hold_bytes * WINDOW_SHARE) // largest) if largest else 1
+
+
+def _load_shuffled(source: Any, group: list[tuple[int, int]], perm: torch.Tensor) -> TargetBatch:
+    """The group's rows joined and taken in `perm`'s order, built block by block into the result: what is
+    held is the result and one block, never the joined rows beside their shuffled copy."""
+    where = torch.empty_like(perm)
+    where[perm] = torch.arange(len(perm))  # row i of the joined rows goes to where[i]
+    out: TargetBatch | None = None
+    at = 0
+    for a, b in group:
+        part = source.load(a, b)
+        if out is None:
+            out = TargetBatch.empty_like(part, len(perm))
+        out.put(where[at:at + len(part)], part)
+        at += len(part)
+        del part
+    assert out is not None and at == len(perm), "a block gave other rows than its range"
+    return out
 
 
 def _load_group(source: Any, group: list[tuple[int, int]]) -> TargetBatch:
@@ -77,19 +122,55 @@ def _load_group(source: Any, group: list[tuple[int, int]]) -> TargetBatch:
     return parts[0] if len(parts) == 1 else TargetBatch.concat(parts)
 
 
-def _read_ahead(source: Any, groups: list[list[tuple[int, int]]]) -> Iterator[TargetBatch]:
-    """Each group's rows (its blocks joined) in order, the next group read by a thread while the caller works
-    on the current one."""
+def _read_ahead(source: Any, groups: list[list[tuple[int, int]]], gen: torch.Generator | None = None,
+                ) -> Iterator[TargetBatch]:
+    """Each group's rows (its blocks joined, shuffled by `gen` when given) in order, the next group read by a
+    thread while the caller works on the current one. The permutations are drawn here, in group order, so
+    the order depends only on `gen`'s seed."""
     if not groups:
         return
+
+    def submit(group: list[tuple[int, int]]) -> Any:
+        if gen is None:
+            return pool.submit(_load_group, source, group)
+        return pool.submit(_load_shuffled, source, group, torch.randperm(sum(b - a for a, b in group), generator=gen))
+
     with ThreadPoolExecutor(1, thread_name_prefix="kdflow-read-ahead") as pool:
-        pending = pool.submit(_load_group, source, groups[0])
+        pending = submit(groups[0])
         for nxt in [*groups[1:], None]:
             rows = pending.result()
             if nxt is not None:
-                pending = pool.submit(_load_group, source, nxt)
+                pending = submit(nxt)
             yield rows
             del rows  # the caller's chunk holds what it still needs; drop this window before the next read
+
+
+def whole_batches(segments: Iterator[TargetBatch], rows: int, batch_size: int) -> Iterator[TargetBatch]:
+    """`rows` rows of the segments, in order, as chunks of which all but the last are whole batches. A batch
+    that spans two segments is joined on its own (a batch of rows), so no segment is copied whole."""
+    carry: TargetBatch | None = None
+    left = rows
+    for seg in segments:
+        at = 0
+        if carry is not None:
+            at = min(batch_size - len(carry), len(seg), left - len(carry))
+            carry = TargetBatch.concat([carry, seg.take(slice(0, at))])
+            if len(carry) < min(batch_size, left):  # this segment ended inside the batch
+                continue
+            yield carry
+            left -= len(carry)
+            carry = None
+        n = min(len(seg) - at, left)
+        use = n if n == left else (n // batch_size) * batch_size
+        if use:
+            yield seg.take(slice(at, at + use))
+            left -= use
+        if left == 0:
+            return
+        if use < n:  # a copy: the segment is dropped before the next one is used
+            carry = seg.take(torch.arange(at + use, at + n))
+    if carry is not None:
+        yield carry
 
 
 def epoch_chunks(task: Any, source: Any, pieces: list[tuple[int, int]], rows: int, batch_size: int,
@@ -100,23 +181,8 @@ def epoch_chunks(task: Any, source: Any, pieces: list[tuple[int, int]], rows: in
     window's rows shuffled together. `gen` is already seeded for (seed, epoch, rank)."""
     order = [pieces[int(i)] for i in torch.randperm(len(pieces), generator=gen)]
     groups = [order[i:i + window] for i in range(0, len(order), max(1, window))]
-    carry: TargetBatch | None = None
-    left = rows
-    for i, block in enumerate(_read_ahead(source, groups)):
-        block = block.take(torch.randperm(len(block), generator=gen))
-        if carry is not None:
-            block = TargetBatch.concat([carry, block])
-            carry = None
-        n = min(len(block), left)
-        final = n == left or i == len(groups) - 1
-        use = n if final else (n // batch_size) * batch_size
-        if not final and use < n:
-            carry = block.take(slice(use, n))
-        if use:
-            yield task.place(block.take(slice(0, use)), dims, device), torch.arange(use)
-        left -= use
-        if final:
-            return
+    for chunk in whole_batches(_read_ahead(source, groups, gen), rows, batch_size):
+        yield task.place(chunk, dims, device), torch.arange(len(chunk))
 
 
 def streamed_counts(task: Any, model: torch.nn.Module, source: Any, pieces: list[tuple[int, int]],

@@ -414,7 +414,8 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
     val_rows, val_stream = None, None
     if cfg.val is not None:
         va, vb = shard_ranges(cfg.val.rows(), world)[rank]
-        val_stream = stream.streamed(cfg.val, va, vb, cfg.hold_share_bytes)
+        # held beside the training rows for the whole fit: streamed past a smaller share of the budget
+        val_stream = stream.streamed(cfg.val, va, vb, int(cfg.hold_share_bytes * stream.VAL_HOLD_SHARE))
         val_rows = cfg.val.load(va, vb) if val_stream is None else None
     torch.manual_seed(cfg.seed)
     core = cfg.task.build_model(cfg.model, cfg.params, cfg.dims)

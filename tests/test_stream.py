@@ -113,9 +113,10 @@ def test_a_window_of_blocks_is_shuffled_together_so_a_sorted_share_gives_mixed_b
     # a share whose blocks each hold one "class" (row id // 50), as a label-sorted source's split gives
     source = Blocks(1000, 50)  # 800 bytes a block
     share = stream.streamed(source, 0, 1000, hold_bytes=15_999)
-    assert share is not None and share.window == 4  # blocks that fit in a quarter of the budget
-    assert stream.streamed(source, 0, 1000, hold_bytes=3_000).window == 1  # a quarter of it under one block: one at a time
-    mixed = one_epoch(source, 0, 1000, 1000, 32, seed=2, window=share.window)
+    assert share is not None and share.window == 1  # its window share (1/16) is under one block: one at a time
+    window = stream.window_blocks(source, source.blocks(0, 1000), hold_bytes=int(4 * 800 / stream.WINDOW_SHARE))
+    assert window == 4  # blocks that fit in the window's share of the budget
+    mixed = one_epoch(source, 0, 1000, 1000, 32, seed=2, window=window)
     single = one_epoch(Blocks(1000, 50), 0, 1000, 1000, 32, seed=2)
     assert len(mixed) == math.ceil(1000 / 32) and all(len(s) == 32 for s in mixed[:-1])
     assert sorted(torch.cat(mixed).tolist()) == list(range(1000))  # every row once
