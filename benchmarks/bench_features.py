@@ -28,7 +28,6 @@ import io
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_scale import CLASSES, FEATURES, log, write_table
+from bench_scale import CLASSES, FEATURES, log, work_table
 
 from tasks.data import load_dataset
 from tasks.shards import _load_array, _store_array, decode_rows, encode_rows
@@ -55,11 +54,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None, help="where the table and shards go (default: a temp dir)")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="kdflow-features-"))
-    work.mkdir(parents=True, exist_ok=True)
-    table = work / f"table-{args.rows}.parquet"
-    if not table.exists():
-        write_table(table, args.rows)
+    work, table = work_table(args.work, args.rows, "kdflow-features-")
     data = load_dataset(str(table), label="label", val=0.05, test=0.05)
     train = data.source_rows["train"]
     n = len(train)

@@ -62,6 +62,18 @@ def write_table(path: Path, rows: int, seed: int = 0) -> None:
             writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=ROW_GROUP)
 
 
+def work_table(work: Path | None, rows: int, prefix: str) -> tuple[Path, Path]:
+    """The work folder (a fresh temp one when None) and the synthetic table of `rows` rows in it, written
+    unless it is already there."""
+    work = work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    table = work / f"table-{rows}.parquet"
+    if not table.exists():
+        log(f"writing {rows:,} rows to {table}")
+        write_table(table, rows)
+    return work, table
+
+
 WORKFLOW = """\
 name: scale-{rows}
 seed: 0
