@@ -367,6 +367,14 @@ class SplitRows:
         """Standardized float32 features and int64 class indices of the split's rows [a, b)."""
         x = np.empty((b - a, self.num_features), np.float32)
         y = np.full(b - a, -1, np.int64)
+        for at, xc, yc in self.chunks(a, b):
+            x[at:at + len(xc)], y[at:at + len(yc)] = xc, yc
+        return x, y
+
+    def chunks(self, a: int, b: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """The split's rows [a, b) as (offset from a, standardized features, class indices), at most a read
+        chunk at a time. A piece's digest is checked after its last chunk: a caller that uses rows only once
+        the iteration has ended (or reached past the piece) never uses rows that fail it."""
         code = SPLIT_CODES[self.split]
         for i, at in self._overlaps(a, b):
             for codes, xc, lab in _checked_chunks(self.reader, self.pieces[i], self.digests[i], split=True,
@@ -375,8 +383,10 @@ class SplitRows:
                 k = int(mask.sum())
                 lo, hi = max(a, at), min(b, at + k)
                 if lo < hi:
-                    _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x[lo - a:hi - a])
+                    x = np.empty((hi - lo, self.num_features), np.float32)
+                    _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x)
+                    y = np.full(hi - lo, -1, np.int64)
                     if lab is not None and self.classes is not None:
-                        y[lo - a:hi - a] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
+                        y[:] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
+                    yield lo - a, x, y
                 at += k
-        return x, y

@@ -58,6 +58,7 @@ class Streamed:
     source: Any
     pieces: list[tuple[int, int]]
     window: int = 1  # blocks shuffled together (`window_blocks`)
+    ahead: bool = True  # the next window built while this one trains; not when one block is over the window share
 
 
 def streamed(source: Any, start: int, stop: int, hold_bytes: int) -> Streamed | None:
@@ -66,7 +67,9 @@ def streamed(source: Any, start: int, stop: int, hold_bytes: int) -> Streamed | 
         return None
     give_back_freed_windows()
     pieces = blocks(source, start, stop)
-    return Streamed(getattr(source, "uncached", source), pieces, window_blocks(source, pieces, hold_bytes))
+    largest = max(source.stored_bytes(a, b) for a, b in pieces)
+    return Streamed(getattr(source, "uncached", source), pieces, window_blocks(source, pieces, hold_bytes),
+                    ahead=largest <= hold_bytes * WINDOW_SHARE)
 
 
 def give_back_freed_windows() -> None:
@@ -107,13 +110,16 @@ def _load_shuffled(source: Any, group: list[tuple[int, int]], perm: torch.Tensor
     out: TargetBatch | None = None
     at = 0
     for a, b in group:
-        part = source.load(a, b)
-        if out is None:
-            out = TargetBatch.empty_like(part, len(perm))
-        out.put(where[at:at + len(part)], part)
-        at += len(part)
-        del part
-    assert out is not None and at == len(perm), "a block gave other rows than its range"
+        # a source that reads in chunks (a Parquet source's pieces) is written a chunk at a time, so not even
+        # one block is held beside the window; its digests are checked before the window is returned
+        chunked = getattr(source, "chunks", None)
+        for offset, part in chunked(a, b) if chunked is not None else [(0, source.load(a, b))]:
+            if out is None:
+                out = TargetBatch.empty_like(part, len(perm))
+            out.put(where[at + offset:at + offset + len(part)], part)
+            del part
+        at += b - a
+    assert out is not None and at == len(perm), "the group's blocks hold other rows than the window's"
     return out
 
 
@@ -123,7 +129,7 @@ def _load_group(source: Any, group: list[tuple[int, int]]) -> TargetBatch:
 
 
 def _read_ahead(source: Any, groups: list[list[tuple[int, int]]], gen: torch.Generator | None = None,
-                ) -> Iterator[TargetBatch]:
+                ahead: bool = True) -> Iterator[TargetBatch]:
     """Each group's rows (its blocks joined, shuffled by `gen` when given) in order, the next group read by a
     thread while the caller works on the current one. The permutations are drawn here, in group order, so
     the order depends only on `gen`'s seed."""
@@ -136,6 +142,12 @@ def _read_ahead(source: Any, groups: list[list[tuple[int, int]]], gen: torch.Gen
         return pool.submit(_load_shuffled, source, group, torch.randperm(sum(b - a for a, b in group), generator=gen))
 
     with ThreadPoolExecutor(1, thread_name_prefix="kdflow-read-ahead") as pool:
+        if not ahead:  # a block over the window's share (a source's row group): one window held at a time
+            for group in groups:
+                rows = submit(group).result()
+                yield rows
+                del rows
+            return
         pending = submit(groups[0])
         for nxt in [*groups[1:], None]:
             rows = pending.result()
@@ -169,20 +181,25 @@ def whole_batches(segments: Iterator[TargetBatch], rows: int, batch_size: int) -
             return
         if use < n:  # a copy: the segment is dropped before the next one is used
             carry = seg.take(torch.arange(at + use, at + n))
+        del seg  # not held while the next segment is built
     if carry is not None:
         yield carry
 
 
 def epoch_chunks(task: Any, source: Any, pieces: list[tuple[int, int]], rows: int, batch_size: int,
                  gen: torch.Generator, dims: Mapping[str, int], device: torch.device, window: int = 1,
-                 ) -> Iterator[tuple[Any, torch.Tensor]]:
+                 ahead: bool = True) -> Iterator[tuple[Any, torch.Tensor]]:
     """This epoch's training rows as (placed share, order) chunks: `rows` rows in all, every chunk but the
     last a whole number of batches. The blocks are visited in a seeded order, `window` at a time, each
     window's rows shuffled together. `gen` is already seeded for (seed, epoch, rank)."""
     order = [pieces[int(i)] for i in torch.randperm(len(pieces), generator=gen)]
     groups = [order[i:i + window] for i in range(0, len(order), max(1, window))]
-    for chunk in whole_batches(_read_ahead(source, groups, gen), rows, batch_size):
-        yield task.place(chunk, dims, device), torch.arange(len(chunk))
+    for chunk in whole_batches(_read_ahead(source, groups, gen, ahead), rows, batch_size):
+        placed = task.place(chunk, dims, device)
+        n = len(chunk)
+        del chunk  # the caller drops its placed chunk too: no window outlives its training
+        yield placed, torch.arange(n)
+        del placed
 
 
 def streamed_counts(task: Any, model: torch.nn.Module, source: Any, pieces: list[tuple[int, int]],

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -111,6 +111,13 @@ class SourceRows:
 
     def blocks(self, start: int, stop: int) -> list[tuple[int, int]]:
         return self.split.ranges(start, stop)
+
+    def chunks(self, start: int, stop: int) -> Iterator[tuple[int, TargetBatch]]:
+        """Rows [start, stop) a read chunk at a time (offset from start, rows), each piece's digest checked
+        after its last: a streamed window is built from these without holding the block whole beside it."""
+        for at, x, y in self.split.chunks(start, stop):
+            ids = torch.arange(start + at, start + at + len(y))
+            yield at, TargetBatch(ids, torch.from_numpy(x), torch.from_numpy(y), {})
 
     def stored_bytes(self, start: int, stop: int) -> int:
         """As the rows take in memory (float32 features, int64 label), what an ArraySource says for them."""
@@ -471,11 +478,13 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
         assert w.train_stream is not None
         sums_t, done = torch.zeros(3, device=w.device), 0
         for chunk, order in stream.epoch_chunks(cfg.task, w.train_stream.source, w.train_stream.pieces, w.per_worker,
-                                                cfg.batch_size, gen, cfg.dims, w.device, w.train_stream.window):
+                                                cfg.batch_size, gen, cfg.dims, w.device, w.train_stream.window,
+                                                w.train_stream.ahead):
             part = None if schedule is None else replace(schedule, first_step=schedule.first_step + done)
             sums_t += train_epoch(cfg.task, w.model, w.opt, w.scaler, chunk, order.to(chunk.rows_device),
                                   cfg.batch_size, cfg.loss, cfg.precision, part)
             done += math.ceil(len(order) / cfg.batch_size)
+            del chunk, order  # not held while the stream builds the next window
     if w.device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize(w.device)
     train_s = time.perf_counter() - t0

@@ -92,6 +92,20 @@ def test_a_rank_whose_share_is_longer_stops_at_the_common_row_count() -> None:
     assert len(set(torch.cat(steps).tolist())) == 1000
 
 
+def test_a_block_over_the_window_share_is_read_with_no_read_ahead_in_the_same_order() -> None:
+    small = stream.streamed(Blocks(1000, 50), 0, 1000, hold_bytes=15_999)  # 800-byte blocks, a 999-byte share
+    assert small is not None and small.ahead
+    source = Blocks(1000, 100)  # 1,600-byte blocks: over the window's share of the budget
+    share = stream.streamed(source, 0, 1000, hold_bytes=15_999)
+    assert share is not None and not share.ahead  # two such blocks at once would be over the budget
+    gen, steps = torch.Generator(), []
+    gen.manual_seed(4)
+    for chunk, order in stream.epoch_chunks(CLASSIFICATION, source, share.pieces, 1000, 32, gen, {"num_classes": 3},
+                                            torch.device("cpu"), share.window, share.ahead):
+        steps += [chunk.x[order[s:s + 32], 0].long() for s in range(0, len(order), 32)]
+    assert [s.tolist() for s in steps] == [s.tolist() for s in one_epoch(Blocks(1000, 100), 0, 1000, 1000, 32, 4)]
+
+
 def test_the_order_is_seeded_reproducible_and_new_each_epoch() -> None:
     first = torch.cat(one_epoch(Blocks(600, 50), 0, 600, 600, 32, seed=5))
     again = torch.cat(one_epoch(Blocks(600, 50), 0, 600, 600, 32, seed=5))
@@ -183,6 +197,10 @@ class RecordingSourceRows(SourceRows):
     def load(self, start: int, stop: int) -> TargetBatch:
         self.loads.append((start, stop))
         return super().load(start, stop)
+
+    def chunks(self, start: int, stop: int) -> Any:
+        self.loads.append((start, stop))
+        return super().chunks(start, stop)
 
 
 def test_a_teacher_on_a_parquet_source_reads_its_pieces_and_trains_as_on_the_drivers_arrays(
