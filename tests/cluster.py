@@ -25,16 +25,35 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+# worker port ranges handed out in this session: a single port is never picked inside one (the OS's
+# ephemeral ports overlap them, and `ray start` refuses a node whose ports collide: seen in a CI check,
+# node_manager 36311 inside worker_ports 36305-36364), nor a range over another
+_RANGES: list[tuple[int, int]] = []
+_TAKEN: set[int] = set()  # single ports handed out in this session: no range is picked over one
+
+
+def _in_a_range(port: int) -> bool:
+    return any(lo <= port <= hi for lo, hi in _RANGES)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not _in_a_range(port):
+            _TAKEN.add(port)
+            return port
+    raise RuntimeError("no free port outside the worker port ranges")
 
 
 def free_range(size: int = 60) -> tuple[int, int]:
     """A block of ports nobody listens on now, for one node's workers (two raylets must not share one)."""
     for _ in range(200):
         lo = random.randrange(20000, 40000)
+        if any(lo <= hi2 and lo + size - 1 >= lo2 for lo2, hi2 in _RANGES) or \
+                any(lo <= p < lo + size for p in _TAKEN):
+            continue
         ok = True
         for p in range(lo, lo + size, 7):  # a sample: enough to dodge a range another Ray already uses
             with socket.socket() as s:
@@ -44,15 +63,20 @@ def free_range(size: int = 60) -> tuple[int, int]:
                     ok = False
                     break
         if ok:
+            _RANGES.append((lo, lo + size - 1))
             return lo, lo + size - 1
     raise RuntimeError("no free port range")
 
 
 def node_ports() -> list[str]:
-    lo, hi = free_range()
-    return [*(f"--{name}={free_port()}" for name in (
-        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "metrics-export-port", "runtime-env-agent-port")), f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
+    lo, hi = free_range()  # first, so that the single ports avoid it
+    ports: set[int] = set()
+    while len(ports) < 6:
+        ports.add(free_port())
+    names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port")
+    return [*(f"--{name}={port}" for name, port in zip(names, sorted(ports), strict=True)),
+            f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
 
 
 class Node:
@@ -122,7 +146,8 @@ class TwoNodes:
 
         `ray start` waits a fixed 30 s for its raylet to register with the GCS and exits 1 past that
         ("The current node timed out during startup"). On a loaded 2-core machine the first RPC alone
-        can take that long, so that one failure is retried on fresh ports; any other exit is raised.
+        can take that long, so that one failure is retried on fresh ports, as is a port another component
+        took (`free_port` avoids the worker ranges, so this should not happen); any other exit is raised.
         Checked by freezing the head's GCS (SIGSTOP, 40 s) as the node joins: two attempts timed out, the
         third joined, and the cluster had its two nodes alive.
         """
@@ -135,7 +160,8 @@ class TwoNodes:
                 self._wait(lambda: len(self.alive_nodes()) == 2, node, timeout)
                 return
             except RuntimeError:
-                if attempt == attempts or "timed out during startup" not in node.log.read_text():
+                log = node.log.read_text()
+                if attempt == attempts or not ("timed out during startup" in log or "used by other components" in log):
                     raise
                 node.log.rename(node.log.with_suffix(f".attempt{attempt}.log"))
                 node.stop()
