@@ -543,7 +543,8 @@ def test_a_trial_whose_worker_dies_is_retried_on_a_fresh_one_from_its_checkpoint
     # where the time went: training steps are part of the slots' wall time
     assert 0 < s["train_s"] <= s["wall_s"] * s["concurrency"] and s["concurrency"] == 2
     assert s["efficiency"] == pytest.approx(s["train_s"] / (s["wall_s"] * 2), abs=1e-3)
-    assert sum(t.user_attrs["train_s"] for t in study.trials) == pytest.approx(s["train_s"], rel=1e-3)
+    # the result rounds train_s to the millisecond: at ~0.4 s that is more than rel 1e-3 (seen in a CI check)
+    assert sum(t.user_attrs["train_s"] for t in study.trials) == pytest.approx(s["train_s"], abs=1e-3)
     assert set(out["stages"]) >= {"data", "soft targets", "search", "evaluate"} and min(out["stages"].values()) >= 0
 
 
