@@ -1,4 +1,4 @@
-"""A worker's share read block by block, one block ahead, instead of held whole.
+"""A worker's share read a window of blocks at a time, the next one built ahead, instead of held whole.
 
 A share whose stored bytes are over the fit's `hold_share_bytes` (`train.hold_share_mb`) is cut into
 blocks at the source's own boundaries (the soft-target shards; fixed row counts for rows in Ray's object
@@ -10,10 +10,11 @@ blocks and a batch's carry, whatever the corpus size. The order depends only on 
 resumed epoch replays it.
 
 Rows are shuffled within a window of blocks, not over the whole share: the price of bounded memory, as in
-every streaming loader. The window is as many blocks as fit in a quarter of the budget (the window being
-trained, the next one read and its parts being joined stay within it): with the default 1 GiB and shards
-of a few MB, a window mixes hundreds of shards, so a split that keeps a label-sorted source's order
-(tasks/pieces.py) still gives mixed batches. A budget under four blocks streams one block at a time.
+every streaming loader. The window is as many blocks as fit in WINDOW_SHARE (1/16) of the budget; a worker
+holds the window being trained and the next one being built (shuffled as it is built, a block or a read
+chunk at a time), so with the default 1 GiB a window is ~64 MB, ~7 bounded soft-target files from random
+places of the split. When one block is over that share (a Parquet source's row group, the teacher's
+block), no window is read ahead: one is held at a time.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def streamed(source: Any, start: int, stop: int, hold_bytes: int) -> Streamed | 
         return None
     give_back_freed_windows()
     pieces = blocks(source, start, stop)
-    largest = max(source.stored_bytes(a, b) for a, b in pieces)
-    return Streamed(getattr(source, "uncached", source), pieces, window_blocks(source, pieces, hold_bytes),
-                    ahead=largest <= hold_bytes * WINDOW_SHARE)
+    window = window_blocks(source, pieces, hold_bytes)
+    # a window of one block over the share: two at once (this one and the next) would be over the budget
+    ahead = window > 1 or max(source.stored_bytes(a, b) for a, b in pieces) <= hold_bytes * WINDOW_SHARE
+    return Streamed(getattr(source, "uncached", source), pieces, window, ahead)
 
 
 def give_back_freed_windows() -> None:
