@@ -13,11 +13,11 @@ from orchestrator import evaluation, progress, stages, tracking
 from orchestrator.cluster import check_joined
 from orchestrator.configs import task_for
 from orchestrator.registry import lineage_extras, log_student, register
-from orchestrator.runtime import LOCAL_MIN_CPUS, ensure_ray, in_background
-from orchestrator.search.pool import Slot, run_slots, warm_enabled
+from orchestrator.runtime import LOCAL_MIN_CPUS, RayStart, ensure_ray, in_background, uses_ray_train
+from orchestrator.search.pool import Slot, run_slots
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher, is_external, load_teachers
-from orchestrator.workspace import storage_for
+from orchestrator.workspace import checked_storage
 from tasks.errors import UserError
 from tasks.kinds import TaskKind
 from tasks.models import num_params
@@ -63,30 +63,37 @@ def preflight(spec: Workflow) -> None:
             raise UserError(str(exc), where=where) from None
 
 
-def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
+def run_workflow(spec: Workflow, source: str | None = None, ray_start: RayStart | None = None) -> dict[str, Any]:
     """data -> teachers -> soft targets -> student (or search) -> evaluation -> registry, in one MLflow run;
-    `source` is the workflow file (its git commit goes into the lineage)."""
+    `source` is the workflow file (its git commit goes into the lineage); `ray_start`: the CLI's local Ray,
+    begun before this module was imported (`RayStart.begin`)."""
     import mlflow
 
     t_start = time.perf_counter()
     progress.TIMINGS.clear()
-    preflight(spec)
-    check_joined(spec)  # in a Ray job: what cannot work on a multi-node cluster fails here, before any work
-    task = task_for(spec)
-    storage = storage_for(spec)
+    # The run's warm actors start on Ray's thread as soon as Ray is up (this module's imports, which they
+    # need, are done), while this thread reads the data, imports MLflow and opens its store (a fresh sqlite
+    # store takes seconds): the `ray` stage is what is left to wait for after that.
+    starting = ray_start.then(functools.partial(start_slots, spec)) if ray_start is not None else None
     try:
-        storage.check()
-    except UserError as exc:
-        raise exc.under("storage.root") from None
-    data = stages.load_data(spec, storage)  # before Ray: a data mistake exits 2 without a Ray start
-    tracking.check_reachable(spec, storage)  # so does a tracking server that does not answer
-    # Ray, then the run's warm actors, start on a thread while this one imports MLflow and opens its store
-    # (a fresh sqlite store takes seconds): the `ray` stage is what is left to wait for after that.
-    starting = in_background(functools.partial(start_ray, spec))
+        preflight(spec)
+        check_joined(spec)  # in a Ray job: what cannot work on a multi-node cluster fails here, before any work
+        task = task_for(spec)
+        storage = checked_storage(spec)
+        data = stages.load_data(spec, storage)  # a data mistake exits 2 here, before any stage starts
+        tracking.check_reachable(spec, storage)  # so does a tracking server that does not answer
+    except BaseException:
+        if ray_start is not None:  # what started is stopped before the error goes up
+            for slot in ray_start.abandon() or []:
+                slot.close()
+        raise
+    if starting is None:  # not begun by the CLI: Ray (or the cluster's join) and the actors start now
+        starting = in_background(functools.partial(start_ray, spec))
     try:
         with progress.stage("tracking", tracking.tracking_uri(spec, storage)):
             uri = tracking.connect(spec, storage, checked=True)
-        with progress.stage("ray", "starting or joining (begun before tracking)"):
+        with progress.stage("ray", "starting or joining (begun before "
+                            + ("the data stage)" if ray_start is not None else "tracking)")):
             slots = ray_started(spec, starting)
     except BaseException:
         with contextlib.suppress(Exception):  # what started is stopped before the error goes up
@@ -134,18 +141,16 @@ def run_workflow(spec: Workflow, source: str | None = None) -> dict[str, Any]:
     }
 
 
-def uses_ray_train(spec: Workflow) -> bool:
-    """Whether this run may start a Ray Train run (whose controller needs Ray's dashboard): not when every
-    fit is single-worker on CPUs on a warm actor. Causal LMs' no-KD baseline always goes through Ray Train."""
-    t = spec.train
-    return not warm_enabled() or t.workers != 1 or t.use_gpu or task_for(spec).name == "causal_lm"
-
-
 def start_ray(spec: Workflow) -> list[Slot]:
-    """Start (or join) Ray, then the run's warm actors (`pool.run_slots`), without waiting for them to boot."""
+    """Start (or join) Ray, then the run's warm actors (`start_slots`)."""
+    ensure_ray(dashboard=uses_ray_train(spec))
+    return start_slots(spec)
+
+
+def start_slots(spec: Workflow) -> list[Slot]:
+    """The run's warm actors (`pool.run_slots`) on the Ray that is up, without waiting for them to boot."""
     import ray
 
-    ensure_ray(dashboard=uses_ray_train(spec))
     return run_slots(spec, float(ray.cluster_resources().get("CPU", LOCAL_MIN_CPUS)))
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from orchestrator.spec import Workflow
 
 LOCAL_MIN_CPUS = 8
 
@@ -81,6 +85,67 @@ def in_background(fn: Callable[[], T]) -> Future[T]:
     return future
 
 
+def warm_enabled() -> bool:
+    """KDFLOW_WARM=0 (or the older KDFLOW_WARM_TRIALS=0) sends every fit through Ray Train and every shard
+    through a Ray task: the paths before warm actors, which benchmarks compare in one run."""
+    return os.environ.get("KDFLOW_WARM", "1") != "0" and os.environ.get("KDFLOW_WARM_TRIALS", "1") != "0"
+
+
+def uses_ray_train(spec: Workflow) -> bool:
+    """Whether this run may start a Ray Train run (whose controller needs Ray's dashboard): not when every
+    fit is single-worker on CPUs on a warm actor. Causal LMs' no-KD baseline always goes through Ray Train."""
+    t = spec.train
+    return not warm_enabled() or t.workers != 1 or t.use_gpu or spec.task == "causal_lm"
+
+
+class RayStart:
+    """A local Ray's start on a thread, begun before the driver imports torch and MLflow and reads the data,
+    then the run's warm actors (`then`), started by the same thread once the driver has imported what they
+    need (two threads importing torch's modules at once can see each other's half-made modules).
+
+    `begin` is the CLI's: Ray's start (5-8 s here, its processes importing beside the driver's imports) is
+    then off the run's critical path. A run that fails before it needs Ray (a data mistake) waits for the
+    start to finish (`abandon`) so that Ray's exit hook stops a whole node, not one half-started."""
+
+    def __init__(self, dashboard: bool) -> None:
+        self._go = threading.Event()
+        self._then: Callable[[], Any] | None = None
+        self.future: Future[Any] = in_background(self._run_then(dashboard))
+
+    def _run_then(self, dashboard: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            ensure_ray(dashboard=dashboard)
+            self._go.wait()
+            return self._then() if self._then is not None else None
+        return run
+
+    @classmethod
+    def begin(cls, spec: Workflow) -> RayStart | None:
+        """Start a local Ray now; None where that is not this process's to do early (a Ray job joins its
+        cluster in the run's cluster check; a Ray already up is used as it is)."""
+        import ray
+
+        if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+            return None
+        return cls(uses_ray_train(spec))
+
+    def then(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the start's thread once Ray is up; its result (or Ray's start error) comes through
+        `future`. Called once."""
+        self._then = fn
+        self._go.set()
+        return self.future
+
+    def abandon(self) -> Any:
+        """The run failed before it needed Ray: let the start finish, and return what `then`'s function
+        returned, for the caller to stop (None if it failed: its error is dropped)."""
+        self._go.set()
+        try:
+            return self.future.result()
+        except BaseException:  # noqa: BLE001 - the run's own error is the one reported
+            return None
+
+
 def _start_local(env: dict[str, str], dashboard: bool = True) -> None:
     import ray
 
@@ -100,9 +165,14 @@ def _start_local(env: dict[str, str], dashboard: bool = True) -> None:
     os.environ.update(start_env)
     try:
         # address="local": never attach to a cluster a `ray start` left on this machine by accident
+        # A run whose stages all go to its warm actors (no dashboard) gets no pre-started idle workers either:
+        # Ray starts one per CPU as the driver connects, each a Python process importing Ray, and none of
+        # them would run anything (the actors get processes of their own); on 2 cores they took the CPU the
+        # driver's imports and the actors' start needed (benchmarks/RESULTS-warm.md, `make demo`'s start).
         ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), log_to_driver=True,
                  configure_logging=True, logging_level="WARNING", runtime_env={"env_vars": env},
-                 include_dashboard=None if dashboard else False)
+                 include_dashboard=None if dashboard else False,
+                 _system_config=None if dashboard else {"enable_worker_prestart": False})
     finally:
         for k, v in saved.items():
             if v is None:

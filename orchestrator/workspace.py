@@ -16,5 +16,17 @@ def storage_for(spec: Workflow) -> Storage:
                    region=s3.region if s3 else None, anon=bool(s3 and s3.anon))
 
 
+def checked_storage(spec: Workflow) -> Storage:
+    """The run's storage, checked (reachable, writable): a mistake exits 2 naming storage.root."""
+    from tasks.errors import UserError
+
+    storage = storage_for(spec)
+    try:
+        storage.check()
+    except UserError as exc:
+        raise exc.under("storage.root") from None
+    return storage
+
+
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -129,6 +129,29 @@ def test_unreachable_tracking_server_exits_2_before_any_work(workdir: Path) -> N
     assert not (workdir / ".kdflow" / "soft_targets").exists()
 
 
+def test_a_data_mistake_after_rays_early_start_exits_2_and_leaves_no_ray_process(workdir: Path) -> None:
+    """`kdflow run` starts its local Ray on a thread before it imports torch and reads the data: a data
+    mistake found meanwhile still exits 2 with one message, and the Ray it began is stopped whole (its
+    start awaited, then stopped at exit), not left as orphaned agents or workers."""
+    import subprocess
+    import time
+
+    path = write_workflow(workdir, **{"data.source": str(workdir / "no-such-table.parquet"), "data.label": "y"})
+    ray_tmp = workdir / "ray"
+    proc = kdflow("run", str(path), cwd=workdir, timeout=300, env={"RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)})
+    assert proc.returncode == 2, proc.stderr
+    assert "data.source" in proc.stderr and "no-such-table.parquet" in proc.stderr
+    assert "Traceback" not in proc.stderr and "rror" not in proc.stderr.replace("kdflow: error:", "")
+    assert ray_tmp.exists()  # the early start did begin a Ray session
+    def left() -> list[str]:  # the session's processes: GCS, raylet, dashboard, monitors, agents
+        return subprocess.run(["pgrep", "-f", str(ray_tmp)], check=False, capture_output=True, text=True).stdout.split()
+
+    deadline = time.monotonic() + 15  # a stopped raylet's agents exit on their own within seconds
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left() == [], "Ray processes of the run's session are still running"
+
+
 def test_user_model_factory_and_missing_factory(workdir: Path) -> None:
     (workdir / "mymodels.py").write_text(
         "import torch\n"

@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from orchestrator import progress
+from orchestrator.runtime import warm_enabled
 from tasks.fit_config import FitConfig
 from tasks.storage import Storage
 from tasks.train import FitResult, fit
@@ -60,12 +61,6 @@ class TrialWorker:
         """The process, how many fits and shards it ran, and the cache keys whose rows it holds."""
         return {"pid": os.getpid(), "fits": self.fits, "shards": self.shards,
                 "cache_keys": sorted({k[1] for k in self.cache})}
-
-
-def warm_enabled() -> bool:
-    """KDFLOW_WARM=0 (or the older KDFLOW_WARM_TRIALS=0) sends every fit through Ray Train and every shard
-    through a Ray task: the paths before warm actors, which benchmarks compare in one run."""
-    return os.environ.get("KDFLOW_WARM", "1") != "0" and os.environ.get("KDFLOW_WARM_TRIALS", "1") != "0"
 
 
 def warm_fits(cfg: FitConfig) -> bool:
