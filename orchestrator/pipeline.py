@@ -12,7 +12,7 @@ from torch import nn
 from orchestrator import evaluation, progress, stages, tracking
 from orchestrator.cluster import check_joined
 from orchestrator.configs import task_for
-from orchestrator.registry import lineage_extras, log_student, register
+from orchestrator.registry import lineage_extras, log_student, prepare_model_logging, register
 from orchestrator.runtime import LOCAL_MIN_CPUS, RayStart, ensure_ray, in_background, uses_ray_train
 from orchestrator.search.pool import Slot, run_slots
 from orchestrator.spec import Workflow
@@ -92,6 +92,7 @@ def run_workflow(spec: Workflow, source: str | None = None, ray_start: RayStart 
     try:
         with progress.stage("tracking", tracking.tracking_uri(spec, storage)):
             uri = tracking.connect(spec, storage, checked=True)
+            prepare_model_logging()
         with progress.stage("ray", "starting or joining (begun before "
                             + ("the data stage)" if ray_start is not None else "tracking)")):
             slots = ray_started(spec, starting)
