@@ -390,3 +390,33 @@ class SplitRows:
                         y[:] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
                     yield lo - a, x, y
                 at += k
+
+    def first(self, i: int) -> int:
+        """The split's index of piece `i`'s first row of this split."""
+        return int(sum(self.counts[:i]))
+
+
+def piece_rows(splits: dict[str, SplitRows], i: int, want: dict[str, tuple[int, int]],
+               ) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    """Piece `i` read once for every split: for each split in `want`, its rows [a, b) (split indices, within
+    the piece's rows of that split) as (a, standardized features, class indices), the same bits as
+    `SplitRows.rows` gives. The piece's digest is checked after its last chunk, before anything is returned.
+    The splits must be one source's (the same reader, pieces and digests)."""
+    any_split = next(iter(splits.values()))
+    first = {k: splits[k].first(i) for k in want}
+    out = {k: (np.empty((b - a, any_split.num_features), np.float32), np.full(b - a, -1, np.int64))
+           for k, (a, b) in want.items()}
+    at = dict(first)
+    for codes, xc, lab in _checked_chunks(any_split.reader, any_split.pieces[i], any_split.digests[i], split=True,
+                                          seed=any_split.seed, val=any_split.val, test=any_split.test):
+        for k, (a, b) in want.items():
+            rows = splits[k]
+            mask = codes == SPLIT_CODES[k]
+            n = int(mask.sum())
+            lo, hi = max(a, at[k]), min(b, at[k] + n)
+            if lo < hi:
+                _standardize(xc[mask][lo - at[k]:hi - at[k]], rows.mean, rows.std, out[k][0][lo - a:hi - a])
+                if lab is not None and rows.classes is not None:
+                    out[k][1][lo - a:hi - a] = np.searchsorted(rows.classes, lab[mask][lo - at[k]:hi - at[k]])
+            at[k] += n
+    return {k: (a, *out[k]) for k, (a, _) in want.items()}

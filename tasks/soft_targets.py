@@ -25,9 +25,10 @@ import itertools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from tasks.errors import ShardFailed, UserError, user_error_in
 from tasks.kinds import TaskKind
 from tasks.kinds.classification import Classification, teacher_logits
 from tasks.layout import SOFT_TARGETS
-from tasks.pieces import SplitRows
+from tasks.pieces import SplitRows, piece_rows
 from tasks.shards import TargetBatch, decode_rows, encode_rows, shard_schema_problem
 from tasks.storage import Storage, sha256_bytes
 from tasks.target_formats import FORMATS, TORCH_DTYPES
@@ -105,49 +106,157 @@ def shard_name(split: str, index: int, count: int) -> str:
 ShardRunner = Callable[..., list[dict[str, Any]]]
 
 
-def _rows_by_file(x: np.ndarray | SplitRows, y: np.ndarray | SplitRows, files: list[tuple[str, int, int]],
+def _rows_by_file(x: np.ndarray, y: np.ndarray, files: list[tuple[str, int, int]],
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Each file's rows (features, labels) in order. From a source, its pieces are read once each, in order,
-    and only those that hold some file's rows (a resumed task skips the pieces of the files already written):
-    what is held is at most one piece's rows of the split and one file's."""
-    if not isinstance(x, SplitRows):
-        for _, a, b in files:
-            yield x[a:b], y[a:b]
-        return
-    ranges = iter(x.ranges(files[0][1], files[-1][2]))  # each within one piece
-    held: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    """Each file's rows (features, labels) of a split's arrays, in order."""
     for _, a, b in files:
-        held = [h for h in held if h[1] > a]
-        while not held or held[-1][1] < b:
-            lo, hi = next(ranges)
-            if hi > a:
-                held.append((lo, hi, *x.rows(lo, hi)))
-        parts = [(h[2][max(a, h[0]) - h[0]:min(b, h[1]) - h[0]], h[3][max(a, h[0]) - h[0]:min(b, h[1]) - h[0]])
-                 for h in held if h[0] < b]
-        yield (np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0],
-               np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1])
+        yield x[a:b], y[a:b]
 
 
-def compute_shards(task: TaskKind, storage: Storage, files: list[tuple[str, int, int]],
-                   teachers: list[torch.nn.Module], x: np.ndarray | SplitRows, y: np.ndarray | SplitRows,
+@dataclass(frozen=True)
+class Job:
+    """One thing a unit does with a split's rows [a, b): write them as the file `path` (row ids from
+    `row_id_offset + a`), or, with no path, hand them back as a part of a file that crosses the unit's edge."""
+
+    split: str
+    a: int
+    b: int
+    path: str | None
+    row_id_offset: int
+
+
+def _write_file(task: TaskKind, storage: Storage, path: str, row_id_start: int, xs: np.ndarray, ys: np.ndarray,
+                teachers: list[torch.nn.Module], format: str, dtype: str, top_k: int | None, ensemble: str,
+                t0: float) -> dict[str, Any]:
+    logits = task.teacher_outputs(teachers, xs, ensemble)
+    n = len(ys)
+    data = encode_rows(np.arange(row_id_start, row_id_start + n), xs, ys, logits, format, dtype, top_k)
+    del logits
+    storage.write_bytes(path, data)
+    return {"rows": n, "bytes": len(data), "sha256": sha256_bytes(data), "forward_rows": n,
+            "seconds": time.perf_counter() - t0}
+
+
+def _take(held: list[tuple[int, np.ndarray, np.ndarray]], a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = [(x[max(a, lo) - lo:min(b, lo + len(y)) - lo], y[max(a, lo) - lo:min(b, lo + len(y)) - lo])
+             for lo, x, y in held if lo < b and lo + len(y) > a]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def compute_unit(task: TaskKind, storage: Storage, jobs: list[Job], teachers: list[torch.nn.Module],
+                 splits: dict[str, SplitRows], format: str, dtype: str, top_k: int | None, ensemble: str,
+                 ) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray]]]:
+    """A unit's jobs over every split of a source, reading each piece they touch once (`piece_rows`: all
+    splits' rows of it from one read, its digest checked before any is used), in piece order. A file is
+    written as soon as its last piece is read, so what is held is at most one piece's rows of the splits
+    and one file's. Returns the written files' entries and the parts (features, labels), each in job order."""
+    pending = {s: deque((k, j) for k, j in enumerate(jobs) if j.split == s) for s in SPLITS if s in splits}
+    needed = sorted({i for j in jobs for i, _ in splits[j.split]._overlaps(j.a, j.b)})
+    held: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {s: [] for s in pending}
+    out: list[dict[str, Any]] = []
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    t0 = time.perf_counter()
+    for i in needed:
+        want = {}
+        for s, q in pending.items():
+            first = splits[s].first(i)
+            lo, hi = max(first, q[0][1].a) if q else 0, min(first + splits[s].counts[i], q[-1][1].b) if q else 0
+            if lo < hi:
+                want[s] = (lo, hi)
+        for s, (lo, xs, ys) in piece_rows(splits, i, want).items():
+            held[s].append((lo, xs, ys))
+        for s, q in pending.items():
+            end = splits[s].first(i) + splits[s].counts[i]
+            while q and q[0][1].b <= end:
+                k, job = q.popleft()
+                xs, ys = _take(held[s], job.a, job.b)
+                keep_from = q[0][1].a if q else end
+                held[s] = [h for h in held[s] if h[0] + len(h[2]) > keep_from]
+                if job.path is None:
+                    parts[k] = (np.array(xs), np.array(ys))
+                    continue
+                out.append(_write_file(task, storage, job.path, job.row_id_offset + job.a, xs, ys, teachers, format,
+                                       dtype, top_k, ensemble, t0))
+                del xs, ys
+                t0 = time.perf_counter()
+    assert not any(pending.values()), "a unit's job lies outside the pieces it read"
+    return out, [parts[k] for k in sorted(parts)]
+
+
+def compute_shards(task: TaskKind, storage: Storage, files: list[tuple[str, int, int]] | list[Job],
+                   teachers: list[torch.nn.Module], x: np.ndarray | dict[str, SplitRows], y: np.ndarray | None,
                    row_offset: int, format: str, dtype: str, top_k: int | None, ensemble: str,
-                   threads: int = 1) -> list[dict[str, Any]]:
-    """Run the teacher(s) over each file's rows [start, stop) of a split (its arrays, or `SplitRows` read
-    from the source here) and write the file before the next one's forward; returns their manifest entries.
+                   threads: int = 1) -> list[Any]:
+    """Run the teacher(s) over each file's rows [start, stop) of a split's arrays and write the file before
+    the next one's forward; returns their manifest entries. With `x` a source's `SplitRows` by split, `files`
+    is a unit's jobs (`compute_unit`): the entries, followed by the parts when there are any.
 
     `threads`: 1 in a Ray task (tasks run side by side); a warm actor computing shards one after another
     gets its torch threads."""
     torch.set_num_threads(threads)
+    if isinstance(x, dict):
+        entries, parts = compute_unit(task, storage, files, teachers, x, format, dtype, top_k, ensemble)
+        return [entries, *parts] if parts else entries
     out = []
     t0 = time.perf_counter()
     for (path, start, stop), (xs, ys) in zip(files, _rows_by_file(x, y, files), strict=True):
-        logits = task.teacher_outputs(teachers, xs, ensemble)
-        data = encode_rows(np.arange(row_offset + start, row_offset + stop), xs, ys, logits, format, dtype, top_k)
-        del logits, xs, ys
-        storage.write_bytes(path, data)
-        out.append({"rows": stop - start, "bytes": len(data), "sha256": sha256_bytes(data),
-                    "forward_rows": stop - start, "seconds": time.perf_counter() - t0})
+        out.append(_write_file(task, storage, path, row_offset + start, xs, ys, teachers, format, dtype, top_k,
+                               ensemble, t0))
         t0 = time.perf_counter()
+    return out
+
+
+def join_shard(task: TaskKind, storage: Storage, path: str, row_id_start: int, teachers: list[torch.nn.Module],
+               format: str, dtype: str, top_k: int | None, ensemble: str, *parts: tuple[np.ndarray, np.ndarray],
+               threads: int = 1) -> list[dict[str, Any]]:
+    """A file that crosses units' edges, from their parts in order: one forward over its whole rows, as the
+    arrays path does it, so its bytes are the same."""
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return compute_shards(task, storage, [(path, 0, len(y))], teachers, x, y, row_id_start, format, dtype, top_k,
+                          ensemble, threads=threads)
+
+
+def _unit_count(splits: dict[str, tuple[Any, Any]], shards: int, workers: int | None) -> int:
+    """How many units compute a source: one per piece group, `shards` at most, but never fewer than the
+    cluster's CPUs (`workers` at most) while `shards` allows: below that, a few pieces would leave CPUs idle,
+    and reading a piece once more costs less than its forward, encode and write (RESULTS-scale.md)."""
+    import ray
+
+    x = splits["train"][0]
+    if not isinstance(x, SplitRows):
+        return 1
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    if workers is not None:
+        cpus = min(cpus, workers)
+    return max(1, min(shards, max(len(x.pieces), cpus)))
+
+
+def units(splits: dict[str, SplitRows], count: int) -> list[dict[str, tuple[int, int]]]:
+    """The source cut into `count` units, each a range of every split's rows: with at least `count` pieces,
+    contiguous groups of whole pieces of about equal rows (each piece read by one unit); with fewer, each
+    piece's rows of every split cut into equal parts, a piece's units each reading it whole."""
+    first = next(iter(splits.values()))
+    n_pieces = len(first.pieces)
+    cum = {s: np.concatenate([[0], np.cumsum(r.counts, dtype=np.int64)]) for s, r in splits.items()}
+    if n_pieces == 0:
+        return []
+    count = max(1, count)
+    if count <= n_pieces:
+        rows = np.cumsum([p.rows for p in first.pieces])
+        bounds = [0]
+        for k in range(1, count):
+            cut = int(np.searchsorted(rows, rows[-1] * k / count)) + 1
+            bounds.append(min(max(cut, bounds[-1] + 1), n_pieces - (count - k)))
+        bounds.append(n_pieces)
+        return [{s: (int(c[a]), int(c[b])) for s, c in cum.items()} for a, b in itertools.pairwise(bounds)]
+    out = []
+    for i in range(n_pieces):
+        k = count // n_pieces + (1 if i < count % n_pieces else 0)
+        for j in range(k):
+            out.append({s: (int(c[i] + (c[i + 1] - c[i]) * j // k), int(c[i] + (c[i + 1] - c[i]) * (j + 1) // k))
+                        for s, c in cum.items()})
     return out
 
 
@@ -312,7 +421,8 @@ class SoftTargetStore:
         first = next((v for v in splits.values() if len(v[1])), splits["train"])
         max_rows = min(SHARD_ROWS, max(1, SHARD_BYTES // row_bytes(*first, int(meta.get("num_classes", 1)), format,
                                                                     dtype, top_k)))
-        plan, todo = self._plan(key, splits, shards, format, dtype, max_rows, on_shard)
+        plan, todo = self._plan(key, splits, shards, format, dtype, max_rows, on_shard,
+                                unit_count=1 if runner is not None else _unit_count(splits, shards, workers))
         computed, forward_rows = self._dispatch(key, plan, todo, task, teachers, format=format, dtype=dtype,
                                                 top_k=top_k, ensemble=ensemble, max_retries=max_retries,
                                                 workers=workers, on_shard=on_shard, runner=runner)
@@ -349,25 +459,26 @@ class SoftTargetStore:
 
     def _plan(self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], shards: int, format: str,
               dtype: str, max_rows: int, on_shard: Callable[[str, int, int, bool], None] | None,
-              ) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, list[int], tuple[Any, ...]]]]:
-        """Every shard's manifest entry, and the tasks still to run: each a split, the indices of its shards
-        still to compute (a killed run's whole ones are kept) and its arguments. Train is `shards` tasks, val
-        and test one per SHARD_ROWS rows; each task's range is cut into files of at most `max_rows` rows."""
+              unit_count: int = 1) -> tuple[dict[str, list[dict[str, Any]]], list[Work]]:
+        """Every shard's manifest entry, and the work still to do for the shards still to compute (a killed
+        run's whole ones are kept). The files: train is `shards` task ranges, val and test one per SHARD_ROWS
+        rows, each range cut into files of at most `max_rows` rows; this layout depends on the split sizes
+        alone. Who computes them: from arrays, one task per range of a split; from a source (`SplitRows` for
+        every split), `unit_count` units, each reading its pieces once for all three splits (`units`)."""
         import ray
 
         plan: dict[str, list[dict[str, Any]]] = {}
-        todo: list[tuple[str, list[int], tuple[Any, ...]]] = []
+        missing: dict[str, list[list[int]]] = {}
+        offsets: dict[str, int] = {}
         offset = 0
         for split in SPLITS:
-            x, y = splits[split]
+            _, y = splits[split]
             n_tasks = shards if split == "train" else max(1, int(np.ceil(len(y) / SHARD_ROWS)))
             tasks = [file_cuts(a, b, max_rows) for a, b in shard_ranges(len(y), n_tasks)] if len(y) else []
             count = sum(len(t) for t in tasks)
-            plan[split] = []
-            # a split readable from the source by row range goes to each task as it is (small)
-            refs = None if not tasks else (x, y) if isinstance(x, SplitRows) else (ray.put(x), ray.put(y))
+            plan[split], missing[split], offsets[split] = [], [], offset
             for cuts in tasks:
-                missing: list[int] = []
+                missing[split].append([])
                 for a, b in cuts:
                     i = len(plan[split])
                     rel = shard_name(split, i, count)
@@ -382,58 +493,96 @@ class SoftTargetStore:
                                 on_shard(split, i, count, True)
                             continue
                         log.warning("recomputing %s: it does not hold this entry's rows", self.storage._display(path))
-                    missing.append(i)
-                if missing:
-                    files = [(self._shard_path(key, plan[split][i]["path"]), plan[split][i]["row_start"],
-                              plan[split][i]["row_stop"]) for i in missing]
-                    todo.append((split, missing, (self.storage, files, refs[0], refs[1], offset)))
+                    missing[split][-1].append(i)
             offset += len(y)
+
+        def path(split: str, i: int) -> str:
+            return self._shard_path(key, plan[split][i]["path"])
+
+        todo: list[Work] = []
+        if all(isinstance(splits[s][0], SplitRows) for s in SPLITS):
+            rows = {s: splits[s][0] for s in SPLITS}
+            for u, ranges in enumerate(units(rows, unit_count)):
+                jobs, writes, parts = [], [], []
+                for split in SPLITS:
+                    lo, hi = ranges[split]
+                    for i in itertools.chain.from_iterable(missing[split]):
+                        a, b = plan[split][i]["row_start"], plan[split][i]["row_stop"]
+                        if lo >= hi or b <= lo or a >= hi:
+                            continue
+                        whole = lo <= a and b <= hi
+                        jobs.append(Job(split, max(a, lo), min(b, hi), path(split, i) if whole else None,
+                                        offsets[split]))
+                        (writes if whole else parts).append((split, i))
+                if jobs:
+                    todo.append(Work("unit", writes, (self.storage, jobs, rows, None, 0), parts=parts, unit=u))
+            return plan, todo
+        for split in SPLITS:
+            x, y = splits[split]
+            refs = (ray.put(x), ray.put(y)) if any(missing[split]) else None
+            for idx in missing[split]:
+                if idx:
+                    files = [(path(split, i), plan[split][i]["row_start"], plan[split][i]["row_stop"]) for i in idx]
+                    todo.append(Work("shards", [(split, i) for i in idx],
+                                     (self.storage, files, refs[0], refs[1], offsets[split])))
         return plan, todo
 
-    def _dispatch(self, key: str, plan: dict[str, list[dict[str, Any]]], todo: list[tuple[str, int, tuple[Any, ...]]],
+    def _dispatch(self, key: str, plan: dict[str, list[dict[str, Any]]], todo: list[Work],
                   task: TaskKind, teachers: list[torch.nn.Module], *, format: str, dtype: str, top_k: int | None,
                   ensemble: str, max_retries: int, workers: int | None,
                   on_shard: Callable[[str, int, int, bool], None] | None,
                   runner: ShardRunner | None = None) -> tuple[int, int]:
-        """Run the shard tasks (or `runner` calls), filling in each finished shard's size and checksum; returns
-        (shards, rows) computed. Failures are collected, so that every shard that can be written is, then
-        raised together."""
+        """Run the work (Ray tasks, or `runner` calls), filling in each finished shard's size and checksum;
+        returns (shards, rows) computed. A file that crosses units' edges is joined from their parts by one
+        more task once they have all finished. Failures are collected, so that every shard that can be
+        written is, then raised together."""
         import ray
 
         total = sum(len(v) for v in plan.values())
         teachers_ref = ray.put(teachers)
         computed, forward_rows, failures = 0, 0, []
-
-        def args(item: tuple[str, list[int], tuple[Any, ...]]) -> tuple[Any, ...]:
-            storage, files, x_ref, y_ref, off = item[2]
-            return (task, storage, files, teachers_ref, x_ref, y_ref, off, format, dtype, top_k, ensemble)
-
+        failed_files: set[tuple[str, int]] = set()
         mistakes: list[UserError] = []  # the user's (a source changed under the run): exit 2, not a failed stage
 
-        def failed(split: str, idx: list[int], exc: BaseException) -> None:
-            """A task failed: each of its shards not written is a failure (those it wrote are left for a rerun)."""
+        def args(item: Work) -> tuple[Any, ...]:
+            if item.kind == "join":
+                storage, (split, i), refs = item.args
+                entry = plan[split][i]
+                return (task, storage, self._shard_path(key, entry["path"]),
+                        entry["row_id_offset"] + entry["row_start"], teachers_ref, format, dtype, top_k, ensemble,
+                        *refs)
+            storage, files, x_ref, y_ref, off = item.args
+            return (task, storage, files, teachers_ref, x_ref, y_ref, off, format, dtype, top_k, ensemble)
+
+        def failed(files: list[tuple[str, int]], exc: BaseException) -> None:
+            """Work failed: each of its shards not written is a failure (those it wrote are left for a rerun)."""
             mistake = user_error_in(exc)  # inside a Ray task's or actor call's error
             if mistake is not None:
                 mistakes.append(mistake)
+                failed_files.update(files)
                 return
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            for i in idx:
+            for split, i in files:
+                if (split, i) in failed_files:
+                    continue
+                failed_files.add((split, i))
                 entry = plan[split][i]
                 failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
                                 f"{entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
                                 f"{type(exc).__name__}: {reason}")
 
-        def done(split: str, idx: list[int], outs: list[dict[str, Any]]) -> None:
+        def done(files: list[tuple[str, int]], outs: list[dict[str, Any]]) -> None:
             nonlocal computed, forward_rows
-            for i, out in zip(idx, outs, strict=True):
+            for (split, i), out in zip(files, outs, strict=True):
                 plan[split][i].update(bytes=out["bytes"], sha256=out["sha256"])
                 computed += 1
                 forward_rows += out["forward_rows"]
                 if on_shard:
                     on_shard(split, i, len(plan[split]), False)
 
-        if runner is not None:  # one after another on a warm process: each shard tried 1 + max_retries times
+        if runner is not None:  # one after another on a warm process: each tried 1 + max_retries times
             for item in todo:
+                assert not item.parts, "a warm runner computes the source as one unit: no file crosses its edge"
                 out, error = None, None
                 for _ in range(max_retries + 1):
                     try:
@@ -444,24 +593,44 @@ class SoftTargetStore:
                         if user_error_in(exc) is not None:  # the same again on a retry
                             break
                 if out is None:
-                    failed(item[0], item[1], error)
+                    failed(item.writes, error)
                     continue
-                done(item[0], item[1], out)
+                done(item.writes, out)
         else:
-            remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(compute_shards)
-            pending: dict[Any, tuple[str, list[int]]] = {}
+            options = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": True}
+            remote, join = ray.remote(**options)(compute_shards), ray.remote(**options)(join_shard)
+            # a crossing file: the units that hold a part of it, and the parts finished so far by unit
+            sources: dict[tuple[str, int], list[int]] = {}
+            for item in todo:
+                for f in item.parts:
+                    sources.setdefault(f, []).append(item.unit)
+            have: dict[tuple[str, int], dict[int, Any]] = {}
+            pending: dict[Any, Work] = {}
             while todo or pending:
                 while todo and (workers is None or len(pending) < workers):
                     item = todo.pop(0)
-                    pending[remote.remote(*args(item))] = (item[0], item[1])
+                    if item.kind == "join":
+                        pending[join.remote(*args(item))] = item
+                    elif item.parts:
+                        refs = remote.options(num_returns=1 + len(item.parts)).remote(*args(item))
+                        item.part_refs = refs[1:]
+                        pending[refs[0]] = item
+                    else:
+                        pending[remote.remote(*args(item))] = item
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                split, i = pending.pop(ready[0])
+                item = pending.pop(ready[0])
                 try:
                     out = ray.get(ready[0])
                 except ray.exceptions.RayError as exc:  # keep collecting: finished shards must be written
-                    failed(split, i, exc)
+                    failed(item.writes + item.parts, exc)
                     continue
-                done(split, i, out)
+                done(item.writes, out)
+                for f, ref in zip(item.parts, item.part_refs, strict=True):
+                    have.setdefault(f, {})[item.unit] = ref
+                    if len(have[f]) == len(sources[f]) and f not in failed_files:  # its last part: join it first
+                        todo.insert(0, Work("join", [f], (self.storage, f, [have[f][u] for u in sources[f]])))
+                        del have[f]
+                item.part_refs = []
         if mistakes:  # the other shards are written and kept, as for a failure
             raise mistakes[0]
         if failures:
@@ -470,6 +639,20 @@ class SoftTargetStore:
                               f"{self.uri(key)}, and a rerun computes only the missing ones:\n  "
                               + "\n  ".join(failures))
         return computed, forward_rows
+
+
+@dataclass
+class Work:
+    """A Ray task's (or warm call's) worth: `shards` (a range of a split's arrays), `unit` (a range of the
+    source's pieces, `compute_unit`) or `join` (a file from the parts of the units it crosses). `writes`: the
+    files whose entries it returns, in order; `parts`: the crossing files it returns a part of, in order."""
+
+    kind: str
+    writes: list[tuple[str, int]]
+    args: tuple[Any, ...]
+    parts: list[tuple[str, int]] = field(default_factory=list)
+    unit: int = -1
+    part_refs: list[Any] = field(default_factory=list)
 
 
 def manifest_problem(m: Any, key: str) -> str | None:

@@ -3,8 +3,10 @@ the fingerprint, and a file that changes between the reduction and the read (tas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -254,6 +256,84 @@ def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give
     again, stats = store.precompute("read-40", [teacher], rows, **args)
     assert stats.forward_rows == sum(e["rows"] for e in gone) and stats.computed_shards == len(gone)
     assert [[e["sha256"] for e in again["splits"][s]["shards"]] for s in SPLITS] == sums["held-40"]
+
+
+@dataclasses.dataclass
+class LoggedReader(Reader):
+    """A reader that appends "<file>|<row group>" to `log` for every piece it opens (in any process)."""
+
+    log: str = ""
+
+    def chunks(self, piece: pieces.Piece) -> Any:
+        with open(self.log, "a") as f:
+            f.write(f"{piece.name}|{piece.row_group}\n")
+        yield from super().chunks(piece)
+
+
+def test_a_precompute_from_the_source_reads_each_piece_once_and_a_rerun_only_the_pieces_of_missing_files(
+        ray_session: None, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shard tasks read the source by units of whole pieces, every split from one read: each piece is
+    opened once per precompute (it was once per split's task, and again by every task whose rows it held).
+    Files that cross a unit's edge are joined from the units' parts, so every file is the arrays path's."""
+    import torch
+
+    from tasks import soft_targets
+    from tasks.soft_targets import SPLITS, SoftTargetStore, units
+    from tasks.storage import Storage
+
+    src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})  # 15 row groups
+    d = load_dataset(src, features=FEATURES, **SPLIT)
+    log = workdir / "reads.log"
+    rows = {k: (dataclasses.replace(r, reader=LoggedReader(**vars(r.reader), log=str(log))),) * 2
+            for k, (r, _) in d.precompute_rows(SPLIT["seed"]).items() if isinstance(r, SplitRows)}
+    assert set(rows) == set(SPLITS)
+    every_piece = [f"{p.name}|{p.row_group}" for p in rows["train"][0].pieces]
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(3, 3)
+    store = SoftTargetStore(Storage(".kdflow"))
+    args: dict = {"shards": 3, "format": "logits", "dtype": "float32", "top_k": None, "ensemble": "mean_probs",
+                  "meta": {}}
+    monkeypatch.setattr(soft_targets, "SHARD_ROWS", 40)
+    held, _ = store.precompute("held", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
+    sums = [[e["sha256"] for e in held["splits"][s]["shards"]] for s in SPLITS]
+
+    read, stats = store.precompute("read", [teacher], rows, **args)
+    assert sorted(log.read_text().split()) == sorted(every_piece)  # each piece once, none skipped
+    assert stats.forward_rows == 550 and stats.computed_shards == sum(len(v) for v in sums)
+    assert [[e["sha256"] for e in read["splits"][s]["shards"]] for s in SPLITS] == sums
+    # three units of five pieces: files of every split cross their edges (so the joins above were needed)
+    cuts = units({k: r for k, (r, _) in rows.items()}, 3)
+    assert len(cuts) == 3
+    for s in SPLITS:
+        edges = {u[s][1] for u in cuts[:-1]}
+        assert any(e["row_start"] < edge < e["row_stop"] for e in read["splits"][s]["shards"] for edge in edges), s
+
+    # a killed run: a file inside a unit and one across an edge are missing; the rerun computes those two,
+    # reading only the pieces that hold their rows, once each
+    entry = workdir / ".kdflow" / "soft_targets" / "read"
+    (entry / "manifest.json").unlink()
+    train = read["splits"]["train"]["shards"]
+    edge = cuts[0]["train"][1]
+    crossing = next(e for e in train if e["row_start"] < edge < e["row_stop"])
+    inside = train[-1]
+    for e in (crossing, inside):
+        (entry / e["path"]).unlink()
+    log.unlink()
+    again, stats = store.precompute("read", [teacher], rows, **args)
+    assert stats.computed_shards == 2 and stats.forward_rows == crossing["rows"] + inside["rows"]
+    split_rows = rows["train"][0]
+    wanted = {every_piece[i] for e in (crossing, inside) for i, _ in split_rows._overlaps(e["row_start"], e["row_stop"])}
+    assert sorted(log.read_text().split()) == sorted(wanted)
+    assert [[e["sha256"] for e in again["splits"][s]["shards"]] for s in SPLITS] == sums
+
+    # more units than pieces (a cluster with more CPUs than the source has row groups): a piece is cut
+    # between units, each reading it whole, and the files are still the arrays path's
+    monkeypatch.setattr(soft_targets, "_unit_count", lambda *a: 40)
+    log.unlink()
+    many, _ = store.precompute("read-many", [teacher], rows, **args)
+    assert [[e["sha256"] for e in many["splits"][s]["shards"]] for s in SPLITS] == sums
+    reads = log.read_text().split()
+    assert set(reads) == set(every_piece) and len(reads) == 40
 
 
 def test_workers_read_a_local_source_only_while_the_cluster_is_on_this_machine(ray_session: None,
