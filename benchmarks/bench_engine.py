@@ -9,6 +9,8 @@ One synthetic table (bench_scale.py's: 32 float32 features, 10 classes, 1M-row r
   - kdflow: the `soft targets` stage's own call, ``SoftTargetStore.precompute`` over the data stage's
     ``SplitRows`` (train, val, test read by the tasks from the pieces, each piece's digest checked), 8
     train tasks, float16 logits written as bounded shard files + manifest to a fresh local folder;
+  - kdflow precompute alone: the same, with the data stage's ``load_dataset`` (its own read of the source:
+    counts, train mean/std, digests) done once before the timing, as a run's data stage is a stage of its own;
   - Ray Data: ``read_parquet`` -> ``map_batches`` on a pool of 2 long-lived actors (the teacher loaded once
     per actor, half a Ray CPU each so the read and write tasks can run beside them; standardize + forward) -> ``write_parquet`` of row ids and logits, to a fresh folder: the
     engine the issue names for step 3, with the least work the store would add (no split, no digests).
@@ -88,12 +90,14 @@ def ray_data(path: Path, mean: np.ndarray, std: np.ndarray, out: Path, limit: in
     return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
 
 
-def kdflow(path: Path, out: Path, model: torch.nn.Module) -> int:
+def kdflow(path: Path, out: Path, model: torch.nn.Module, data: object = None) -> int:
+    """The data stage (`load_dataset`: one read of the source for counts, mean/std, digests) and the precompute;
+    with `data`, a dataset loaded before, the precompute alone."""
     from tasks.data import load_dataset
     from tasks.soft_targets import SoftTargetStore
     from tasks.storage import Storage
 
-    data = load_dataset(str(path), label="label", val=0.05, test=0.05)
+    data = data or load_dataset(str(path), label="label", val=0.05, test=0.05)
     rows = data.precompute_rows(0, from_source=True)
     store = SoftTargetStore(Storage(str(out)))
     m, _ = store.precompute("bench", [model], rows, shards=8, format="logits", dtype="float16", top_k=None,
@@ -134,6 +138,8 @@ def main() -> None:
     paths: dict[str, Callable[[], int]] = {
         "plain no_grad loop (read + forward, 2 threads)": lambda: plain_loop(path, mean, std, model),
         "kdflow shard tasks (8 train tasks, bounded files)": lambda: kdflow(path, fresh(), model),
+        "kdflow precompute alone (the data stage's load_dataset before the timing)":
+            lambda: kdflow(path, fresh(), model, d),
         "Ray Data read -> map_batches (2 actors) -> write": lambda: ray_data(path, mean, std, fresh()),
     }
     rates: dict[str, list[float]] = {k: [] for k in paths}
