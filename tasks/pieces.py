@@ -11,7 +11,8 @@ piece's bytes as read. It takes only picklable arguments, so a Ray task can run 
 thread pool `scan` uses; `fill` reads each piece again into preallocated split arrays and checks its
 digest, so a file that changed between the two reads is an error, not a silent mix. `SplitRows` is one
 split readable by row range the same way, for a reader that should not get its rows from the driver (the
-soft-target shard tasks).
+teacher's training worker); `piece_rows` reads one piece once for every split's rows of it (the
+soft-target tasks).
 """
 
 from __future__ import annotations
