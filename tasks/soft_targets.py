@@ -155,7 +155,7 @@ def compute_unit(task: TaskKind, storage: Storage, jobs: list[Job], teachers: li
     pending = {s: deque((k, j) for k, j in enumerate(jobs) if j.split == s) for s in SPLITS if s in splits}
     needed = sorted({i for j in jobs for i, _ in splits[j.split]._overlaps(j.a, j.b)})
     held: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {s: [] for s in pending}
-    out: list[dict[str, Any]] = []
+    written: dict[int, dict[str, Any]] = {}  # job index -> its file's entry (files finish in piece order)
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     t0 = time.perf_counter()
     for i in needed:
@@ -177,12 +177,13 @@ def compute_unit(task: TaskKind, storage: Storage, jobs: list[Job], teachers: li
                 if job.path is None:
                     parts[k] = (np.array(xs), np.array(ys))
                     continue
-                out.append(_write_file(task, storage, job.path, job.row_id_offset + job.a, xs, ys, teachers, format,
-                                       dtype, top_k, ensemble, t0))
+                written[k] = _write_file(task, storage, job.path, job.row_id_offset + job.a, xs, ys, teachers, format,
+                                         dtype, top_k, ensemble, t0)
                 del xs, ys
                 t0 = time.perf_counter()
     assert not any(pending.values()), "a unit's job lies outside the pieces it read"
-    return out, [parts[k] for k in sorted(parts)]
+    # in job order, as the caller lists them: a val file can finish before a train file that started earlier
+    return [written[k] for k in sorted(written)], [parts[k] for k in sorted(parts)]
 
 
 def compute_shards(task: TaskKind, storage: Storage, files: list[tuple[str, int, int]] | list[Job],

@@ -335,6 +335,14 @@ def test_a_precompute_from_the_source_reads_each_piece_once_and_a_rerun_only_the
     reads = log.read_text().split()
     assert set(reads) == set(every_piece) and len(reads) == 40
 
+    # one unit over every piece (as on a warm actor): val and test files finish between train files, and
+    # each entry is still its own file's (a 20M-row run recorded one file's size and checksum for another)
+    monkeypatch.setattr(soft_targets, "_unit_count", lambda *a: 1)
+    one, _ = store.precompute("read-one", [teacher], rows, **args)
+    assert [[e["sha256"] for e in one["splits"][s]["shards"]] for s in SPLITS] == sums
+    assert len(one["splits"]["val"]["shards"]) > 1
+    assert len(store.read(one, "val")) == one["splits"]["val"]["rows"]  # each file checked against its entry
+
 
 def test_workers_read_a_local_source_only_while_the_cluster_is_on_this_machine(ray_session: None,
                                                                                workdir: Path) -> None:
