@@ -146,6 +146,29 @@ class RayStart:
             return None
 
 
+def stop_ray() -> None:
+    """Disconnect from Ray, stopping a local Ray this process started. Ray stops a local node's processes
+    one after another, giving each a second to exit after SIGTERM; its autoscaler monitor (of no use to a
+    one-node local Ray, and holding no state) used the whole second every time (1.02 of a 1.47 s shutdown
+    here), so it is killed first. Best effort: Ray's private node object may move, and then the shutdown
+    just takes that second again."""
+    import contextlib
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        if node is not None and node.head and not os.environ.get("RAY_ADDRESS"):
+            for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+                info.process.kill()
+                info.process.wait(timeout=5)
+    ray.shutdown()
+
+
 def _start_local(env: dict[str, str], dashboard: bool = True) -> None:
     import ray
 
