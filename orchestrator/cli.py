@@ -121,16 +121,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_start = None
         try:
             from orchestrator.runtime import RayStart
-            from orchestrator.tracking import check_reachable
-            from orchestrator.workspace import checked_storage
+            from orchestrator.workspace import precheck
 
             # what is cheap to check exits 2 before Ray starts; then a local Ray starts on a thread while
-            # the run imports torch and MLflow and reads the data (`run_workflow` checks these again)
-            check_reachable(spec, checked_storage(spec))
+            # the run imports torch and MLflow and reads the data
+            storage = precheck(spec)
             ray_start = RayStart.begin(spec)
             from orchestrator.pipeline import run_workflow
 
-            result = run_workflow(spec, source=args.file, ray_start=ray_start)
+            result = run_workflow(spec, source=args.file, ray_start=ray_start, storage=storage)
         except (Exception, KeyboardInterrupt) as exc:
             if ray_start is not None:  # a failure before the run took over Ray's start: let it finish first
                 ray_start.abandon()

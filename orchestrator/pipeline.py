@@ -17,7 +17,7 @@ from orchestrator.runtime import LOCAL_MIN_CPUS, RayStart, ensure_ray, in_backgr
 from orchestrator.search.pool import Slot, run_slots
 from orchestrator.spec import Workflow
 from orchestrator.teachers import Teacher, is_external, load_teachers
-from orchestrator.workspace import checked_storage
+from orchestrator.workspace import precheck
 from tasks.errors import UserError
 from tasks.kinds import TaskKind
 from tasks.models import num_params
@@ -63,10 +63,12 @@ def preflight(spec: Workflow) -> None:
             raise UserError(str(exc), where=where) from None
 
 
-def run_workflow(spec: Workflow, source: str | None = None, ray_start: RayStart | None = None) -> dict[str, Any]:
+def run_workflow(spec: Workflow, source: str | None = None, ray_start: RayStart | None = None,
+                 storage: Storage | None = None) -> dict[str, Any]:
     """data -> teachers -> soft targets -> student (or search) -> evaluation -> registry, in one MLflow run;
     `source` is the workflow file (its git commit goes into the lineage); `ray_start`: the CLI's local Ray,
-    begun before this module was imported (`RayStart.begin`)."""
+    begun before this module was imported (`RayStart.begin`); `storage`: the run's storage, already checked
+    by the CLI with the tracking server (`precheck`), else both are checked here."""
     import mlflow
 
     t_start = time.perf_counter()
@@ -79,9 +81,8 @@ def run_workflow(spec: Workflow, source: str | None = None, ray_start: RayStart 
         preflight(spec)
         check_joined(spec)  # in a Ray job: what cannot work on a multi-node cluster fails here, before any work
         task = task_for(spec)
-        storage = checked_storage(spec)
+        storage = storage or precheck(spec)
         data = stages.load_data(spec, storage)  # a data mistake exits 2 here, before any stage starts
-        tracking.check_reachable(spec, storage)  # so does a tracking server that does not answer
     except BaseException:
         if ray_start is not None:  # what started is stopped before the error goes up
             for slot in ray_start.abandon() or []:

@@ -16,8 +16,11 @@ def storage_for(spec: Workflow) -> Storage:
                    region=s3.region if s3 else None, anon=bool(s3 and s3.anon))
 
 
-def checked_storage(spec: Workflow) -> Storage:
-    """The run's storage, checked (reachable, writable): a mistake exits 2 naming storage.root."""
+def precheck(spec: Workflow) -> Storage:
+    """What a run can check before it starts anything, cheaply (no torch, no MLflow): the storage root
+    reachable and writable, and a tracking server that answers. A mistake exits 2 naming its key; returns
+    the run's storage."""
+    from orchestrator.tracking import check_reachable
     from tasks.errors import UserError
 
     storage = storage_for(spec)
@@ -25,6 +28,7 @@ def checked_storage(spec: Workflow) -> Storage:
         storage.check()
     except UserError as exc:
         raise exc.under("storage.root") from None
+    check_reachable(spec, storage)
     return storage
 
 

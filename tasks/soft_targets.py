@@ -534,112 +534,131 @@ class SoftTargetStore:
                   on_shard: Callable[[str, int, int, bool], None] | None,
                   runner: ShardRunner | None = None) -> tuple[int, int]:
         """Run the work (Ray tasks, or `runner` calls), filling in each finished shard's size and checksum;
-        returns (shards, rows) computed. A file that crosses units' edges is joined from their parts by one
-        more task once they have all finished. Failures are collected, so that every shard that can be
-        written is, then raised together."""
+        returns (shards, rows) computed. Failures are collected, so that every shard that can be written is,
+        then raised together."""
         import ray
 
-        total = sum(len(v) for v in plan.values())
-        teachers_ref = ray.put(teachers)
-        computed, forward_rows, failures = 0, 0, []
-        failed_files: set[tuple[str, int]] = set()
-        mistakes: list[UserError] = []  # the user's (a source changed under the run): exit 2, not a failed stage
-
-        def args(item: Work) -> tuple[Any, ...]:
-            if item.kind == "join":
-                storage, (split, i), refs = item.args
-                entry = plan[split][i]
-                return (task, storage, self._shard_path(key, entry["path"]),
-                        entry["row_id_offset"] + entry["row_start"], teachers_ref, format, dtype, top_k, ensemble,
-                        *refs)
-            storage, files, x_ref, y_ref, off = item.args
-            return (task, storage, files, teachers_ref, x_ref, y_ref, off, format, dtype, top_k, ensemble)
-
-        def failed(files: list[tuple[str, int]], exc: BaseException) -> None:
-            """Work failed: each of its shards not written is a failure (those it wrote are left for a rerun)."""
-            mistake = user_error_in(exc)  # inside a Ray task's or actor call's error
-            if mistake is not None:
-                mistakes.append(mistake)
-                failed_files.update(files)
-                return
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            for split, i in files:
-                if (split, i) in failed_files:
-                    continue
-                failed_files.add((split, i))
-                entry = plan[split][i]
-                failures.append(f"{self.storage._display(self._shard_path(key, entry['path']))} (rows "
-                                f"{entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
-                                f"{type(exc).__name__}: {reason}")
-
-        def done(files: list[tuple[str, int]], outs: list[dict[str, Any]]) -> None:
-            nonlocal computed, forward_rows
-            for (split, i), out in zip(files, outs, strict=True):
-                plan[split][i].update(bytes=out["bytes"], sha256=out["sha256"])
-                computed += 1
-                forward_rows += out["forward_rows"]
-                if on_shard:
-                    on_shard(split, i, len(plan[split]), False)
-
-        if runner is not None:  # one after another on a warm process: each tried 1 + max_retries times
-            for item in todo:
-                assert not item.parts, "a warm runner computes the source as one unit: no file crosses its edge"
-                out, error = None, None
-                for _ in range(max_retries + 1):
-                    try:
-                        out = runner(*args(item))
-                        break
-                    except Exception as exc:  # noqa: BLE001 - the teacher's error or a dead worker: retried
-                        error = exc
-                        if user_error_in(exc) is not None:  # the same again on a retry
-                            break
-                if out is None:
-                    failed(item.writes, error)
-                    continue
-                done(item.writes, out)
+        run = _Dispatch(self, key, plan, (task, ray.put(teachers), format, dtype, top_k, ensemble), on_shard)
+        if runner is not None:
+            run.on_warm(todo, runner, max_retries)
         else:
-            options = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": True}
-            remote, join = ray.remote(**options)(compute_shards), ray.remote(**options)(join_shard)
-            # a crossing file: the units that hold a part of it, and the parts finished so far by unit
-            sources: dict[tuple[str, int], list[int]] = {}
-            for item in todo:
-                for f in item.parts:
-                    sources.setdefault(f, []).append(item.unit)
-            have: dict[tuple[str, int], dict[int, Any]] = {}
-            pending: dict[Any, Work] = {}
-            while todo or pending:
-                while todo and (workers is None or len(pending) < workers):
-                    item = todo.pop(0)
-                    if item.kind == "join":
-                        pending[join.remote(*args(item))] = item
-                    elif item.parts:
-                        refs = remote.options(num_returns=1 + len(item.parts)).remote(*args(item))
-                        item.part_refs = refs[1:]
-                        pending[refs[0]] = item
-                    else:
-                        pending[remote.remote(*args(item))] = item
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                item = pending.pop(ready[0])
-                try:
-                    out = ray.get(ready[0])
-                except ray.exceptions.RayError as exc:  # keep collecting: finished shards must be written
-                    failed(item.writes + item.parts, exc)
-                    continue
-                done(item.writes, out)
-                for f, ref in zip(item.parts, item.part_refs, strict=True):
-                    have.setdefault(f, {})[item.unit] = ref
-                    if len(have[f]) == len(sources[f]) and f not in failed_files:  # its last part: join it first
-                        todo.insert(0, Work("join", [f], (self.storage, f, [have[f][u] for u in sources[f]])))
-                        del have[f]
-                item.part_refs = []
-        if mistakes:  # the other shards are written and kept, as for a failure
-            raise mistakes[0]
-        if failures:
-            raise ShardFailed(f"{len(failures)} of {total} soft-target shards failed after {max_retries} "
-                              f"retries; the {total - len(failures)} others are written and stay under "
+            run.on_ray(todo, max_retries, workers)
+        if run.mistakes:  # the other shards are written and kept, as for a failure
+            raise run.mistakes[0]
+        if run.failures:
+            total = sum(len(v) for v in plan.values())
+            raise ShardFailed(f"{len(run.failures)} of {total} soft-target shards failed after {max_retries} "
+                              f"retries; the {total - len(run.failures)} others are written and stay under "
                               f"{self.uri(key)}, and a rerun computes only the missing ones:\n  "
-                              + "\n  ".join(failures))
-        return computed, forward_rows
+                              + "\n  ".join(run.failures))
+        return run.computed, run.forward_rows
+
+
+class _Dispatch:
+    """One precompute's work as it runs: each item's call arguments, the finished shards' sizes and checksums
+    filled into `plan`, and the failures collected (`SoftTargetStore._dispatch` raises them at the end)."""
+
+    def __init__(self, store: SoftTargetStore, key: str, plan: dict[str, list[dict[str, Any]]],
+                 common: tuple[Any, ...], on_shard: Callable[[str, int, int, bool], None] | None) -> None:
+        self.store, self.key, self.plan, self.on_shard = store, key, plan, on_shard
+        # (task, teachers' object ref, format, dtype, top_k, ensemble): what every call takes
+        self.task, self.teachers_ref, *self.encoding = common
+        self.computed, self.forward_rows = 0, 0
+        self.failures: list[str] = []
+        self.failed_files: set[tuple[str, int]] = set()
+        self.mistakes: list[UserError] = []  # the user's (a source changed under the run): exit 2, not a failed stage
+
+    def args(self, item: Work) -> tuple[Any, ...]:
+        if item.kind == "join":
+            storage, (split, i), refs = item.args
+            entry = self.plan[split][i]
+            return (self.task, storage, self.store._shard_path(self.key, entry["path"]),
+                    entry["row_id_offset"] + entry["row_start"], self.teachers_ref, *self.encoding, *refs)
+        storage, files, x_ref, y_ref, off = item.args
+        return (self.task, storage, files, self.teachers_ref, x_ref, y_ref, off, *self.encoding)
+
+    def failed(self, files: list[tuple[str, int]], exc: BaseException) -> None:
+        """Work failed: each of its shards not written is a failure (those it wrote are left for a rerun)."""
+        mistake = user_error_in(exc)  # inside a Ray task's or actor call's error
+        if mistake is not None:
+            self.mistakes.append(mistake)
+            self.failed_files.update(files)
+            return
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        for split, i in files:
+            if (split, i) in self.failed_files:
+                continue
+            self.failed_files.add((split, i))
+            entry = self.plan[split][i]
+            self.failures.append(f"{self.store.storage._display(self.store._shard_path(self.key, entry['path']))} "
+                                 f"(rows {entry['row_start']}..{entry['row_stop'] - 1} of {split}): "
+                                 f"{type(exc).__name__}: {reason}")
+
+    def done(self, files: list[tuple[str, int]], outs: list[dict[str, Any]]) -> None:
+        for (split, i), out in zip(files, outs, strict=True):
+            self.plan[split][i].update(bytes=out["bytes"], sha256=out["sha256"])
+            self.computed += 1
+            self.forward_rows += out["forward_rows"]
+            if self.on_shard:
+                self.on_shard(split, i, len(self.plan[split]), False)
+
+    def on_warm(self, todo: list[Work], runner: ShardRunner, max_retries: int) -> None:
+        """One after another on a warm process: each item tried 1 + max_retries times."""
+        for item in todo:
+            assert not item.parts, "a warm runner computes the source as one unit: no file crosses its edge"
+            out, error = None, None
+            for _ in range(max_retries + 1):
+                try:
+                    out = runner(*self.args(item))
+                    break
+                except Exception as exc:  # noqa: BLE001 - the teacher's error or a dead worker: retried
+                    error = exc
+                    if user_error_in(exc) is not None:  # the same again on a retry
+                        break
+            if out is None:
+                self.failed(item.writes, error)
+                continue
+            self.done(item.writes, out)
+
+    def on_ray(self, todo: list[Work], max_retries: int, workers: int | None) -> None:
+        """Ray tasks, `workers` at a time (retried by Ray). A file that crosses units' edges is joined from
+        their parts by one more task, queued first, once they have all finished."""
+        import ray
+
+        options = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": True}
+        remote, join = ray.remote(**options)(compute_shards), ray.remote(**options)(join_shard)
+        # a crossing file: the units that hold a part of it, and the parts finished so far by unit
+        sources: dict[tuple[str, int], list[int]] = {}
+        for item in todo:
+            for f in item.parts:
+                sources.setdefault(f, []).append(item.unit)
+        have: dict[tuple[str, int], dict[int, Any]] = {}
+        pending: dict[Any, Work] = {}
+        while todo or pending:
+            while todo and (workers is None or len(pending) < workers):
+                item = todo.pop(0)
+                if item.kind == "join":
+                    pending[join.remote(*self.args(item))] = item
+                elif item.parts:
+                    refs = remote.options(num_returns=1 + len(item.parts)).remote(*self.args(item))
+                    item.part_refs = refs[1:]
+                    pending[refs[0]] = item
+                else:
+                    pending[remote.remote(*self.args(item))] = item
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            item = pending.pop(ready[0])
+            try:
+                out = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:  # keep collecting: finished shards must be written
+                self.failed(item.writes + item.parts, exc)
+                continue
+            self.done(item.writes, out)
+            for f, ref in zip(item.parts, item.part_refs, strict=True):
+                have.setdefault(f, {})[item.unit] = ref
+                if len(have[f]) == len(sources[f]) and f not in self.failed_files:  # its last part: join it first
+                    todo.insert(0, Work("join", [f], (self.store.storage, f, [have[f][u] for u in sources[f]])))
+                    del have[f]
+            item.part_refs = []
 
 
 @dataclass
