@@ -110,14 +110,12 @@ class RayStart:
     def __init__(self, dashboard: bool) -> None:
         self._go = threading.Event()
         self._then: Callable[[], Any] | None = None
-        self.future: Future[Any] = in_background(self._run_then(dashboard))
+        self.future: Future[Any] = in_background(lambda: self._run(dashboard))
 
-    def _run_then(self, dashboard: bool) -> Callable[[], Any]:
-        def run() -> Any:
-            ensure_ray(dashboard=dashboard)
-            self._go.wait()
-            return self._then() if self._then is not None else None
-        return run
+    def _run(self, dashboard: bool) -> Any:
+        ensure_ray(dashboard=dashboard)
+        self._go.wait()
+        return self._then() if self._then is not None else None
 
     @classmethod
     def begin(cls, spec: Workflow) -> RayStart | None:

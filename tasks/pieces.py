@@ -376,25 +376,35 @@ class SplitRows:
         """The split's rows [a, b) as (offset from a, standardized features, class indices), at most a read
         chunk at a time. A piece's digest is checked after its last chunk: a caller that uses rows only once
         the iteration has ended (or reached past the piece) never uses rows that fail it."""
-        code = SPLIT_CODES[self.split]
         for i, at in self._overlaps(a, b):
             for codes, xc, lab in _checked_chunks(self.reader, self.pieces[i], self.digests[i], split=True,
                                                   seed=self.seed, val=self.val, test=self.test):
-                mask = codes == code
-                k = int(mask.sum())
-                lo, hi = max(a, at), min(b, at + k)
+                mask, k, lo, hi = self._in_chunk(codes, at, a, b)
                 if lo < hi:
                     x = np.empty((hi - lo, self.num_features), np.float32)
-                    _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x)
                     y = np.full(hi - lo, -1, np.int64)
-                    if lab is not None and self.classes is not None:
-                        y[:] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
+                    self._fill(xc, lab, mask, at, lo, hi, x, y)
                     yield lo - a, x, y
                 at += k
 
     def first(self, i: int) -> int:
         """The split's index of piece `i`'s first row of this split."""
         return int(sum(self.counts[:i]))
+
+    def _in_chunk(self, codes: np.ndarray, at: int, a: int, b: int) -> tuple[np.ndarray, int, int, int]:
+        """For a read chunk whose first row of this split has the split index `at`: the mask of this split's
+        rows in it, their count, and the split indices [lo, hi) of those that lie in [a, b)."""
+        mask = codes == SPLIT_CODES[self.split]
+        k = int(mask.sum())
+        return mask, k, max(a, at), min(b, at + k)
+
+    def _fill(self, xc: np.ndarray, lab: np.ndarray | None, mask: np.ndarray, at: int, lo: int, hi: int,
+              x: np.ndarray, y: np.ndarray) -> None:
+        """The chunk's rows [lo, hi) of this split (`_in_chunk`), standardized into `x` and their class
+        indices into `y` (each of hi - lo rows)."""
+        _standardize(xc[mask][lo - at:hi - at], self.mean, self.std, x)
+        if lab is not None and self.classes is not None:
+            y[:] = np.searchsorted(self.classes, lab[mask][lo - at:hi - at])
 
 
 def piece_rows(splits: dict[str, SplitRows], i: int, want: dict[str, tuple[int, int]],
@@ -411,13 +421,8 @@ def piece_rows(splits: dict[str, SplitRows], i: int, want: dict[str, tuple[int, 
     for codes, xc, lab in _checked_chunks(any_split.reader, any_split.pieces[i], any_split.digests[i], split=True,
                                           seed=any_split.seed, val=any_split.val, test=any_split.test):
         for k, (a, b) in want.items():
-            rows = splits[k]
-            mask = codes == SPLIT_CODES[k]
-            n = int(mask.sum())
-            lo, hi = max(a, at[k]), min(b, at[k] + n)
+            mask, n, lo, hi = splits[k]._in_chunk(codes, at[k], a, b)
             if lo < hi:
-                _standardize(xc[mask][lo - at[k]:hi - at[k]], rows.mean, rows.std, out[k][0][lo - a:hi - a])
-                if lab is not None and rows.classes is not None:
-                    out[k][1][lo - a:hi - a] = np.searchsorted(rows.classes, lab[mask][lo - at[k]:hi - at[k]])
+                splits[k]._fill(xc, lab, mask, at[k], lo, hi, out[k][0][lo - a:hi - a], out[k][1][lo - a:hi - a])
             at[k] += n
     return {k: (a, *out[k]) for k, (a, _) in want.items()}
