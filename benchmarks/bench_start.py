@@ -62,7 +62,7 @@ def run_one(code: Path, label: str, workflow: str, trials: int) -> dict[str, Any
             log(f"{label} {workflow} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
             return {"label": label, "workflow": workflow, "failed": True, "wall": wall,
                     "load": (load_before, os.getloadavg()[0])}
-        out = json.loads(proc.stdout)
+        out = json.loads(proc.stdout.strip().splitlines()[-1])  # the result line (older code printed more)
         row = {"label": label, "workflow": workflow, "wall": wall, "seconds": out["seconds"], "stages": out["stages"],
                "load": (load_before, os.getloadavg()[0]), "failed": False}
         s = out.get("search")
@@ -74,8 +74,12 @@ def run_one(code: Path, label: str, workflow: str, trials: int) -> dict[str, Any
             optuna.logging.set_verbosity(optuna.logging.ERROR)
             study = optuna.load_study(study_name=s["study"], storage=open_storage(s["storage"]))
             durations = [t.duration.total_seconds() for t in study.trials if t.duration]
-            row.update(search_wall=s["wall_s"], train_s=s["train_s"], efficiency=s["efficiency"],
-                       median_trial=statistics.median(durations), slots=s.get("slots"))
+            # code from before the result had `wall_s` (issue 11): the study's first start to its last end
+            first = min(t.datetime_start for t in study.trials if t.datetime_start)
+            last = max(t.datetime_complete for t in study.trials if t.datetime_complete)
+            row.update(search_wall=s.get("wall_s", (last - first).total_seconds()), train_s=s.get("train_s"),
+                       efficiency=s.get("efficiency"), median_trial=statistics.median(durations),
+                       slots=s.get("slots"))
     log(f"{label} {workflow}: {row}")
     return row
 
@@ -106,8 +110,11 @@ def main() -> None:
                   f"{r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
             continue
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
-        search = (f"{r['search_wall']:.1f} s | {r['train_s']:.1f} s | {r['efficiency']:.2f} | {r['median_trial']:.2f} s"
-                  if "search_wall" in r else " | | | ")
+        def num(v: Any, fmt: str) -> str:
+            return "n/a" if v is None else format(v, fmt)
+
+        search = (f"{r['search_wall']:.1f} s | {num(r['train_s'], '.1f')} s | {num(r['efficiency'], '.2f')} | "
+                  f"{r['median_trial']:.2f} s" if "search_wall" in r else " | | | ")
         print(f"| {r['workflow']} | {r['label']} | {r['wall']:.1f} s | {r['seconds']:.1f} s | {stages} | {search} | "
               f"{r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
 

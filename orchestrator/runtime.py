@@ -41,6 +41,11 @@ def ensure_ray(dashboard: bool = True) -> None:
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     from orchestrator.quiet import filter_ray_worker_logs, quiet_ray_start
 
+    # Ray wraps the "(TrialWorker pid=...)" prefix of each worker line in ANSI colour codes even when stderr
+    # is a file or a pipe (a CI log, `2> run.log`), where they show as "[36m" garbage: colour on a terminal
+    # only. A value the user set is kept.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     quiet_ray_start()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -152,7 +152,13 @@ class ShardSource:
 
 
 class EpochHook(Protocol):
-    def report(self, epoch: int, metrics: dict[str, float]) -> bool: ...
+    """The search's pruner (`FitConfig.epoch_hook`): `hook(epoch, metrics)` answers whether to stop now;
+    `hook.ask(epoch, metrics)` sends the same question and returns a function that waits for the answer, so
+    the loop can train the next epoch while it travels (`Decision`)."""
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool: ...
+
+    def ask(self, epoch: int, metrics: dict[str, float]) -> Callable[[], bool]: ...
 
 
 def log(msg: str) -> None:
@@ -496,30 +502,60 @@ def run_epoch(w: Worker, epoch: int, gen: torch.Generator) -> dict[str, float]:
                                  "train_ce": sums[2] / steps, "samples_per_s": w.per_worker * w.world / train_s,
                                  "epoch_s": train_s, "peak_rss_mb": peak_rss_mb()}
     if w.val_rows is not None or w.val_stream is not None:
-        if w.val_rows is not None:
-            counts = cfg.task.eval_counts(w.core, w.val_rows, cfg.dims, w.device)
-            with_teacher = bool(w.val_rows.targets)
-        else:
-            assert w.val_stream is not None
-            counts, with_teacher = stream.streamed_counts(cfg.task, w.core, w.val_stream.source, w.val_stream.pieces,
-                                                          cfg.dims, w.device)
-        if w.world > 1:
-            torch.distributed.all_reduce(counts)
-        metrics.update({f"val_{k}": v for k, v in cfg.task.metrics(counts, with_teacher).items()})
+        with span("validate", epoch=epoch):
+            metrics.update(validate(w))
     return metrics
 
 
-def stop_decision(w: Worker, state: LoopState, epoch: int, metrics: dict[str, float]) -> StopReason | None:
-    """Early stopping on a plateau, else the epoch hook (rank 0 asks it); every rank gets rank 0's answer."""
+def validate(w: Worker) -> dict[str, float]:
+    """The validation metrics over every worker's share of val (held or streamed), summed across workers."""
+    cfg = w.cfg
+    if w.val_rows is not None:
+        counts = cfg.task.eval_counts(w.core, w.val_rows, cfg.dims, w.device)
+        with_teacher = bool(w.val_rows.targets)
+    else:
+        assert w.val_stream is not None
+        counts, with_teacher = stream.streamed_counts(cfg.task, w.core, w.val_stream.source, w.val_stream.pieces,
+                                                      cfg.dims, w.device)
+    if w.world > 1:
+        torch.distributed.all_reduce(counts)
+    return {f"val_{k}": v for k, v in cfg.task.metrics(counts, with_teacher).items()}
+
+
+@dataclass
+class Decision:
+    """Whether to stop after `epoch`: early stopping on a plateau (decided here), else the epoch hook's answer
+    (rank 0 asks; `answer` waits for it and gives every rank rank 0's answer).
+
+    The hook is the search's pruner, a round trip to its monitor actor (2-8 ms here, as long as a digits
+    trial's epoch). The loop trains the next epoch while the answer travels and drops that epoch when the
+    answer is "pruned": the trial's history, values and decisions are those of asking and waiting, at the
+    cost of one epoch's compute in a pruned trial (whose weights nobody keeps)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    early: bool = False
+    waiting: Callable[[], bool] | None = None
+
+    def answer(self, w: Worker) -> StopReason | None:
+        stop = 1 if self.early else 2 if self.waiting is not None and self.waiting() else 0
+        if w.world > 1:  # the hook answers rank 0 only, and every rank must leave the loop together
+            flag = torch.tensor([stop], device=w.device)
+            torch.distributed.broadcast(flag, src=0)
+            stop = int(flag.item())
+        return {0: None, 1: StopReason.EARLY_STOPPED, 2: StopReason.PRUNED}[stop]
+
+
+def ask_decision(w: Worker, state: LoopState, epoch: int, metrics: dict[str, float]) -> Decision:
     es, hook = w.cfg.early_stopping, w.cfg.epoch_hook
-    stop = 1 if es and state.bad_epochs >= es.patience else 0
-    if hook is not None and w.rank == 0 and not stop:
-        stop = 2 if hook(epoch, metrics) else 0
-    if w.world > 1:  # the hook answers rank 0 only, and every rank must leave the loop together
-        flag = torch.tensor([stop], device=w.device)
-        torch.distributed.broadcast(flag, src=0)
-        stop = int(flag.item())
-    return {0: None, 1: StopReason.EARLY_STOPPED, 2: StopReason.PRUNED}[stop]
+    decision = Decision(epoch, metrics, early=bool(es and state.bad_epochs >= es.patience))
+    if hook is not None and w.rank == 0 and not decision.early:
+        if hasattr(hook, "ask"):
+            decision.waiting = hook.ask(epoch, metrics)
+        else:  # a plain function: its answer now
+            answer = bool(hook(epoch, metrics))
+            decision.waiting = lambda: answer
+    return decision
 
 
 def checkpoint(w: Worker, state: LoopState, reporter: Reporter, metrics: dict[str, float],
@@ -568,26 +604,40 @@ def train_loop(config: dict[str, Any]) -> None:
     gen = torch.Generator()
     reporter = Reporter(session)
     last_ckpt = last_log = time.monotonic()
+    asked: Decision | None = None  # the previous epoch's, answered after this epoch trained
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         with span("epoch", epoch=epoch):
             metrics = run_epoch(w, epoch, gen)
+        if asked is not None:
+            with span("stop decision", epoch=asked.epoch):
+                stopped = asked.answer(w)
+            if stopped is not None:  # the epoch just trained is dropped: the trial ends where it was stopped
+                finish(w, state, reporter, asked, stopped)
+                break
         state.record(metrics, w.core, watch, maximize)
-        with span("stop decision", epoch=epoch):
-            stopped = stop_decision(w, state, epoch, metrics)
-        last = stopped is not None or epoch == cfg.epochs
-        if epoch == 1 or last or time.monotonic() - last_log >= PROGRESS_EVERY_S:
-            last_log = time.monotonic()
-            w.log(f"epoch {epoch}/{cfg.epochs} {epoch_summary(metrics, cfg.dims)}"
-                  + (f" ({stopped.value})" if stopped else ""))
-        # a report costs a controller round trip, so none without a checkpoint
-        if last or checkpoint_due(cfg, epoch, time.monotonic() - last_ckpt):
-            with span("checkpoint", epoch=epoch):
-                checkpoint(w, state, reporter, metrics, (stopped or StopReason.COMPLETED) if last else StopReason.RUNNING)
-            last_ckpt = time.monotonic()
-        if stopped:
+        asked = ask_decision(w, state, epoch, metrics)
+        if asked.early or epoch == cfg.epochs:  # nothing left to train while the answer travels
+            with span("stop decision", epoch=epoch):
+                finish(w, state, reporter, asked, asked.answer(w) or StopReason.COMPLETED)
             break
+        if epoch == 1 or time.monotonic() - last_log >= PROGRESS_EVERY_S:
+            last_log = time.monotonic()
+            w.log(f"epoch {epoch}/{cfg.epochs} {epoch_summary(metrics, cfg.dims)}")
+        # a report costs a controller round trip, so none without a checkpoint
+        if checkpoint_due(cfg, epoch, time.monotonic() - last_ckpt):
+            with span("checkpoint", epoch=epoch):
+                checkpoint(w, state, reporter, metrics, StopReason.RUNNING)
+            last_ckpt = time.monotonic()
     with span("reporter close"):
         reporter.close()
+
+
+def finish(w: Worker, state: LoopState, reporter: Reporter, last: Decision, stopped: StopReason) -> None:
+    """The last epoch's line and the final checkpoint, of the epoch the fit stopped at."""
+    suffix = f" ({stopped.value})" if stopped != StopReason.COMPLETED else ""
+    w.log(f"epoch {last.epoch}/{w.cfg.epochs} {epoch_summary(last.metrics, w.cfg.dims)}{suffix}")
+    with span("checkpoint", epoch=last.epoch):
+        checkpoint(w, state, reporter, last.metrics, stopped)
 
 
 # ---------------------------------------------------------------- the trainer

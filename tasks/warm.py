@@ -92,6 +92,24 @@ def with_cache(cfg: FitConfig, cache: dict[tuple[str, str, str, int, int], Targe
     return dataclasses.replace(cfg, data=wrap(cfg.data), val=wrap(cfg.val))
 
 
+def warm_up() -> None:
+    """Pay, when the process starts, the first-use costs a fit would pay inside its first epoch: the first
+    optimizer step imports torch._dynamo with sympy (Optimizer.step is wrapped by `torch._disable_dynamo`,
+    which imports it on first call: ~820 modules, 0.85 s here), and the first Parquet read imports pyarrow's
+    dataset layer and pandas (0.14 s). In a search these landed in each slot's first trial, during which the
+    other slot ran trials alone (benchmarks/RESULTS-search.md)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 2)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": [0.0]}), buf)
+    pq.read_table(io.BytesIO(buf.getvalue()))
+
+
 def fit_here(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
     """One worker's fit in this process (resuming from the run's checkpoint when one exists)."""
     if cfg.resources.workers != 1:

@@ -31,6 +31,7 @@ def test_digits_runs_end_to_end_and_reruns_with_a_changed_value(workdir: Path) -
     for noise in ("PreemptionWatcher", "not writable", "Token authentication", "Add type hints", "pickle",
                   "INFO mlflow", "Successfully registered model", "Created version"):
         assert noise not in proc.stderr, noise
+    assert "\x1b[" not in proc.stderr  # stderr is a pipe: no terminal colour codes (Ray's worker prefix had them)
     assert set(first["stages"]) >= {"data", "teacher", "soft targets", "student", "evaluate", "register"}
     assert first["status"] == "succeeded"
     assert first["student"]["test_accuracy"] > 0.6  # chance is 0.1 on 10 classes

@@ -452,11 +452,12 @@ def test_pareto_search_picks_by_the_rule_and_records_a_failed_trial(workdir: Pat
 
 def test_killed_search_resumes_keeping_its_finished_trials(workdir: Path, store: Path, teacher: Path) -> None:
     seed_store(workdir, store)
-    # enough trials that the kill lands mid-search: warm trials take about a second, and with 4 the two in
-    # flight when the second one completed sometimes finished too before the kill (a CI failure, 4 < 4)
-    trials = 8
+    # enough trials, and epochs, that the kill lands mid-search: with 4 trials the two in flight when the
+    # second one completed sometimes finished too before the kill (a CI failure, 4 < 4), and once warm trials
+    # took ~0.1 s, 8 trials of 2 epochs all finished between two polls (8 < 8)
+    trials = 12
     path = workdir / "wf.yaml"
-    path.write_text(json.dumps(base(teacher, **{"train.epochs": 2, "search": {
+    path.write_text(json.dumps(base(teacher, **{"train.epochs": 20, "search": {
         "trials": trials, "concurrency": 2, "pruner": "none", "space": SPACE}})))  # JSON is YAML
     db = workdir / ".kdflow" / "optuna.db"
     ray_tmp = tempfile.mkdtemp(prefix="kd-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -470,7 +471,7 @@ def test_killed_search_resumes_keeping_its_finished_trials(workdir: Path, store:
         while len(complete_trials(db)) < 2:
             assert proc.poll() is None, (workdir / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no two trials completed in time"
-            time.sleep(0.5)
+            time.sleep(0.05)
     finally:
         kill_session(proc)  # the driver, its local Ray and every trial in flight
         shutil.rmtree(ray_tmp, ignore_errors=True)

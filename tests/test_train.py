@@ -153,6 +153,42 @@ def test_early_stopping_stops_before_the_last_epoch_on_a_plateau(digits: SimpleN
     assert r.best_epoch == 1
 
 
+class TimedPruner:
+    """An epoch hook that prunes at `prune_at` and appends, per epoch, when it was asked and when the loop
+    waited for its answer (to a file: it runs in the warm actor's process)."""
+
+    def __init__(self, path: Path, prune_at: int) -> None:
+        self.path, self.prune_at = path, prune_at
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
+        return self.ask(epoch, metrics)()
+
+    def ask(self, epoch: int, metrics: dict[str, float]) -> Any:
+        asked = time.time()
+
+        def answer() -> bool:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"epoch": epoch, "asked": asked, "waited": time.time()}) + "\n")
+            return epoch >= self.prune_at
+
+        return answer
+
+
+def test_a_pruned_fit_ends_at_the_epoch_it_was_pruned_and_trains_while_the_pruner_answers(
+        digits: SimpleNamespace, tmp_path: Path) -> None:
+    log = tmp_path / "asked.jsonl"
+    spec = Workflow.model_validate(workflow(**{"train.epochs": 10, "student.params": {"hidden": [32]}}))
+    r = stages.train_student(spec, digits.manifests["logits"], digits.storage, run_name=f"pruned-{time.time_ns()}",
+                             epoch_hook=TimedPruner(log, prune_at=4), warm=digits.warm)
+    assert r.stop_reason is StopReason.PRUNED
+    # the epoch trained while epoch 4's answer travelled is dropped: the history ends at epoch 4
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 4]
+    asked = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [a["epoch"] for a in asked] == [1, 2, 3, 4]  # asked once per epoch, nothing after the prune
+    for a, next_epoch in zip(asked[:3], r.history[1:]):  # the next epoch trained before the loop waited
+        assert a["waited"] - a["asked"] >= 0.9 * next_epoch["epoch_s"], (a, next_epoch["epoch_s"])
+
+
 def test_bf16_autocast_trains_through_the_loop_on_cpu(digits: SimpleNamespace) -> None:
     fp32 = train(digits, **{"distill.loss": "kl", "distill.alpha": 0.7})
     bf16 = train(digits, **{"distill.loss": "kl", "distill.alpha": 0.7, "train.precision": "bf16"})

@@ -33,9 +33,9 @@ class TrialWorker:
     """One warm trial process. `fit` is a whole single-worker fit; rows stay cached by cache key."""
 
     def __init__(self) -> None:
-        import torch  # noqa: F401 - imported once here, not at the first trial
+        from tasks.warm import warm_up
 
-        import tasks.warm  # noqa: F401
+        warm_up()  # torch and what a fit's first epoch imports, here and not in the first trial
 
         self.cache: dict[Any, Any] = {}
         self.fits = 0
@@ -126,6 +126,21 @@ class Slot:
             self.worker = None
             self.replaced += 1
             raise
+
+    def ready(self) -> None:
+        """Wait until the slot's worker, if it has one starting, has booted (torch imported, `warm_up` done),
+        so that a trial is asked of the study only when a process can run it: a trial's time in the study is
+        then its own, not a process start's. A worker that failed to start is dropped (its first fit starts
+        another and reports the error)."""
+        import ray
+
+        if self.worker is None:
+            return
+        try:
+            ray.get(self.worker.info.remote())
+        except ray.exceptions.RayError:
+            self.worker = None
+            self.replaced += 1
 
     def info(self) -> dict[str, Any] | None:
         """The worker's `TrialWorker.info` and how many workers were replaced; None when none runs."""

@@ -172,10 +172,7 @@ class Search:
 
         with span("suggest", trial=trial.number):
             values = self.space.suggest(trial)
-        with span("mlflow start", trial=trial.number):
-            run_id = self.runs.start(trial.number, values)
-        with span("user attrs", trial=trial.number):
-            trial.set_user_attr("mlflow_run_id", run_id)
+        started = self.runs.start_later(trial.number, values, functools.partial(trial.set_user_attr, "mlflow_run_id"))
         progress.info(f"  [dim]trial #{trial.number} started {_fmt(values)}[/]")
         run_name = f"{self.name}-trial-{trial.number}-{uuid.uuid4().hex[:6]}"
         trial.set_user_attr("ray_train_run", run_name)
@@ -200,13 +197,17 @@ class Search:
                 result = fit(cfg, storage=self.storage, run_name=run_name)
             with span("monitor end", trial=trial.number):
                 self.ended(hook)  # the trial's values are in the stored study before Optuna is told its state
+            with span("mlflow start", trial=trial.number):
+                run_id = started.result()  # created while the trial trained: its id is on the trial before the tell
         except Exception as exc:
             history = self.monitored(hook)
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
             trial.set_user_attr("epochs", len(history))
             self.count_train(trial, history)
-            self.runs.finish_later(run_id, "failed", history, {"num_params": size} if size is not None else {},
-                             error="".join(traceback.format_exception(exc)))
+            if started.exception() is None:  # no run to finish when MLflow could not create one
+                self.runs.finish_later(started.result(), "failed", history,
+                                       {"num_params": size} if size is not None else {},
+                                       error="".join(traceback.format_exception(exc)))
             raise
         finally:
             with span("checkpoint rm", trial=trial.number):
@@ -441,6 +442,8 @@ class Search:
             slot = Slot(index) if owned else self.slots[index]
             objective = functools.partial(self.traced_objective, slot=slot)
             try:
+                with span("slot ready"):
+                    slot.ready()
                 while True:
                     with lock:
                         if left[0] == 0 or errors:
