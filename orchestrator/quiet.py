@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,11 +49,19 @@ def drop_noise(lines: list[str], skipping: bool) -> tuple[list[str], bool]:
     return out, skipping
 
 
+# Ray colours the "[repeated 3x across cluster]" it appends to a deduplicated worker line whatever stderr is;
+# RAY_COLOR_PREFIX=0 (runtime.ensure_ray) covers only the "(pid=...)" prefix.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _filtered(handle: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
     inside: dict[Any, bool] = {}  # per worker process: its last batch ended inside a dropped traceback
+    plain = not sys.stderr.isatty()  # no colour codes into a file or a pipe
 
     def emit(data: dict[str, Any]) -> None:
         lines, inside[data.get("pid")] = drop_noise(data.get("lines", []), inside.get(data.get("pid"), False))
+        if plain:
+            lines = [_ANSI.sub("", line) for line in lines]
         if lines or not data.get("lines"):
             handle({**data, "lines": lines})
 

@@ -44,3 +44,12 @@ def test_the_preemption_watcher_line_goes_alone() -> None:
     line = ("Actor with class name: 'PreemptionWatcher' and ID: 'abc' has constructor arguments in the object store "
             "and max_call_depth is set")
     assert drop_noise([line, "real warning: disk full"], False) == (["real warning: disk full"], False)
+
+
+def test_colour_codes_are_stripped_from_worker_lines_when_stderr_is_not_a_terminal() -> None:
+    from orchestrator.quiet import _filtered
+
+    got: list[dict] = []
+    emit = _filtered(got.append)  # pytest captures stderr: not a terminal
+    emit({"pid": 7, "lines": ["[student] epoch 20/20 loss 0.5\x1b[32m [repeated 13x across cluster]\x1b[0m"]})
+    assert got[0]["lines"] == ["[student] epoch 20/20 loss 0.5 [repeated 13x across cluster]"]
