@@ -211,7 +211,7 @@ def plain_ddp(storage: Storage, manifest: dict[str, Any], world: int = 2) -> flo
     return rate
 
 
-def kdflow(storage: Storage, manifest: dict[str, Any], workers: int, **extra: Any) -> Any:
+def kdflow_config(storage: Storage, manifest: dict[str, Any], workers: int, **extra: Any) -> FitConfig:
     config = FitConfig(log_prefix="student", task=TASK, model="mlp", params=STUDENT, dims=TASK.dims(manifest),
                        seed=0, epochs=EPOCHS, batch_size=BATCH, optimizer=OPTIMIZER, precision="fp32", loss=LOSS,
                        early_stopping=None, data=ShardSource(storage, manifest, "train"),
@@ -219,7 +219,12 @@ def kdflow(storage: Storage, manifest: dict[str, Any], workers: int, **extra: An
                        resources=Resources(workers=workers, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0,
                                            max_failures=0, placement="pack", torch_threads=None), epoch_hook=None,
                        hold_share_bytes=2**30)
-    config = dataclasses.replace(config, **extra)
+    return dataclasses.replace(config, **extra)
+
+
+def kdflow(storage: Storage, manifest: dict[str, Any], workers: int, **extra: Any) -> Any:
+    """A Ray Train fit (`tasks.train.fit`) of the student."""
+    config = kdflow_config(storage, manifest, workers, **extra)
     t0 = time.perf_counter()
     result = fit(config, storage=storage, run_name=f"bench-{workers}w-{time.time_ns()}")
     progress(f"  fit() with {workers} worker(s): {time.perf_counter() - t0:.1f} s wall, "
@@ -247,13 +252,23 @@ def main() -> None:
 def measure_threads(root: str, t_start: float) -> None:
     """The 1-worker train stage against a plain loop at PyTorch's default threads, threads before and after."""
     from orchestrator.configs import machine_cores
+    from orchestrator.search.pool import Slot
 
     storage, manifest = make_store(root)
     cores = machine_cores()
+    machine = Resources(workers=1, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, max_failures=0,
+                        placement="pack", torch_threads=cores)
+    warm = Slot(0, label="bench warm worker")  # a local 1-worker stage's path since issue 11
+
+    def on_warm() -> float:
+        cfg = kdflow_config(storage, manifest, 1, resources=machine)
+        result = warm.fit(cfg, storage, f"bench-warm-{time.time_ns()}")[0]
+        progress(f"  warm actor fit: steady {result.samples_per_s:,.0f} samples/s")
+        return result.samples_per_s
+
     runs = {"before": lambda: kdflow(storage, manifest, 1).samples_per_s,  # cpus_per_worker 1: one thread
-            "after": lambda: kdflow(storage, manifest, 1, resources=Resources(
-                workers=1, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, max_failures=0,
-                placement="pack", torch_threads=cores)).samples_per_s}
+            "after": lambda: kdflow(storage, manifest, 1, resources=machine).samples_per_s,
+            "warm": on_warm}
     pairs: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     before = plain(storage, manifest, DEFAULT_THREADS)
     for r in range(ROUNDS):
@@ -263,13 +278,15 @@ def measure_threads(root: str, t_start: float) -> None:
             pairs[name].append((value, (before + after) / 2))
             progress(f"round {r + 1} {name}: {value:,.0f} samples/s; plain before {before:,.0f}, after {after:,.0f}")
             before = after
+    warm.close()
     load = os.getloadavg()
     print(f"MNIST-1D {manifest['splits']['train']['rows']} training rows, MLP 40-100-100-10, batch {BATCH}, "
           f"{EPOCHS} epochs; plain loop at PyTorch's default {DEFAULT_THREADS} thread(s); {cores} cores.\n")
     print("| train stage, 1 worker (`fit`) | worker's torch threads | samples/s | plain loop samples/s | ratio |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, threads in (("before: threads = cpus_per_worker", 1), ("after: local run, cpus_per_worker unset",
-                                                                      cores)):
+    for name, threads in (("before: threads = cpus_per_worker", 1),
+                          ("after: local run, cpus_per_worker unset", cores),
+                          ("warm: the warm actor a local 1-worker stage runs on, cpus_per_worker unset", cores)):
         ps = pairs[name.split(":")[0]]
         each = [v / b for v, b in ps]
         print(f"| {name} | {threads} | {statistics.median(v for v, _ in ps):,.0f} | "

@@ -33,12 +33,13 @@ def ensure_ray(dashboard: bool = True) -> None:
     # a report waits for it: poll faster so a short run does not spend seconds per checkpoint waiting.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
-           "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p)),
-           # OpenMP's threads sleep between parallel regions instead of spinning: with 2 torch threads on a
-           # 2-core machine that is also running Ray, MLflow or another worker, spinning threads took each
-           # other's cores and a small MLP trained at 100-5,000 samples/s instead of 6,000-19,000
-           # (benchmarks/RESULTS-warm.md). A value the user set is kept.
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+           "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))}
+    # OpenMP's wait policy is PyTorch's default unless the user set one. kdflow set PASSIVE (threads sleep
+    # between parallel regions) for a while: it helped 2 torch threads on a 2-core machine overloaded by other
+    # jobs, but on a machine the run has to itself it made a small MLP train 2-5x slower than plain PyTorch
+    # (0.35x; benchmarks/RESULTS-train.md, 2026-11-30). OMP_WAIT_POLICY=PASSIVE in the environment brings it back.
+    if os.environ.get("OMP_WAIT_POLICY"):
+        env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
     from orchestrator.quiet import filter_ray_worker_logs, quiet_ray_start
 
     # Ray wraps the "(TrialWorker pid=...)" prefix of each worker line in ANSI colour codes even when stderr
