@@ -49,7 +49,16 @@ def ensure_ray(dashboard: bool = True) -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     quiet_ray_start()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        # Ray's own INFO line for a join ("Connected to Ray cluster. View the dashboard at ...") carries
+        # terminal colour codes wherever stderr goes: kdflow says it in its own words
+        context = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level="WARNING")
+        from rich.markup import escape
+
+        from orchestrator import progress
+
+        url = getattr(context, "dashboard_url", None)
+        progress.info("  [dim]" + escape(f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
+                                         + (f"; dashboard http://{url}" if url else "")) + "[/]")
     else:
         _start_local(env, dashboard)
     filter_ray_worker_logs()
