@@ -26,7 +26,10 @@ def test_a_registered_lm_loads_as_a_teacher_and_its_tokenizer_is_checked(tmp_pat
     torch.manual_seed(0)
     original = build_lm("llama", TINY, dims)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("lm-teacher")
+    # artifacts under tmp_path: with a sqlite store and no location MLflow writes them to ./mlruns, which
+    # left a model in the repository's root after every test run
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "lm-teacher", artifact_location=(tmp_path / "artifacts").as_uri()))
     with mlflow.start_run():
         uri = log_lm_pyfunc(original, tok, pip_requirements=["torch", "transformers"])
     version = mlflow.register_model(uri, "lm-teacher").version
