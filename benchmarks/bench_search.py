@@ -236,12 +236,8 @@ def part3(trials: int, epochs: int) -> dict:
     - "rerun": the teacher and targets of an earlier run reused, so the search starts at once and its clock
       holds the slots' boot (~2.5 s each here), as a second search over the same targets does.
     """
-    import optuna
-    from mlflow import MlflowClient
-
     from orchestrator.cli import stdout_to_stderr
     from orchestrator.pipeline import run_workflow
-    from orchestrator.search.study import open_storage
     from orchestrator.spec import validate
 
     start, here = os.getcwd(), Path(tempfile.mkdtemp(prefix="kdflow-bench-search-"))
@@ -265,7 +261,7 @@ def part3(trials: int, epochs: int) -> dict:
                           "train.optimizer.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}}}})
             with stdout_to_stderr():  # Ray's and MLflow's chatter stays off the tables
                 result = run_workflow(spec)
-            out[condition, pruner] = search_figures(result, optuna, open_storage, MlflowClient())
+            out[condition, pruner] = search_figures(result)
             log(f"  kdflow search, {condition}, pruner {pruner}: {out[condition, pruner]['seconds']:.1f}s, "
                 f"{result['search']}")
     import ray
@@ -276,7 +272,14 @@ def part3(trials: int, epochs: int) -> dict:
     return out
 
 
-def search_figures(result: dict[str, Any], optuna: Any, open_storage: Any, client: Any) -> dict[str, Any]:
+def search_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The search's own figures from its study and MLflow runs (the tracking URI the run set)."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from orchestrator.search.study import open_storage
+
+    client = MlflowClient()
     study = optuna.load_study(study_name=result["search"]["study"], storage=open_storage(result["search"]["storage"]))
     # the search stage alone: first trial start to last trial end (no Ray start, teacher or registry)
     seconds = (max(t.datetime_complete for t in study.trials)

@@ -81,7 +81,7 @@ def run_workflow(spec: Workflow, source: str | None = None, ray_start: RayStart 
         preflight(spec)
         check_joined(spec)  # in a Ray job: what cannot work on a multi-node cluster fails here, before any work
         task = task_for(spec)
-        storage = storage or precheck(spec)
+        storage = storage if storage is not None else precheck(spec)
         data = stages.load_data(spec, storage)  # a data mistake exits 2 here, before any stage starts
     except BaseException:
         if ray_start is not None:  # what started is stopped before the error goes up

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -50,7 +51,7 @@ def drop_noise(lines: list[str], skipping: bool) -> tuple[list[str], bool]:
 
 
 # Ray colours the "[repeated 3x across cluster]" it appends to a deduplicated worker line whatever stderr is;
-# RAY_COLOR_PREFIX=0 (runtime.ensure_ray) covers only the "(pid=...)" prefix.
+# RAY_COLOR_PREFIX=0 (`quiet_ray_start`) covers only the "(pid=...)" prefix.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -87,7 +88,11 @@ def _not_sigterm_notice(record: logging.LogRecord) -> bool:
 def quiet_ray_start() -> None:
     """Ray's notice that a local cluster uses token auth (the default, and what kdflow wants) is not a warning;
     nor is its notice that `ray.init` on a thread did not set the SIGTERM handler (`runtime.in_background`
-    sets it on the main thread)."""
+    sets it on the main thread). And no colour codes where stderr is a file or a pipe (a CI log,
+    `2> run.log`: "[36m" garbage): Ray colours each worker line's "(TrialWorker pid=...)" prefix unless
+    RAY_COLOR_PREFIX=0 (a value the user set is kept); `_filtered` strips the rest."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     worker = logging.getLogger("ray._private.worker")
     if _not_sigterm_notice not in worker.filters:

@@ -42,11 +42,6 @@ def ensure_ray(dashboard: bool = True) -> None:
         env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
     from orchestrator.quiet import filter_ray_worker_logs, quiet_ray_start
 
-    # Ray wraps the "(TrialWorker pid=...)" prefix of each worker line in ANSI colour codes even when stderr
-    # is a file or a pipe (a CI log, `2> run.log`), where they show as "[36m" garbage: colour on a terminal
-    # only. A value the user set is kept.
-    if not sys.stderr.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     quiet_ray_start()
     if os.environ.get("RAY_ADDRESS"):
         # Ray's own INFO line for a join ("Connected to Ray cluster. View the dashboard at ...") carries

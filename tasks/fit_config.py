@@ -76,5 +76,5 @@ class FitConfig:
     checkpoint_every: int | None
     checkpoint_interval_s: float
     resources: Resources
-    epoch_hook: Any  # the search's pruner hook (`hook(epoch, metrics) -> stop`, picklable), or None
+    epoch_hook: Any  # the search's pruner (`hook.ask(epoch, metrics)() -> stop`, picklable; train.EpochHook), or None
     hold_share_bytes: int  # a worker holds its share when its stored rows take at most this; else it streams

@@ -152,11 +152,9 @@ class ShardSource:
 
 
 class EpochHook(Protocol):
-    """The search's pruner (`FitConfig.epoch_hook`): `hook(epoch, metrics)` answers whether to stop now;
-    `hook.ask(epoch, metrics)` sends the same question and returns a function that waits for the answer, so
-    the loop can train the next epoch while it travels (`Decision`)."""
-
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool: ...
+    """The search's pruner (`FitConfig.epoch_hook`): `hook.ask(epoch, metrics)` sends the epoch's values and
+    returns a function that waits for the answer (stop or not), so the loop can train the next epoch while it
+    travels (`Decision`)."""
 
     def ask(self, epoch: int, metrics: dict[str, float]) -> Callable[[], bool]: ...
 
@@ -550,11 +548,7 @@ def ask_decision(w: Worker, state: LoopState, epoch: int, metrics: dict[str, flo
     es, hook = w.cfg.early_stopping, w.cfg.epoch_hook
     decision = Decision(epoch, metrics, early=bool(es and state.bad_epochs >= es.patience))
     if hook is not None and w.rank == 0 and not decision.early:
-        if hasattr(hook, "ask"):
-            decision.waiting = hook.ask(epoch, metrics)
-        else:  # a plain function: its answer now
-            answer = bool(hook(epoch, metrics))
-            decision.waiting = lambda: answer
+        decision.waiting = hook.ask(epoch, metrics)
     return decision
 
 
@@ -618,7 +612,8 @@ def train_loop(config: dict[str, Any]) -> None:
         asked = ask_decision(w, state, epoch, metrics)
         if asked.early or epoch == cfg.epochs:  # nothing left to train while the answer travels
             with span("stop decision", epoch=epoch):
-                finish(w, state, reporter, asked, asked.answer(w) or StopReason.COMPLETED)
+                stopped = asked.answer(w)
+            finish(w, state, reporter, asked, stopped or StopReason.COMPLETED)
             break
         if epoch == 1 or time.monotonic() - last_log >= PROGRESS_EVERY_S:
             last_log = time.monotonic()

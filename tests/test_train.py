@@ -160,9 +160,6 @@ class TimedPruner:
     def __init__(self, path: Path, prune_at: int) -> None:
         self.path, self.prune_at = path, prune_at
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
-        return self.ask(epoch, metrics)()
-
     def ask(self, epoch: int, metrics: dict[str, float]) -> Any:
         asked = time.time()
 

@@ -103,8 +103,7 @@ class Slot:
             try:
                 return ray.get(self.worker.fit.remote(cfg, storage, run_name)), retries
             except ray.exceptions.RayActorError as exc:  # the process died; a trial's own error is a RayTaskError
-                self.worker = None
-                self.replaced += 1
+                self.lost()
                 if retries >= cfg.resources.max_failures:
                     raise RuntimeError(f"the warm worker died ({retries} retries, train.max_failures "
                                        f"{cfg.resources.max_failures}): {exc}") from None
@@ -123,8 +122,7 @@ class Slot:
         try:
             return list(ray.get(worker.shard.remote(*args, threads=threads)))
         except ray.exceptions.RayActorError:
-            self.worker = None
-            self.replaced += 1
+            self.lost()
             raise
 
     def ready(self) -> None:
@@ -139,8 +137,12 @@ class Slot:
         try:
             ray.get(self.worker.info.remote())
         except ray.exceptions.RayError:
-            self.worker = None
-            self.replaced += 1
+            self.lost()
+
+    def lost(self) -> None:
+        """The worker died (or never started): dropped, so the next call starts a fresh one."""
+        self.worker = None
+        self.replaced += 1
 
     def info(self) -> dict[str, Any] | None:
         """The worker's `TrialWorker.info` and how many workers were replaced; None when none runs."""

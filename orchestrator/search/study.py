@@ -371,9 +371,6 @@ class PruneHook:
     stored_id: int  # the trial's id in the stored study
     last_epoch: int  # reported, never pruned
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
-        return self.ask(epoch, metrics)()
-
     def ask(self, epoch: int, metrics: dict[str, float]) -> Callable[[], bool]:
         """Send the epoch's report now; the returned function waits for the monitor's answer (prune or not)."""
         import ray
