@@ -43,7 +43,7 @@ HIDDEN = [64]  # the teacher's hidden layers (--hidden sets them)
 
 
 def teacher(hidden: list[int]) -> torch.nn.Module:
-    from tasks.models import build_model
+    from tasks.kinds.classification.models import build_model
 
     torch.manual_seed(0)
     return build_model("mlp", {"hidden": hidden}, FEATURES, CLASSES).eval()
@@ -93,15 +93,19 @@ def ray_data(path: Path, mean: np.ndarray, std: np.ndarray, out: Path, limit: in
 def kdflow(path: Path, out: Path, model: torch.nn.Module, data: object = None) -> int:
     """The data stage (`load_dataset`: one read of the source for counts, mean/std, digests) and the precompute;
     with `data`, a dataset loaded before, the precompute alone."""
-    from tasks.data import load_dataset
-    from tasks.soft_targets import SoftTargetStore
+    from tasks.kinds.classification.data import load_dataset
     from tasks.storage import Storage
+    from tasks.store.store import SoftTargetStore
 
     data = data or load_dataset(str(path), label="label", val=0.05, test=0.05)
     rows = data.precompute_rows(0, from_source=True)
     store = SoftTargetStore(Storage(str(out)))
-    m, _ = store.precompute("bench", [model], rows, shards=8, format="logits", dtype="float16", top_k=None,
-                            ensemble="mean_probs", meta={"num_classes": CLASSES, "num_features": FEATURES})
+    from tasks.kinds import kind_for
+    from tasks.store.precompute import Encoding, precompute
+
+    m, _ = precompute(store, "bench", [model], rows, shards=8, width=CLASSES,
+                      encoding=Encoding(kind_for("classification"), "logits", "float16", None, "mean_probs"),
+                      meta={"num_classes": CLASSES, "num_features": FEATURES})
     return int(m["rows"])
 
 
@@ -118,7 +122,7 @@ def main() -> None:
 
     import ray
 
-    from tasks.data import load_dataset
+    from tasks.kinds.classification.data import load_dataset
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_scale import CLASSES, FEATURES, log, work_table
 
-from tasks.data import load_dataset
-from tasks.shards import _load_array, _store_array, decode_rows, encode_rows
-from tasks.soft_targets import shard_ranges
+from tasks.kinds.classification.data import load_dataset
+from tasks.store.shards import _load_array, _store_array, decode_rows, encode_rows
+from tasks.store.store import shard_ranges
 
 
 def main() -> None:

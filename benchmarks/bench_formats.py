@@ -18,7 +18,7 @@ from torch import Tensor, nn
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.target_formats import TORCH_DTYPES, bytes_per_row, decode_topk, encode_topk
+from tasks.store.formats import TORCH_DTYPES, bytes_per_row, decode_topk, encode_topk
 
 NUM_ROWS = 4096
 INPUT_DIM = 64

@@ -48,13 +48,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import stages
-from orchestrator.configs import data_meta, task_for
 from orchestrator.spec import load_workflow
 from orchestrator.teachers import load_teachers
 from orchestrator.workspace import storage_for
-from tasks.losses import teacher_buckets
-from tasks.shards import decode_rows, encode_rows
-from tasks.target_formats import decode_topk
+from tasks.kinds.causal_lm.objective import teacher_buckets
+from tasks.store.formats import decode_topk
+from tasks.store.shards import decode_rows, encode_rows
 
 WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "lm-stdlib.yaml"
 TOP_KS = (8, 32, 128)
@@ -82,11 +81,11 @@ def main() -> None:
         return
     spec = load_workflow(WORKFLOW, args.overrides)
     storage = storage_for(spec)
-    task = task_for(spec)
+    task = spec.kind
     data = stages.load_data(spec, storage)
     if args.teacher_file:
         t = spec.teachers[0]
-        model = task.build_model(t.model, t.params, task.dims(data_meta(data)))
+        model = task.build_model(t.model, t.params, task.dims(task.manifest_meta(data)))
         model.load_state_dict(torch.load(args.teacher_file, map_location="cpu")["state_dict"])
         models = [model.eval()]
     else:
@@ -144,13 +143,15 @@ def seeded(task: Any, model: Any, dims: dict[str, Any]) -> torch.nn.Module:
 
 
 def store_targets(storage: Any, data: Any, teacher: torch.nn.Module, key: str, task: Any) -> tuple[dict, float]:
-    from tasks.soft_targets import SoftTargetStore
+    from tasks.store.precompute import Encoding, precompute
+    from tasks.store.store import SoftTargetStore
 
     splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
     t0 = time.perf_counter()
-    manifest, _ = SoftTargetStore(storage).precompute(
-        key, [teacher], splits, task=task, shards=8, format="topk", dtype="float16", top_k=32, ensemble="mean_probs",
-        meta={"num_classes": data.num_classes, "num_features": data.num_features, **data.extra["meta"]})
+    meta = task.manifest_meta(data)
+    manifest, _ = precompute(SoftTargetStore(storage), key, [teacher], splits, shards=8, meta=meta,
+                             encoding=Encoding(task, "topk", "float16", 32, "mean_probs"),
+                             width=task.target_width(task.dims(meta)))
     return manifest, time.perf_counter() - t0
 
 
@@ -168,8 +169,8 @@ def plain_forward(teacher: torch.nn.Module, x: np.ndarray, threads: int) -> floa
 def plain_train(storage: Any, manifest: dict, task: Any, student_spec: Any, loss: Any, threads: int) -> float:
     """Tokens/s of a plain single-process loop: the rows in memory, randperm + index, the same objective and
     AdamW as the train stage (median epoch after the first)."""
-    from tasks.kinds.lm import teacher_tuple
-    from tasks.soft_targets import SoftTargetStore
+    from tasks.kinds.causal_lm.targets import teacher_tuple
+    from tasks.store.store import SoftTargetStore
 
     torch.set_num_threads(threads)
     dims = task.dims(manifest)
@@ -197,11 +198,12 @@ def plain_train(storage: Any, manifest: dict, task: Any, student_spec: Any, loss
 def train_stage(storage: Any, manifest: dict, task: Any, student_spec: Any, loss: Any, threads: int,
                 epochs: int = TRAIN_EPOCHS, hold: int = 2**30) -> Any:
     """The train stage with one worker, as `kdflow run` fits the student (no schedule/clip, like the plain loop)."""
-    from tasks.fit_config import FitConfig, OptimizerConfig, Resources
-    from tasks.train import ShardSource, fit
+    from tasks.train.config import FitConfig, OptimizerConfig, Resources
+    from tasks.train.ray_train import fit
+    from tasks.train.sources import ShardSource
 
     config = FitConfig(
-        log_prefix="student", task=task, model=student_spec.model, params=student_spec.params,
+        log_prefix="student", kind=task, model=student_spec.model, params=student_spec.params,
         dims=task.dims(manifest), seed=0, epochs=epochs, batch_size=BATCH,
         optimizer=OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9, schedule="constant",
                                   warmup_steps=0, grad_clip=None),
@@ -216,7 +218,7 @@ def train_stage(storage: Any, manifest: dict, task: Any, student_spec: Any, loss
 def throughput(overrides: list[str], size: int) -> None:
     from orchestrator.configs import machine_cores
     from orchestrator.runtime import ensure_ray
-    from tasks.fit_config import LossConfig
+    from tasks.train.config import LossConfig
 
     t_start = time.perf_counter()
     for attempt in range(3):  # on an overloaded box a raylet can miss Ray's fixed 30 s start-up window
@@ -233,8 +235,8 @@ def throughput(overrides: list[str], size: int) -> None:
     threads = torch.get_num_threads()
     root = tempfile.mkdtemp(prefix="kdflow-bench-lm-")
     spec, storage, data = corpus(root, 1, size, overrides)
-    task = task_for(spec)
-    dims = task.dims(data_meta(data))
+    task = spec.kind
+    dims = task.dims(task.manifest_meta(data))
     teacher = seeded(task, spec.teachers[0], dims)
     loss = LossConfig(kind=spec.distill.loss, temperature=spec.distill.temperature, alpha=spec.distill.alpha,
                       beta=spec.distill.beta)
@@ -265,7 +267,7 @@ def throughput(overrides: list[str], size: int) -> None:
 
     # a worker's peak memory on 8x the corpus (the same student and targets of the same shape)
     spec8, storage8, data8 = corpus(os.path.join(root, "x8"), 8, size, overrides)
-    dims8 = task.dims(data_meta(data8))
+    dims8 = task.dims(task.manifest_meta(data8))
     # the student as the teacher of this store: the stored rows (top-32 + tail per token) are the same size
     manifest8, _ = store_targets(storage8, data8, seeded(task, spec8.student, dims8), "bench-x8", task)
     fitted8 = train_stage(storage8, manifest8, task, spec8.student, loss, cores, epochs=1)

@@ -33,17 +33,20 @@ import torch
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.kinds.classification import teacher_forward
-from tasks.models import build_model, num_params
-from tasks.shards import encode_rows
-from tasks.soft_targets import SPLITS, SoftTargetStore, shard_name, shard_ranges
+from tasks.kinds import kind_for
+from tasks.kinds.classification.models import build_model
+from tasks.models import num_params, teacher_forward
 from tasks.storage import Storage
+from tasks.store.precompute import Encoding, precompute
+from tasks.store.shards import encode_rows
+from tasks.store.store import SPLITS, SoftTargetStore, shard_name, shard_ranges
 
 TEACHERS = {
     "cnn1d 28k (mnist1d-transfer teacher)": ("cnn1d", {"channels": [36, 36, 36], "kernel_size": 5, "stride": 1}),
     "mlp 40-256-256-10": ("mlp", {"hidden": [256, 256]}),
 }
 FEATURES, CLASSES, SHARDS = 40, 10, 8
+CLASSIFICATION = kind_for("classification")
 
 
 def log(msg: str) -> None:
@@ -68,7 +71,7 @@ def plain_loop(teacher: torch.nn.Module, x: np.ndarray, batch: int = 4096) -> No
 def plain_loop_with_writes(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, folder: str) -> None:
     storage = Storage(folder)
     for i, (a, b) in enumerate(shard_ranges(len(y), SHARDS)):
-        logits = teacher_forward([teacher], x[a:b], "mean_probs")
+        logits = teacher_forward([teacher], x[a:b], "mean_probs", batch=4096)
         storage.write_bytes(storage.path(shard_name("train", i, SHARDS)),
                             encode_rows(np.arange(a, b), x[a:b], y[a:b], logits, "logits", "float16", None))
     shutil.rmtree(folder, ignore_errors=True)
@@ -77,9 +80,9 @@ def plain_loop_with_writes(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarra
 def ray_path(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, folder: str, workers: int) -> dict:
     empty = (np.zeros((0, FEATURES), np.float32), np.zeros(0, np.int64))
     splits = {s: empty for s in SPLITS} | {"train": (x, y)}
-    out, _ = SoftTargetStore(Storage(folder)).precompute(
-        "bench", [teacher], splits, shards=SHARDS, format="logits", dtype="float16", top_k=None,
-        ensemble="mean_probs", meta={}, workers=workers)
+    out, _ = precompute(SoftTargetStore(Storage(folder)), "bench", [teacher], splits, shards=SHARDS,
+                        encoding=Encoding(CLASSIFICATION, "logits", "float16", None, "mean_probs"), width=CLASSES,
+                        meta={}, workers=workers)
     shutil.rmtree(folder, ignore_errors=True)
     return out
 

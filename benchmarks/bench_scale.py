@@ -189,7 +189,7 @@ def run_once(rows: int, work: Path, hold_mb: float) -> dict[str, Any]:
 DATA_STAGE = """\
 import sys, time
 from pathlib import Path
-from tasks.data import load_dataset
+from tasks.kinds.classification.data import load_dataset
 t0 = time.perf_counter()
 d = load_dataset(sys.argv[1], label="label", val=0.05, test=0.05)
 seconds = time.perf_counter() - t0

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.data import load_dataset
+from tasks.kinds.classification.data import load_dataset
+from tasks.kinds.classification.models import build_model
+from tasks.kinds.classification.targets import teacher_logits
 from tasks.losses import distillation_objective
-from tasks.models import build_model
-from tasks.shards import decode_rows, encode_rows
-from tasks.soft_targets import teacher_logits
+from tasks.store.shards import decode_rows, encode_rows
 
 BATCH = 128
 TEACHER = {"channels": [32, 32, 32], "kernel_size": 5, "stride": 1}

@@ -24,17 +24,19 @@ import pyarrow.parquet as pq
 import torch
 
 from orchestrator.configs import student_fit_config
-from orchestrator.spec import Workflow
-from tasks.data import load_dataset
-from tasks.soft_targets import SoftTargetStore
+from orchestrator.spec import validate
+from tasks.kinds import kind_for
+from tasks.kinds.classification.data import load_dataset
 from tasks.storage import Storage
-from tasks.stream import streamed
-from tasks.train import ShardSource
-from tasks.warm import fit_here
+from tasks.store.precompute import Encoding, precompute
+from tasks.store.store import SoftTargetStore
+from tasks.train.sources import ShardSource
+from tasks.train.stream import streamed
+from tasks.train.warm import fit_here
 
 
 def teacher(x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
-    from tasks.models import build_model
+    from tasks.kinds.classification.models import build_model
 
     torch.manual_seed(0)
     model = build_model("mlp", {"hidden": [64]}, x.shape[1], int(y.max()) + 1)
@@ -64,11 +66,11 @@ def main() -> None:
     data = load_dataset(str(work / "sorted.parquet"), label="label")
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     storage = Storage(str(work / "store"))
-    manifest, _ = SoftTargetStore(storage).precompute(
-        "sorted", [teacher(data.x["train"], data.y["train"])], data.precompute_rows(0), shards=args.shards,
-        format="logits", dtype="float16", top_k=None, ensemble="mean_probs",
-        meta={"num_classes": data.num_classes, "num_features": data.num_features})
-    spec = Workflow.model_validate({"name": "sorted", "data": {"source": str(work / "sorted.parquet")},
+    manifest, _ = precompute(
+        SoftTargetStore(storage), "sorted", [teacher(data.x["train"], data.y["train"])], data.precompute_rows(0),
+        shards=args.shards, encoding=Encoding(kind_for("classification"), "logits", "float16", None, "mean_probs"),
+        width=data.num_classes, meta={"num_classes": data.num_classes, "num_features": data.num_features})
+    spec = validate({"name": "sorted", "data": {"source": str(work / "sorted.parquet")},
                                     "teacher": {"model": "mlp"}, "student": {"model": "mlp", "params": {"hidden": [32]}},
                                     "train": {"epochs": args.epochs}})
     base = student_fit_config(spec, manifest, storage, epoch_hook=None)

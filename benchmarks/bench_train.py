@@ -46,14 +46,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tasks.data import load_dataset
-from tasks.fit_config import FitConfig, LossConfig, OptimizerConfig, Resources
-from tasks.kinds import task_kind
+from tasks.kinds import kind_for
+from tasks.kinds.classification.data import load_dataset
+from tasks.kinds.classification.models import build_model
+from tasks.kinds.classification.targets import place_share, teacher_logits
 from tasks.losses import distillation_objective
-from tasks.models import build_model
-from tasks.soft_targets import SoftTargetStore, teacher_logits
 from tasks.storage import Storage
-from tasks.train import ShardSource, fit, place_share, steady_samples_per_s, train_epoch
+from tasks.store.precompute import Encoding, precompute
+from tasks.store.store import SoftTargetStore
+from tasks.train.config import FitConfig, LossConfig, OptimizerConfig, Resources
+from tasks.train.ray_train import fit
+from tasks.train.result import steady_samples_per_s
+from tasks.train.sources import ShardSource
+from tasks.train.step import train_epoch
 
 EPOCHS = 30
 ROUNDS = 2
@@ -62,7 +67,7 @@ STUDENT = {"hidden": [100, 100]}
 LOSS = LossConfig(kind="kl", temperature=4.0, alpha=0.7, beta=0.5)
 OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, momentum=0.9, schedule="constant",
                             warmup_steps=0, grad_clip=None)
-TASK = task_kind("classification")
+TASK = kind_for("classification")
 DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice, read before anything here changes it
 
 
@@ -83,9 +88,10 @@ def make_store(root: str) -> tuple[Storage, dict[str, Any]]:
         opt.step()
     storage = Storage(root)
     splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
-    manifest, _ = SoftTargetStore(storage).precompute(
-        "bench", [teacher.eval()], splits, shards=4, format="logits", dtype="float16", top_k=None,
-        ensemble="mean_probs", meta={"num_classes": data.num_classes, "num_features": data.num_features})
+    manifest, _ = precompute(
+        SoftTargetStore(storage), "bench", [teacher.eval()], splits, shards=4, width=data.num_classes,
+        encoding=Encoding(TASK, "logits", "float16", None, "mean_probs"),
+        meta={"num_classes": data.num_classes, "num_features": data.num_features})
     return storage, manifest
 
 
@@ -212,7 +218,7 @@ def plain_ddp(storage: Storage, manifest: dict[str, Any], world: int = 2) -> flo
 
 
 def kdflow_config(storage: Storage, manifest: dict[str, Any], workers: int, **extra: Any) -> FitConfig:
-    config = FitConfig(log_prefix="student", task=TASK, model="mlp", params=STUDENT, dims=TASK.dims(manifest),
+    config = FitConfig(log_prefix="student", kind=TASK, model="mlp", params=STUDENT, dims=TASK.dims(manifest),
                        seed=0, epochs=EPOCHS, batch_size=BATCH, optimizer=OPTIMIZER, precision="fp32", loss=LOSS,
                        early_stopping=None, data=ShardSource(storage, manifest, "train"),
                        val=ShardSource(storage, manifest, "val"), checkpoint_every=None, checkpoint_interval_s=30.0,
@@ -252,7 +258,7 @@ def main() -> None:
 def measure_threads(root: str, t_start: float) -> None:
     """The 1-worker train stage against a plain loop at PyTorch's default threads, threads before and after."""
     from orchestrator.configs import machine_cores
-    from orchestrator.search.pool import Slot
+    from orchestrator.fitting import Slot
 
     storage, manifest = make_store(root)
     cores = machine_cores()

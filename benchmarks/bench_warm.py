@@ -3,7 +3,7 @@
 workflows/digits-search.yaml (12 trials, 2 at a time, median pruner, 20 epochs) run in this process
 through `kdflow`'s pipeline, on one local Ray, in one working folder, three ways in this order:
 
-- ray-train: every trial its own Ray Train run (KDFLOW_WARM_TRIALS=0, the path before warm slots);
+- ray-train: every trial its own Ray Train run (KDFLOW_WARM=0, the path before warm slots);
 - warm: every trial a call on its slot's long-lived actor (the default now);
 - warm, pruner none: the same, without pruning (does the pruner pay off on Ray now?).
 
@@ -51,7 +51,7 @@ def run_one(raw: dict[str, Any], label: str, warm: bool, pruner: str, trials: in
 
     raw = {**raw, "search": {**raw["search"], "trials": trials, "pruner": pruner,
                              "study": f"bench-{label.replace(' ', '-').replace(',', '')}-{time.time_ns()}"}}
-    os.environ["KDFLOW_WARM_TRIALS"] = "1" if warm else "0"
+    os.environ["KDFLOW_WARM"] = "1" if warm else "0"
     t0 = time.perf_counter()
     with stdout_to_stderr():
         result = run_workflow(validate(raw))

@@ -21,11 +21,11 @@ import yaml
 from bench_scale import WORKFLOW
 
 from orchestrator.configs import student_fit_config
-from orchestrator.spec import Workflow
+from orchestrator.spec import validate
 from tasks.layout import SOFT_TARGETS
-from tasks.soft_targets import SoftTargetStore
 from tasks.storage import Storage
-from tasks.warm import fit_here
+from tasks.store.store import SoftTargetStore
+from tasks.train.warm import fit_here
 
 
 def vm_hwm_gb() -> float:
@@ -47,7 +47,7 @@ def main() -> None:
     assert manifest is not None
     raw = yaml.safe_load(WORKFLOW.format(rows=manifest["rows"], root=args.store, source="unused", hold=args.hold_mb))
     raw["train"]["epochs"] = args.epochs
-    cfg = student_fit_config(Workflow.model_validate(raw), manifest, storage, epoch_hook=None)
+    cfg = student_fit_config(validate(raw), manifest, storage, epoch_hook=None)
     before, t0 = vm_hwm_gb(), time.perf_counter()
     res = fit_here(cfg, storage=storage, run_name=f"bench-worker-{time.time_ns()}")
     print(json.dumps({"rows": manifest["rows"], "train_files": len(manifest["splits"]["train"]["shards"]),

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.fit_config import LossConfig
-from tasks.kinds import task_kind
-from tasks.shards import TargetBatch
-from tasks.target_formats import encode_topk
-from tasks.train import autocast, train_epoch
+from tasks.kinds import kind_for
+from tasks.store.formats import encode_topk
+from tasks.store.shards import TargetBatch
+from tasks.train.config import LossConfig
+from tasks.train.step import autocast, train_epoch
 
 
 def timed(device: torch.device, fn) -> tuple[float, int]:
@@ -41,7 +41,7 @@ def timed(device: torch.device, fn) -> tuple[float, int]:
 
 
 def classifier(device: torch.device, rows: int, precision: str) -> tuple[float, float, int, int]:
-    task = task_kind("classification")
+    task = kind_for("classification")
     dims = {"num_features": 256, "num_classes": 100}
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(rows, 256, generator=gen), torch.randint(0, 100, (rows,), generator=gen)
@@ -80,7 +80,7 @@ def classifier(device: torch.device, rows: int, precision: str) -> tuple[float, 
 
 
 def causal_lm(device: torch.device, rows: int, seq: int, params: dict, precision: str) -> tuple[float, float, int, int]:
-    task = task_kind("causal_lm")
+    task = kind_for("causal_lm")
     vocab, k = 512, 32
     dims = {"vocab_size": vocab, "seq_len": seq}
     gen = torch.Generator().manual_seed(0)

@@ -94,12 +94,9 @@ def mark_failed(stage: str, message: str, since: float) -> None:
             client.set_terminated(run.info.run_id, "FAILED")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Every way a run can end is one result: success, or {status: failed, stage, message} and exit != 0."""
-    import time
-    import traceback
-
-    from orchestrator import progress
+def read_spec(args: argparse.Namespace) -> Any:
+    """The run's workflow (a file, or its text on stdin for `-`), validated; a mistake exits 2 (with --json,
+    as a failed result on stdout too)."""
     from orchestrator.spec import load_workflow
 
     try:
@@ -110,11 +107,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.file = os.path.join(folder, "workflow.yaml")
             with open(args.file, "w") as f:
                 f.write(sys.stdin.read())
-        spec = load_workflow(args.file, args.set)
+        return load_workflow(args.file, args.set)
     except UserError as exc:
         if args.json:
             print(json.dumps({"workflow": None, "status": "failed", "stage": "validate", "message": str(exc)}))
         raise
+
+
+def ended(exc: BaseException) -> tuple[BaseException, str, str]:
+    """How a run that raised ended: the error to report (a user's mistake found on a worker is exit 2, as on
+    the driver), the stage it failed in and one line saying why."""
+    from orchestrator import progress
+    from tasks.errors import StageFailed, user_error_in
+    from tasks.pieces import SourceChanged
+
+    stage = progress.failed_stage or "setup"
+    mistake = user_error_in(exc) if isinstance(exc, Exception) else None
+    if mistake is not None and mistake is not exc:  # raised on a worker: the same exit 2 as here
+        exc = mistake.under("data") if isinstance(mistake, SourceChanged) else mistake
+    if isinstance(exc, StageFailed):
+        return exc, exc.stage, str(exc).split(" failed: ", 1)[-1]
+    if isinstance(exc, UserError):
+        return exc, stage, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return exc, stage, "interrupted"
+    return exc, stage, failure_message(exc)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Every way a run can end is one result: success, or {status: failed, stage, message} and exit != 0."""
+    import time
+    import traceback
+
+    from orchestrator import progress
+
+    spec = read_spec(args)
     progress.failed_stage = None
     since = time.time()
     with stdout_to_stderr() as out:
@@ -133,21 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (Exception, KeyboardInterrupt) as exc:
             if ray_start is not None:  # a failure before the run took over Ray's start: let it finish first
                 ray_start.abandon()
-            from tasks.errors import StageFailed, user_error_in
-            from tasks.pieces import SourceChanged
-
-            stage = progress.failed_stage or "setup"
-            mistake = user_error_in(exc) if isinstance(exc, Exception) else None
-            if mistake is not None and mistake is not exc:  # raised on a worker: the same exit 2 as here
-                exc = mistake.under("data") if isinstance(mistake, SourceChanged) else mistake
-            if isinstance(exc, StageFailed):
-                stage, message = exc.stage, str(exc).split(" failed: ", 1)[-1]
-            elif isinstance(exc, UserError):
-                message = str(exc)
-            elif isinstance(exc, KeyboardInterrupt):
-                message = "interrupted"
-            else:
-                message = failure_message(exc)
+            exc, stage, message = ended(exc)
             if os.environ.get("KDFLOW_DEBUG"):
                 traceback.print_exc()
             mark_failed(stage, message, since)
@@ -164,8 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from orchestrator.spec import load_workflow
     from orchestrator.workspace import storage_for
-    from tasks.soft_targets import SoftTargetStore
     from tasks.storage import Storage
+    from tasks.store.store import SoftTargetStore
 
     storage = storage_for(load_workflow(args.workflow)) if args.workflow else Storage(args.root)
     try:

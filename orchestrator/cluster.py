@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.spec import Workflow
 from tasks.errors import UserError
@@ -34,11 +35,20 @@ def ray_nodes() -> list[NodeInfo]:
             for n in ray.nodes() if n.get("Alive")]
 
 
+def auth_headers() -> dict[str, str]:
+    """Ray's token auth (on by default since 2.5x): RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def dashboard_nodes(address: str) -> list[NodeInfo]:
     """The alive nodes as the cluster's dashboard (the Jobs API address) lists them; [] if it cannot say."""
     import requests
-
-    from orchestrator.jobs import auth_headers
 
     try:
         r = requests.get(f"{address.rstrip('/')}/nodes?view=summary", headers=auth_headers(), timeout=10)

@@ -9,17 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from orchestrator.spec import OptimizerSpec, TeacherSpec, Workflow
-from tasks.data import Dataset
-from tasks.fit_config import EarlyStopping, FitConfig, LossConfig, OptimizerConfig, Resources
-from tasks.kinds import TaskKind, task_kind
+from orchestrator.spec import OptimizerSpec, TrainSpec, Workflow
+from tasks.dataset import Dataset
+from tasks.sections import DistillSpec, TeacherSpec
 from tasks.storage import Storage
-from tasks.train import ArraySource, RowSource, ShardSource, SourceRows
-
-
-def task_for(spec: Workflow) -> TaskKind:
-    """The workflow's task kind (`task:`; classification by default)."""
-    return task_kind(spec.task)
+from tasks.train.config import EarlyStopping, FitConfig, LossConfig, OptimizerConfig, Resources
+from tasks.train.sources import ArraySource, RowSource, ShardSource, SourceRows
 
 
 def _optimizer(o: OptimizerSpec) -> OptimizerConfig:
@@ -35,25 +30,23 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
-def torch_threads(spec: Workflow, concurrent: int = 1) -> int | None:
+def torch_threads(train: TrainSpec, concurrent: int = 1) -> int | None:
     """Torch threads per worker: on a local run with `train.cpus_per_worker` not set, the machine's cores
     shared by the workers that run at once (`concurrent` fits of `train.workers` each); None (the worker's
     CPUs) when cpus_per_worker is set or on a cluster, where a node's cores are not this machine's."""
-    if "cpus_per_worker" in spec.train.model_fields_set or os.environ.get("RAY_ADDRESS"):
+    if "cpus_per_worker" in train.model_fields_set or os.environ.get("RAY_ADDRESS"):
         return None
-    return max(1, machine_cores() // (spec.train.workers * max(1, concurrent)))
+    return max(1, machine_cores() // (train.workers * max(1, concurrent)))
 
 
-def _resources(spec: Workflow, concurrent: int = 1) -> Resources:
-    t = spec.train
-    return Resources(workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
-                     gpus_per_worker=t.gpus_per_worker, max_failures=t.max_failures,
-                     placement=t.placement, torch_threads=torch_threads(spec, concurrent))
+def _resources(train: TrainSpec, concurrent: int = 1) -> Resources:
+    return Resources(workers=train.workers, use_gpu=train.use_gpu, cpus_per_worker=train.cpus_per_worker,
+                     gpus_per_worker=train.gpus_per_worker, max_failures=train.max_failures,
+                     placement=train.placement, torch_threads=torch_threads(train, concurrent))
 
 
-def data_meta(data: Dataset) -> dict[str, Any]:
-    """What the task kind's `dims` reads from a Dataset (the same keys a manifest carries)."""
-    return {"num_features": data.num_features, "num_classes": data.num_classes, **data.extra.get("meta", {})}
+def loss_config(distill: DistillSpec) -> LossConfig:
+    return LossConfig(kind=distill.loss, temperature=distill.temperature, alpha=distill.alpha, beta=distill.beta)
 
 
 def workers_read_source(data: Dataset) -> bool:
@@ -91,19 +84,19 @@ def rows_for_teacher(data: Dataset) -> tuple[RowSource, RowSource | None]:
 
 def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConfig:
     """A teacher trained here: hard labels only, AdamW with teacher.train's values, the train stage's resources."""
-    task = task_for(spec)
+    kind = spec.kind
     # teacher.train has no optimizer section: AdamW, with momentum (unused by AdamW) from the spec's default
     optimizer = _optimizer(OptimizerSpec(name="adamw", lr=t.train.lr, weight_decay=t.train.weight_decay,
                                          schedule=t.train.schedule, warmup_steps=t.train.warmup_steps,
                                          grad_clip=t.train.grad_clip))
     train, val = rows_for_teacher(data)
     return FitConfig(
-        log_prefix="teacher", task=task, model=t.model, params=t.params,
-        dims=task.dims(data_meta(data)), seed=spec.seed,
+        log_prefix="teacher", kind=kind, model=t.model, params=t.params,
+        dims=kind.dims(kind.manifest_meta(data)), seed=spec.seed,
         epochs=t.train.epochs, batch_size=t.train.batch_size, optimizer=optimizer, precision=spec.train.precision,
         loss=None, data=train, val=val,
         early_stopping=None, checkpoint_every=spec.train.checkpoint_every,
-        checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec), epoch_hook=None,
+        checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec.train), epoch_hook=None,
         hold_share_bytes=int(spec.train.hold_share_mb * 2**20))
 
 
@@ -111,17 +104,15 @@ def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storag
                        epoch_hook: Any, concurrent: int = 1) -> FitConfig:
     """The student: distillation from the stored soft targets with the train and distill sections;
     `concurrent` fits like it run at once (a search's trials), sharing the machine's cores."""
-    task = task_for(spec)
+    kind = spec.kind
     es = spec.train.early_stopping
-    d = spec.distill
     return FitConfig(
-        log_prefix="student", task=task, model=spec.student.model, params=spec.student.params,
-        dims=task.dims(manifest), seed=spec.seed, epochs=spec.train.epochs, batch_size=spec.train.batch_size,
-        optimizer=_optimizer(spec.train.optimizer), precision=spec.train.precision,
-        loss=LossConfig(kind=d.loss, temperature=d.temperature, alpha=d.alpha, beta=d.beta),
+        log_prefix="student", kind=kind, model=spec.student.model, params=spec.student.params,
+        dims=kind.dims(manifest), seed=spec.seed, epochs=spec.train.epochs, batch_size=spec.train.batch_size,
+        optimizer=_optimizer(spec.train.optimizer), precision=spec.train.precision, loss=loss_config(spec.distill),
         data=ShardSource(storage, manifest, "train"),
         val=ShardSource(storage, manifest, "val") if manifest["splits"]["val"]["rows"] else None,
         early_stopping=EarlyStopping(es.metric, es.patience, es.direction == "max") if es else None,
         checkpoint_every=spec.train.checkpoint_every, checkpoint_interval_s=spec.train.checkpoint_interval_s,
-        resources=_resources(spec, concurrent), epoch_hook=epoch_hook,
+        resources=_resources(spec.train, concurrent), epoch_hook=epoch_hook,
         hold_share_bytes=int(spec.train.hold_share_mb * 2**20))

@@ -11,20 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cluster import auth_headers
 from tasks.errors import UserError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def auth_headers() -> dict[str, str]:
-    """Ray's token auth (on by default since 2.5x): RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return {}
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not token and path.is_file():
-        token = path.read_text().strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def client(address: str) -> Any:

@@ -72,9 +72,10 @@ def _filtered(handle: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, A
 
 def filter_ray_worker_logs() -> None:
     """Drop RAY_WORKER_NOISE from the worker output Ray copies to the driver (log_to_driver)."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # a Ray without this dispatcher: print everything, as before
+    from tasks.ray_internals import worker_output_dispatcher
+
+    dispatcher = worker_output_dispatcher()
+    if dispatcher is None:  # a Ray without this dispatcher: print everything, as before
         return
     with dispatcher._lock:
         dispatcher.handlers = [(name, h if name != "ray_print_logs" or getattr(h, "kdflow_filtered", False)

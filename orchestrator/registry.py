@@ -18,30 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator import progress
 from orchestrator.quiet import no_mlflow_eprint
-from orchestrator.spec import GATE_METRICS, Gate, Workflow
+from orchestrator.spec import Gate, Workflow, gate_metrics
 from tasks.errors import UserError
+from tasks.kinds import DEFAULT, TaskKind, kind_for
 from tasks.storage import Storage
 
-if TYPE_CHECKING:  # torch is imported where a model is handled: `promote`, `rollback`, `models` start without it
-    import numpy as np
-    from torch import nn
+if TYPE_CHECKING:
+    from tasks.kinds.base import Champion
 
 PIP_REQUIREMENTS = ["torch", "numpy", "pandas", "safetensors", "kdflow"]
 CHALLENGER = "challenger"
 MOVE_PREFIX = "kdflow.alias_move."
-
-
-def log_student(model: nn.Module, mean: np.ndarray, std: np.ndarray, *, factory: str, params: dict[str, Any],
-                feature_names: list[str], classes: list[Any]) -> str:
-    """Log the student as a pickle-free pyfunc taking the user's raw feature columns; returns the model URI."""
-    import torch
-
-    from tasks.served import log_pyfunc
-
-    names = feature_names or [f"x{i}" for i in range(len(mean))]
-    return log_pyfunc(model, factory=factory, params=params, mean=mean, std=std, feature_names=names,
-                      classes=classes or list(range(int(model(torch.zeros(1, len(mean))).shape[-1]))),
-                      pip_requirements=PIP_REQUIREMENTS)
 
 
 def prepare_model_logging() -> None:
@@ -137,43 +124,51 @@ def rollback(client: Any, name: str, alias: str, reason: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- gates
 
 
-def _champion_accuracy(spec: Workflow, client: Any, name: str, alias: str, manifest: dict[str, Any], storage: Storage) -> tuple[
-        int | None, float | None]:
-    """The alias holder's test accuracy on this run's test split (its own tag when the split is the same)."""
+def version_kind(tags: dict[str, str]) -> TaskKind:
+    """The kind of task a registered version was trained for (its kdflow.task tag; versions registered before
+    the tag existed are of the default kind)."""
+    return kind_for(tags.get("kdflow.task", DEFAULT))
+
+
+def _champion_value(spec: Workflow, client: Any, alias: str, manifest: dict[str, Any], storage: Storage
+                    ) -> tuple[int | None, float | None]:
+    """The alias holder's value of the kind's champion metric on this run's test split (its own tag when the
+    split is the same); (None, None) when no version holds the alias."""
     import mlflow
 
-    from orchestrator.configs import task_for
-    from orchestrator.evaluation import stream_metrics
-    from tasks.served import load_module
+    from tasks.evaluation import stream_metrics
 
+    kind = spec.kind
+    assert kind.champion is not None
     try:
-        holder = client.get_model_version_by_alias(name, alias)
+        holder = client.get_model_version_by_alias(spec.registered_model, alias)
     except mlflow.exceptions.MlflowException:
         return None, None
     tags = holder.tags or {}
-    if tags.get("kdflow.data_fingerprint") == manifest["data_fingerprint"] and "kdflow.test_accuracy" in tags:
-        return int(holder.version), float(tags["kdflow.test_accuracy"])
-    task = task_for(spec)
-    served = load_module(f"models:/{name}/{holder.version}")  # takes the user's raw features
-    model = task.from_serving(served, manifest)  # ... made to take the stored (standardized) test rows
+    tag = f"kdflow.{kind.champion.tag}"
+    if tags.get("kdflow.data_fingerprint") == manifest["data_fingerprint"] and tag in tags:
+        return int(holder.version), float(tags[tag])
+    model = kind.load_registered(f"models:/{spec.registered_model}/{holder.version}", manifest)
     if model is None:
         return int(holder.version), None
     try:  # shard by shard, as the student's own test metrics
-        acc = stream_metrics(task, model, manifest, storage)["accuracy"]
-    except RuntimeError:  # a champion for another feature layout cannot be compared on this split
+        return int(holder.version), stream_metrics(kind, model, manifest, storage)[kind.champion.metric]
+    except RuntimeError:  # a champion for another input layout cannot be compared on this split
         return int(holder.version), None
-    return int(holder.version), acc
 
 
-def _beats(alias: str, holder: int | None, holder_acc: float | None, acc: float | None) -> dict[str, Any]:
+def _beats(champion: Champion, alias: str, holder: int | None, holder_value: float | None,
+           value: float | None) -> dict[str, Any]:
     if holder is None:
         return {"gate": "beats_alias", "rule": f"no worse than @{alias}", "value": None, "passed": True,
                 "note": f"no version holds @{alias}"}
-    if holder_acc is None or acc is None:
+    if holder_value is None or value is None:
         return {"gate": "beats_alias", "rule": f"no worse than @{alias} (v{holder})", "value": None, "passed": True,
                 "note": "not comparable on this test split"}
-    return {"gate": "beats_alias", "rule": f"test_accuracy >= {holder_acc:.4f} (@{alias} v{holder})", "value": acc,
-            "passed": acc >= holder_acc}
+    op = ">=" if champion.larger_is_better else "<="
+    passed = value >= holder_value if champion.larger_is_better else value <= holder_value
+    return {"gate": "beats_alias", "rule": f"{champion.tag} {op} {holder_value:.4f} (@{alias} v{holder})",
+            "value": value, "passed": passed}
 
 
 def check_gates(spec: Workflow, metrics: dict[str, Any], manifest: dict[str, Any], storage: Storage,
@@ -184,9 +179,10 @@ def check_gates(spec: Workflow, metrics: dict[str, Any], manifest: dict[str, Any
     out = [{"gate": metric, "rule": f"{metric} {rule.strip()}", "value": metrics.get(metric),
             "passed": metrics.get(metric) is not None and rule.holds(float(metrics[metric]))}
            for metric, rule in gates.comparisons().items()]
-    if gates.beats_alias:
-        holder, acc = _champion_accuracy(spec, client, spec.registered_model, gates.beats_alias, manifest, storage)
-        out.append(_beats(gates.beats_alias, holder, acc, metrics["test_accuracy"]))
+    champion = spec.kind.champion
+    if gates.beats_alias and champion is not None:
+        holder, value = _champion_value(spec, client, gates.beats_alias, manifest, storage)
+        out.append(_beats(champion, gates.beats_alias, holder, value, metrics.get(champion.tag)))
     return out
 
 
@@ -217,7 +213,8 @@ def register(spec: Workflow, model_uri: str, run_id: str, metrics: dict[str, Any
     name = spec.registered_model
     promote = spec.registry.promote
     gates = check_gates(spec, metrics, manifest, storage, client) if promote else []
-    tags = {**lineage, **{f"kdflow.{m}": fmt_tag(metrics[m]) for m in GATE_METRICS if metrics.get(m) is not None}}
+    tags = {**lineage, **{f"kdflow.{m}": fmt_tag(metrics[m]) for m in gate_metrics(spec.kind)
+                          if metrics.get(m) is not None}}
     if promote:
         tags["kdflow.gates"] = json.dumps({"alias": promote.alias, "gates": gates}, default=str)
         tags.update({f"kdflow.gate.{g['gate']}": gate_line(g) for g in gates})
@@ -256,7 +253,8 @@ def fmt_tag(v: Any) -> str:
 
 def recheck_gates(client: Any, name: str, version: int, alias: str) -> list[dict[str, Any]]:
     """The version's recorded gates, re-evaluated now: comparisons on its recorded metrics, beats_alias on
-    the alias's current holder (by their recorded test accuracy when both saw the same data)."""
+    the alias's current holder (by their recorded values of the kind's champion metric when both saw the
+    same data)."""
     mv = client.get_model_version(name, str(version))
     tags = mv.tags or {}
     recorded = json.loads(tags["kdflow.gates"]) if "kdflow.gates" in tags else {"gates": []}
@@ -267,17 +265,25 @@ def recheck_gates(client: Any, name: str, version: int, alias: str) -> list[dict
             value = float(tags[f"kdflow.{metric}"]) if f"kdflow.{metric}" in tags else g["value"]
             out.append({"gate": g["gate"], "rule": g["rule"], "value": value,
                         "passed": value is not None and Gate(rule).holds(float(value))})
-            continue
-        holder = alias_holder(client, name, alias)
-        acc = float(tags["kdflow.test_accuracy"]) if "kdflow.test_accuracy" in tags else None
-        if holder is None or holder == version:
-            out.append(_beats(alias, None if holder is None else holder, acc, acc))
-            continue
-        htags = client.get_model_version(name, str(holder)).tags or {}
-        same = htags.get("kdflow.data_fingerprint") == tags.get("kdflow.data_fingerprint")
-        hacc = float(htags["kdflow.test_accuracy"]) if same and "kdflow.test_accuracy" in htags else None
-        out.append(_beats(alias, holder, hacc, acc) if hacc is not None else g)
+        else:
+            out.append(_recheck_beats(client, name, version, alias, tags, g))
     return out
+
+
+def _recheck_beats(client: Any, name: str, version: int, alias: str, tags: dict[str, str],
+                   recorded: dict[str, Any]) -> dict[str, Any]:
+    champion = version_kind(tags).champion
+    if champion is None:
+        return recorded
+    tag = f"kdflow.{champion.tag}"
+    holder = alias_holder(client, name, alias)
+    value = float(tags[tag]) if tag in tags else None
+    if holder is None or holder == version:
+        return _beats(champion, alias, None if holder is None else holder, value, value)
+    htags = client.get_model_version(name, str(holder)).tags or {}
+    same = htags.get("kdflow.data_fingerprint") == tags.get("kdflow.data_fingerprint")
+    hvalue = float(htags[tag]) if same and tag in htags else None
+    return _beats(champion, alias, holder, hvalue, value) if hvalue is not None else recorded
 
 
 def promote(client: Any, name: str, version: int, alias: str, force: bool, reason: str | None) -> dict[str, Any]:

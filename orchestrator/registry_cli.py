@@ -12,9 +12,6 @@ from typing import Any
 from tasks.errors import UserError
 from tasks.layout import LOCAL_STATE_FOR_S3
 
-HEADLINE = (("test_accuracy", "accuracy"), ("retention", "retention"), ("num_params", "params"),
-            ("latency_ms", "latency ms"))
-
 
 def console(out: Any = None) -> Any:
     import sys
@@ -84,8 +81,11 @@ def _num(v: str | None, metric: str) -> str:
 
 def versions_of(client: Any, name: str) -> list[dict[str, Any]]:
     """Every version with its aliases (from the registered model: a version search leaves them empty)."""
-    from orchestrator.spec import GATE_METRICS
+    from orchestrator.registry import version_kind
+    from orchestrator.spec import gate_metrics
+    from tasks.kinds import kinds
 
+    recorded = {m for kind in kinds().values() for m in gate_metrics(kind)}  # metric tags, not lineage
     model = _model(client, name)
     by_version: dict[int, list[str]] = {}
     for alias, v in (model.aliases or {}).items():
@@ -96,11 +96,12 @@ def versions_of(client: Any, name: str) -> list[dict[str, Any]]:
         gates = json.loads(tags["kdflow.gates"])["gates"] if "kdflow.gates" in tags else []
         out.append({"version": int(v.version), "aliases": sorted(by_version.get(int(v.version), [])),
                     "run_id": v.run_id, "created": _when(v.creation_timestamp),
-                    "metrics": {m: tags.get(f"kdflow.{m}") for m, _ in HEADLINE},
+                    "task": version_kind(tags).name,
+                    "metrics": {m: tags.get(f"kdflow.{m}") for m, _ in version_kind(tags).headline},
                     "gates": gates, "promotion": tags.get("kdflow.promotion"),
                     "lineage": {k: v for k, v in tags.items() if k.startswith("kdflow.")
                                 and not k.startswith(("kdflow.gate", "kdflow.promotion"))
-                                and k.removeprefix("kdflow.") not in GATE_METRICS}})
+                                and k.removeprefix("kdflow.") not in recorded}})
     return out
 
 
@@ -167,16 +168,20 @@ def _models_show(client: Any, out: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": args.name, "versions": versions, "history": moves}))
         return 0
+    from tasks.kinds import kind_for
+
+    # the newest version's kind names the columns (a registered model's versions are of one kind)
+    headline = kind_for(versions[-1]["task"]).headline if versions else ()
     table = Table(title=f"{args.name}: {len(versions)} version(s)", title_justify="left")
     table.add_column("version", justify="right")
     table.add_column("aliases")
-    for _, label in HEADLINE:
+    for _, label in headline:
         table.add_column(label, justify="right")
     table.add_column("gates")
     table.add_column("registered (UTC)")
     for v in versions:
         table.add_row(f"v{v['version']}", " ".join(f"@{a}" for a in v["aliases"]) or "-",
-                      *(_num(v["metrics"][m], m) for m, _ in HEADLINE), _gate_summary(v["gates"]), v["created"])
+                      *(_num(v["metrics"].get(m), m) for m, _ in headline), _gate_summary(v["gates"]), v["created"])
     out.print(table)
     _print_aliases(out, _model(client, args.name), moves, versions)
     shown = [v for v in versions if v["version"] == args.version] if args.version else versions[-1:]
@@ -345,44 +350,27 @@ def _secs(s: float) -> str:
 
 
 def print_summary(out: Any, result: dict[str, Any]) -> None:
-    """The closing summary of `kdflow run` in plain words and aligned numbers."""
+    """The closing summary of `kdflow run` in plain words and aligned numbers (the table is the kind's)."""
     from rich.table import Table
+
+    from tasks.kinds import kind_for
 
     c = console(out)
     t, s, reg = result["teacher"], result["student"], result.get("registry") or {}
     c.print(f"[bold]{result['workflow']}[/]: {result['status']} in {_secs(result['seconds'])}")
+    columns, rows = kind_for(result["task"]).summary_table(t, s)
     table = Table(box=None, show_header=True, pad_edge=False, padding=(0, 2))
-    if "perplexity" in s:  # a causal LM run (orchestrator/lm_run.py)
-        lm_table(table, t, s)
-    else:
-        classification_table(table, t, s)
+    for col in columns:
+        table.add_column(col, justify="left" if not col else "right")
+    for row in rows:
+        table.add_row(*row)
     c.print(table)
     rest_of_summary(c, result, s, reg)
 
 
-def lm_table(table: Any, t: dict[str, Any], s: dict[str, Any]) -> None:
-    for col in ("", "test perplexity", "params", "share of teacher", "top-1 agreement", "tokens/s"):
-        table.add_column(col, justify="left" if not col else "right")
-    share = s["num_params"] / t["num_params"] if t.get("num_params") else 0.0
-    table.add_row("teacher", f"{t['perplexity']:.3f}", f"{t['num_params']:,}", "", "", "")
-    table.add_row("student (KD)", f"{s['perplexity']:.3f}", f"{s['num_params']:,}", f"{share:.1%}",
-                  f"{s['teacher_agreement']:.3f}", f"{s['tokens_per_s']:,.0f}")
-    if "baseline_perplexity" in s:
-        table.add_row("student (no KD)", f"{s['baseline_perplexity']:.3f}", f"{s['num_params']:,}", f"{share:.1%}",
-                      f"{s['baseline_agreement']:.3f}", "")
-
-
-def classification_table(table: Any, t: dict[str, Any], s: dict[str, Any]) -> None:
-    for col in ("", "test accuracy", "params", "share of teacher", "retention", "latency ms"):
-        table.add_column(col, justify="left" if not col else "right")
-    share = s["num_params"] / t["num_params"] if t.get("num_params") else 0.0
-    table.add_row("teacher" + (f" x{t['count']}" if t.get("count", 1) > 1 else ""), f"{t['test_accuracy']:.4f}",
-                  f"{t['num_params']:,}", "", "", "")
-    table.add_row("student", f"{s['test_accuracy']:.4f}", f"{s['num_params']:,}", f"{share:.1%}",
-                  f"{s['retention']:.3f}", f"{s['latency_ms']:.3f}")
-
-
 def rest_of_summary(c: Any, result: dict[str, Any], s: dict[str, Any], reg: dict[str, Any]) -> None:
+    from tasks.kinds import kind_for
+
     st = result["soft_targets"]
     c.print(f"soft targets  {'reused' if st['reused'] else 'computed'} {st['rows']:,} rows "
             f"({st['format']}/{st['dtype']}, {st['bytes']:,} bytes) at {st['uri']}")
@@ -393,7 +381,7 @@ def rest_of_summary(c: Any, result: dict[str, Any], s: dict[str, Any], reg: dict
             c.print(f"              {_secs(se['wall_s'])} of trials, {_secs(se['train_s'])} of it training steps "
                     f"over {se.get('concurrency') or 0} slot(s)"
                     + (f" (efficiency {se['efficiency']:.2f})" if se.get("efficiency") is not None else ""))
-    rate = f"{s['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in s else f"{s['samples_per_s']:,.0f} samples/s"
+    rate = kind_for(result["task"]).rate(s)
     c.print(f"student       {s['epochs']} epochs ({s.get('stop_reason') or 'done'}), {rate}"
             + (f", resumed from {s['resumed_from']}" if s.get("resumed_from") else ""))
     stages = result.get("stages") or {}

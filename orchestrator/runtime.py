@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from orchestrator.spec import Workflow
+    from orchestrator.spec import TrainSpec, Workflow
 
 LOCAL_MIN_CPUS = 8
 
@@ -72,10 +72,11 @@ def in_background(fn: Callable[[], T]) -> Future[T]:
     import threading
 
     import ray
-    import ray._private.node
-    import ray._private.services
 
     from orchestrator.quiet import quiet_ray_start
+    from tasks.ray_internals import import_start_modules
+
+    import_start_modules()
 
     if threading.current_thread() is threading.main_thread() and not ray.is_initialized():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
@@ -96,16 +97,15 @@ def in_background(fn: Callable[[], T]) -> Future[T]:
 
 
 def warm_enabled() -> bool:
-    """KDFLOW_WARM=0 (or the older KDFLOW_WARM_TRIALS=0) sends every fit through Ray Train and every shard
-    through a Ray task: the paths before warm actors, which benchmarks compare in one run."""
-    return os.environ.get("KDFLOW_WARM", "1") != "0" and os.environ.get("KDFLOW_WARM_TRIALS", "1") != "0"
+    """KDFLOW_WARM=0 sends every fit through Ray Train and every shard through a Ray task: the paths before
+    warm actors, which benchmarks compare in one run."""
+    return os.environ.get("KDFLOW_WARM", "1") != "0"
 
 
-def uses_ray_train(spec: Workflow) -> bool:
+def uses_ray_train(train: TrainSpec) -> bool:
     """Whether this run may start a Ray Train run (whose controller needs Ray's dashboard): not when every
-    fit is single-worker on CPUs on a warm actor. Causal LMs' no-KD baseline always goes through Ray Train."""
-    t = spec.train
-    return not warm_enabled() or t.workers != 1 or t.use_gpu or spec.task == "causal_lm"
+    fit is single-worker on CPUs on a warm actor (orchestrator/fitting.py decides where a fit runs)."""
+    return not warm_enabled() or train.workers != 1 or train.use_gpu
 
 
 class RayStart:
@@ -135,7 +135,7 @@ class RayStart:
 
         if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
             return None
-        return cls(uses_ray_train(spec))
+        return cls(uses_ray_train(spec.train))
 
     def then(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the start's thread once Ray is up; its result (or Ray's start error) comes through
@@ -156,24 +156,17 @@ class RayStart:
 
 def stop_ray() -> None:
     """Disconnect from Ray, stopping a local Ray this process started. Ray stops a local node's processes
-    one after another, giving each a second to exit after SIGTERM; its autoscaler monitor (of no use to a
-    one-node local Ray, and holding no state) used the whole second every time (1.02 of a 1.47 s shutdown
-    here), so it is killed first. Best effort: Ray's private node object may move, and then the shutdown
-    just takes that second again."""
-    import contextlib
-
+    one after another, giving each a second to exit after SIGTERM; its autoscaler monitor used the whole
+    second every time (1.02 of a 1.47 s shutdown here), so a local head's is killed first (best effort:
+    `tasks.ray_internals.stop_local_monitor`)."""
     import ray
 
     if not ray.is_initialized():
         return
-    with contextlib.suppress(Exception):
-        from ray._private import ray_constants, worker
+    if not os.environ.get("RAY_ADDRESS"):
+        from tasks.ray_internals import stop_local_monitor
 
-        node = worker._global_node
-        if node is not None and node.head and not os.environ.get("RAY_ADDRESS"):
-            for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
-                info.process.kill()
-                info.process.wait(timeout=5)
+        stop_local_monitor()
     ray.shutdown()
 
 
@@ -185,7 +178,7 @@ def _start_local(env: dict[str, str], dashboard: bool = True) -> None:
     # `kdflow run` at once) that fails with "Found multiple active Ray instances". So the GCS gets a
     # port chosen here, and the workers get its address.
     port = _free_port()
-    from ray._private.services import get_node_ip_address
+    from ray.util import get_node_ip_address
 
     env["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
     # With a fixed GCS port Ray waits only ~20 s for its GCS (port 0 gets 120 s): give it the same budget,

@@ -1,6 +1,9 @@
 """The workflow spec: pydantic models for every key of the workflow YAML, and how a file becomes one.
 
-Every model forbids unknown keys, so a typo is an error that names its YAML path, never a silent default.
+A workflow is a union on `task`: each kind of task (tasks/kinds) brings its own sections (data, teacher,
+student, distill, soft_targets: tasks/kinds/<kind>/spec.py) and the metrics its objectives, early stopping
+and gates may name; the keys every kind shares are here. Every model forbids unknown keys, so a typo is an
+error that names its YAML path, never a silent default.
 """
 
 from __future__ import annotations
@@ -8,8 +11,11 @@ from __future__ import annotations
 import copy
 import operator
 import re
+import typing
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -18,15 +24,19 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from tasks.errors import UserError
+from tasks.kinds import DEFAULT, TaskKind, kind_for, kinds
+from tasks.sections import DataSpec, DistillSpec, ModelSpec, ScheduleKeys, SoftTargetSpec, Strict, TeacherSpec
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# what every kind's gates can compare besides its own metrics (the driver records them for every student)
+GENERIC_GATE_METRICS = ("num_params", "model_bytes", "samples_per_s", "epochs")
+# what every kind's search objectives can name besides its epoch metrics
+SIZE_OBJECTIVE = "num_params"
 
 
 class S3Options(Strict):
@@ -43,118 +53,6 @@ class StorageSpec(Strict):
 class TrackingSpec(Strict):
     uri: str | None = None
     experiment: str | None = None
-
-
-class SplitSpec(Strict):
-    val: float = Field(0.15, ge=0.0, lt=1.0)
-    test: float = Field(0.15, gt=0.0, lt=1.0)
-
-    @model_validator(mode="after")
-    def _leaves_training_rows(self) -> SplitSpec:
-        if self.val + self.test >= 0.9:
-            raise ValueError("val + test must leave at least 10% of the rows for training")
-        return self
-
-
-class TokenizerSpec(Strict):
-    """task causal_lm: a local tokenizer directory (tokenizer.json), or a byte-level BPE trained on the
-    training documents with this vocabulary size (kept in the store, reused by reruns)."""
-
-    path: str | None = None
-    vocab_size: int = Field(512, ge=260, description="BPE vocabulary: 256 bytes + EOS + merges")
-
-
-class CorpusSpec(Strict):
-    """The built-in corpus (source: python-stdlib): a deterministic subset of the interpreter's stdlib."""
-
-    max_bytes: int | None = Field(2_000_000, ge=1000)
-    max_files: int | None = Field(None, ge=1)
-
-
-# data: keys that only one task kind reads; set to anything but their default on the other kind's workflow,
-# they are an error
-LM_DATA_KEYS = ("text", "prompt", "completion", "seq_len", "tokenizer", "corpus")
-CLASSIFICATION_DATA_KEYS = ("features", "label", "transfer")
-
-
-class DataSpec(Strict):
-    source: str = "sklearn:digits"
-    features: list[str] | str | None = None
-    label: str = "label"
-    split: SplitSpec = SplitSpec()
-    transfer: int | str | None = None
-    limit: int | None = Field(None, ge=1, description="use only the first N rows (documents for causal_lm)")
-    # task causal_lm only
-    text: str | None = Field(None, description="the text column (default 'text')")
-    prompt: str | None = Field(None, description="prompt column: its tokens are inputs, never targets")
-    completion: str | None = Field(None, description="completion column (with prompt)")
-    seq_len: int = Field(128, ge=2, description="tokens per packed row")
-    tokenizer: TokenizerSpec = TokenizerSpec()
-    corpus: CorpusSpec = CorpusSpec()
-
-    @field_validator("transfer")
-    @classmethod
-    def _positive_rows(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("a transfer row count must be >= 1")
-        return v
-
-
-class ScheduleKeys(Strict):
-    """The learning-rate schedule and gradient clipping; the defaults change nothing (constant lr, no clip)."""
-
-    schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to 0 over the fit")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many steps")
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradients' global norm to this")
-
-
-class TeacherTrainSpec(ScheduleKeys):
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-
-
-class ModelSpec(Strict):
-    model: str = "mlp"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class TeacherSpec(ModelSpec):
-    train: TeacherTrainSpec = TeacherTrainSpec()
-    checkpoint: str | None = None
-
-
-class SoftTargetSpec(Strict):
-    shards: int = Field(4, ge=1)
-    format: Literal["logits", "topk"] = "logits"
-    top_k: int | None = Field(None, ge=1)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    ensemble: Literal["mean_probs", "mean_logits"] = "mean_probs"
-    max_retries: int = Field(3, ge=0)
-
-    @model_validator(mode="after")
-    def _topk_needs_k(self) -> SoftTargetSpec:
-        if self.format == "topk" and self.top_k is None:
-            raise ValueError("format 'topk' needs top_k (the number of classes kept per row)")
-        return self
-
-
-class DistillSpec(Strict):
-    loss: str = "kl"
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1)
-    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD mixture weight (loss: jsd)")
-    baseline: bool = Field(False, description="causal_lm: also train the student on hard labels only (no KD)")
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, v: str) -> str:
-        from tasks.losses import LOSSES
-
-        if v not in LOSSES:
-            raise ValueError(f"unknown loss {v!r}; known: {', '.join(sorted(LOSSES))}")
-        return v
 
 
 class OptimizerSpec(ScheduleKeys):
@@ -237,21 +135,42 @@ class CategoricalParam(Strict):
 SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
 
-# What a trial can be judged on: the train loop's per-epoch metrics (read at the best epoch) and the size.
-OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "val_agreement", "train_loss", "train_kd", "train_ce",
-                     "samples_per_s", "num_params", "val_perplexity")
-
-
 class Objective(Strict):
-    metric: str = "val_accuracy"
+    metric: str = Field("val_accuracy", description="an epoch metric of the task's kind, or num_params")
     direction: Literal["maximize", "minimize"] = "maximize"
 
-    @field_validator("metric")
+
+SELECT_WITHIN = re.compile(r"^smallest\s+within\s+([0-9.]+)\s+of\s+best(?:\s+(\w+))?(?:\s+by\s+(\w+))?$")
+
+
+@dataclass(frozen=True)
+class SelectRule:
+    """search.select parsed: 'best', or 'smallest within D of best [METRIC] [by SIZE]' (docs/search.md,
+    orchestrator/search/selection.py applies it)."""
+
+    kind: str
+    tolerance: float = 0.0
+    metric: str | None = None
+    size: str = SIZE_OBJECTIVE
+
     @classmethod
-    def _known_metric(cls, v: str) -> str:
-        if v not in OBJECTIVE_METRICS:
-            raise ValueError(f"unknown metric {v!r}; known: {', '.join(OBJECTIVE_METRICS)}")
-        return v
+    def parse(cls, text: str) -> SelectRule:
+        t = text.strip().lower()
+        if t == "best":
+            return cls("best")
+        m = SELECT_WITHIN.match(t)
+        if not m:
+            raise ValueError(f"unknown select rule {text!r}: use 'best' or 'smallest within 0.01 of best "
+                             "[metric] [by num_params]'")
+        return cls("smallest_within", float(m.group(1)), m.group(2), m.group(3) or SIZE_OBJECTIVE)
+
+    def check(self, text: str, objectives: list[str]) -> None:
+        """The metrics the rule names must be objectives (or num_params for the size)."""
+        if self.metric is not None and self.metric not in objectives:
+            raise ValueError(f"select rule {text!r} names {self.metric!r}, which is not an objective "
+                             f"({', '.join(objectives)})")
+        if self.kind == "smallest_within" and self.size != SIZE_OBJECTIVE and self.size not in objectives:
+            raise ValueError(f"select rule {text!r}: the size {self.size!r} must be num_params or an objective")
 
 
 class SearchSpec(Strict):
@@ -269,22 +188,22 @@ class SearchSpec(Strict):
     @field_validator("select")
     @classmethod
     def _known_rule(cls, v: str) -> str:
-        from orchestrator.search.selection import parse_select_rule
-
-        parse_select_rule(v)
+        SelectRule.parse(v)
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
-        from orchestrator.search.selection import check_rule
-
         metrics = [o.metric for o in self.objectives]
         if len(set(metrics)) < len(metrics):
             raise ValueError(f"objectives: a metric appears twice ({', '.join(metrics)})")
         if self.sampler == "cmaes" and len(metrics) > 1:
             raise ValueError("sampler: cmaes optimises one objective; use nsga2 or tpe for several")
-        check_rule(self.select, [(o.metric, o.direction) for o in self.objectives])
+        SelectRule.parse(self.select).check(self.select, metrics)
         return self
+
+    @property
+    def rule(self) -> SelectRule:
+        return SelectRule.parse(self.select)
 
 
 GATE_RE = re.compile(r"^\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
@@ -308,34 +227,17 @@ def _gate(v: Any) -> Gate:
     return Gate(v)
 
 
-# What a gate can compare: every metric a run records for the student (registry.py stores them as
-# kdflow.<metric> tags on the version, so `kdflow promote` can re-check them later).
-GATE_METRICS = ("test_accuracy", "retention", "num_params", "latency_ms", "model_bytes", "teacher_agreement",
-                "teacher_test_accuracy", "samples_per_s", "epochs",
-                # causal_lm (orchestrator/lm_run.py): perplexity_ratio is the student's over the teacher's
-                "perplexity", "perplexity_ratio", "teacher_perplexity", "baseline_perplexity", "tokens_per_s")
-
-
 GateRule = Annotated[str, BeforeValidator(lambda v: v if v is None else _gate(v))]
 
 
 class GatesSpec(Strict):
-    """`metric: "<op> number"` for any metric in GATE_METRICS, plus `beats_alias: ALIAS`."""
+    """`metric: "<op> number"` for any metric the task's kind records (checked by the workflow), plus
+    `beats_alias: ALIAS` where the kind offers it."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     __pydantic_extra__: dict[str, GateRule | None] = Field(init=False)
 
     beats_alias: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_metrics(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = [k for k in data if k != "beats_alias" and k not in GATE_METRICS]
-            if unknown:
-                raise ValueError(f"no metric {unknown[0]!r} to gate on; known: {', '.join(GATE_METRICS)}, "
-                                 "and beats_alias")
-        return data
 
     def comparisons(self) -> dict[str, Gate]:
         """metric -> rule, in the order the YAML gives them."""
@@ -352,21 +254,36 @@ class RegistrySpec(Strict):
     promote: PromoteSpec | None = None
 
 
+def gate_metrics(kind: TaskKind) -> tuple[str, ...]:
+    """What a gate of this kind's workflow can compare: every value the run records for its student."""
+    return (*kind.gate_metrics, *GENERIC_GATE_METRICS)
+
+
+def objective_metrics(kind: TaskKind) -> tuple[str, ...]:
+    """What a search objective can name: the kind's epoch metrics (read at the best epoch) and the size."""
+    return (*kind.epoch_metrics, SIZE_OBJECTIVE)
+
+
 class Workflow(Strict):
+    """The keys every kind shares; `workflow_class(kind)` makes a kind's branch with its own sections."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    task: Literal["classification", "causal_lm"] = Field(
-        "classification", description="the task kind (tasks/kinds): rows -> a class, or causal language models")
+    task: str
     seed: int = 0
     storage: StorageSpec = StorageSpec()
     tracking: TrackingSpec = TrackingSpec()
-    data: DataSpec = DataSpec()
-    teacher: TeacherSpec | list[TeacherSpec] = TeacherSpec(params={"hidden": [256, 256]})
-    soft_targets: SoftTargetSpec = SoftTargetSpec()
-    student: ModelSpec = ModelSpec(params={"hidden": [32]})
-    distill: DistillSpec = DistillSpec()
+    data: DataSpec
+    teacher: TeacherSpec | list[TeacherSpec]
+    soft_targets: SoftTargetSpec
+    student: ModelSpec
+    distill: DistillSpec
     train: TrainSpec = TrainSpec()
     search: SearchSpec | None = None
     registry: RegistrySpec = RegistrySpec()
+
+    @property
+    def kind(self) -> TaskKind:
+        return kind_for(self.task)
 
     @property
     def teachers(self) -> list[TeacherSpec]:
@@ -381,39 +298,26 @@ class Workflow(Strict):
         return self.registry.model or f"{self.name}-student"
 
     @model_validator(mode="after")
-    def _keys_of_this_task(self) -> Workflow:
-        """A key the workflow's task kind does not read is an error naming it, never silently ignored."""
-        d, default = self.data, DataSpec()
-
-        def changed(keys: tuple[str, ...]) -> list[str]:  # set to anything but its default
-            return [f"data.{k}" for k in keys if getattr(d, k) != getattr(default, k)]
-
-        if self.task == "causal_lm":
-            wrong = changed(CLASSIFICATION_DATA_KEYS)
-            if "teacher" in self.model_fields_set and not isinstance(self.teacher, list) and self.teacher.checkpoint:
-                wrong.append("teacher.checkpoint")
-            if wrong:
-                raise ValueError(f"{wrong[0]}: a classification key, but task is causal_lm")
-            from tasks.losses import TOKEN_LOSSES
-
-            if self.distill.loss not in TOKEN_LOSSES:
-                raise ValueError(f"distill.loss: {self.distill.loss!r} has no per-token form for causal_lm; "
-                                 f"use one of {', '.join(TOKEN_LOSSES)}")
-            if self.registry.promote and self.registry.promote.gates.beats_alias:
-                raise ValueError("registry.promote.gates.beats_alias: not available for causal_lm yet (gate on "
-                                 "perplexity or perplexity_ratio)")
-            if "source" not in d.model_fields_set:
-                d.source = "python-stdlib"
-            for key in ("teacher", "student"):
-                if key not in self.model_fields_set:
-                    raise ValueError(f"{key}: a causal_lm workflow names its {key} (e.g. model: llama, params: "
-                                     "{layers: 2, width: 64, heads: 4})")
-        else:
-            wrong = changed(LM_DATA_KEYS)
-            if self.distill.baseline:
-                wrong.append("distill.baseline")
-            if wrong:
-                raise ValueError(f"{wrong[0]}: a causal_lm key, but task is {self.task} (set task: causal_lm)")
+    def _metrics_of_this_kind(self) -> Workflow:
+        """Objectives, early stopping and gates name what this kind records; then the kind's own rules."""
+        kind = self.kind
+        es = self.train.early_stopping
+        if es is not None and es.metric not in kind.epoch_metrics:
+            raise ValueError(f"train.early_stopping.metric: unknown metric {es.metric!r} for task {self.task}; "
+                             f"known: {', '.join(kind.epoch_metrics)}")
+        for i, o in enumerate(self.search.objectives if self.search else []):
+            if o.metric not in objective_metrics(kind):
+                raise ValueError(f"search.objectives[{i}].metric: unknown metric {o.metric!r} for task {self.task}; "
+                                 f"known: {', '.join(objective_metrics(kind))}")
+        gates = self.registry.promote.gates if self.registry.promote else None
+        unknown = [k for k in (gates.model_extra or {}) if k not in gate_metrics(kind)] if gates else []
+        if unknown:
+            raise ValueError(f"registry.promote.gates: no metric {unknown[0]!r} to gate on for task {self.task}; known: "
+                             f"{', '.join(gate_metrics(kind))}" + (", and beats_alias" if kind.champion else ""))
+        if gates is not None and gates.beats_alias and kind.champion is None:
+            raise ValueError(f"registry.promote.gates.beats_alias: not available for task {self.task} (gate on its "
+                             f"metrics: {', '.join(kind.gate_metrics)})")
+        kind.check_workflow(self)
         return self
 
     @model_validator(mode="after")
@@ -425,37 +329,44 @@ class Workflow(Strict):
         base = self.model_dump(mode="json", exclude={"search"})
         for key, param in self.search.space.items():
             if key.split(".")[0] in ("search", "name", "storage", "tracking", "registry", "teacher", "data",
-                                     "soft_targets"):
+                                     "soft_targets", "task"):
                 raise ValueError(f"search.space.{key}: only student, distill and train keys can be searched "
                                  "(the teacher and soft targets are computed once per search)")
-            if key.startswith("student.params.") and (unknown := _unknown_model_param(self.student.model, key)):
+            if key.startswith("student.params.") and (unknown := self.kind.unknown_param(self.student.model,
+                                                                                          key.split(".")[2])):
                 raise ValueError(f"search.space.{key}: {unknown}")
             samples = param.choices if isinstance(param, CategoricalParam) else [param.low, param.high]
             for sample in samples:  # both ends of a range, every choice: a trial must never be invalid
                 trial = copy.deepcopy(base)
                 try:
                     set_dotted(trial, key, sample, must_exist=not key.startswith("student.params."))
-                    Workflow.model_validate(trial)
+                    type(self).model_validate(trial)
                 except (KeyError, ValidationError) as exc:
                     raise ValueError(f"search.space.{key}: not a valid workflow key for value {sample!r} "
                                      f"({_short(exc)})") from None
         return self
 
 
-def _unknown_model_param(model: str, key: str) -> str | None:
-    """For a built-in family: why student.params.NAME is not one of its parameters (None if it is)."""
-    import inspect
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
 
-    from tasks.models import MODELS
 
-    name = key.split(".")[2]
-    if model not in MODELS:
-        return None  # a user factory: checked when it is built
-    params = inspect.signature(MODELS[model]).parameters
-    if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    known = [p for p in params if p not in ("num_features", "num_classes")]
-    return f"{model} has no parameter {name!r} (it takes {', '.join(known)})"
+@cache
+def workflow_class(kind: TaskKind) -> type[Workflow]:
+    """The workflow of one kind: `task` fixed to its name (optional for the default kind), its sections with
+    their defaults (a section without a default is required)."""
+    s = kind.spec
+
+    def section(cls: Any, default: Any) -> tuple[Any, Any]:
+        return (cls, default if default is not None else ...)
+
+    teacher_type = Union[s.teacher, list[s.teacher]]  # noqa: UP007 - a runtime union of runtime types
+    return create_model(
+        f"{_camel(kind.name)}Workflow", __base__=Workflow,
+        task=(Literal[kind.name], kind.name if kind.name == DEFAULT else ...),
+        data=section(s.data, s.data()), teacher=section(teacher_type, s.teacher_default),
+        soft_targets=section(s.soft_targets, s.soft_targets()), student=section(s.student, s.student_default),
+        distill=section(s.distill, s.distill()))
 
 
 def _short(exc: Exception) -> str:
@@ -464,12 +375,28 @@ def _short(exc: Exception) -> str:
     return str(exc).strip("'\"")
 
 
+@cache
+def _model_names() -> frozenset[str]:
+    """The class names of every section model: pydantic puts a union member's in an error's location."""
+    names: set[str] = set()
+    todo: list[Any] = [workflow_class(k) for k in kinds().values()]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if t.__name__ not in names:
+                names.add(t.__name__)
+                todo += [f.annotation for f in t.model_fields.values()]
+        else:
+            todo += list(typing.get_args(t))
+    return frozenset(names)
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in str(part) or str(part).endswith("Spec"):
+        elif "[" in str(part) or str(part) in _model_names() or str(part).startswith("function-"):
             continue  # pydantic's names for union members and validators, not YAML keys
         else:
             out += ("." if out else "") + str(part)
@@ -523,27 +450,70 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _located(loc: str, msg: str) -> tuple[str, str]:
+    """A rule between keys raises 'key: why' from the top level: name that key as the error's place."""
+    m = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg, re.DOTALL)
+    if not loc and m:
+        return m.group(1), m.group(2)
+    return loc or "(top level)", msg
+
+
+def _other_kind_key(task: str, loc: str) -> str | None:
+    """The kind a key belongs to when it is not this kind's (data.features in a causal_lm workflow)."""
+    for name, kind in kinds().items():
+        if name == task:
+            continue
+        node: Any = workflow_class(kind)
+        for part in loc.split("."):
+            fields = getattr(node, "model_fields", {})
+            if part not in fields:
+                return None
+            node = fields[part].annotation
+        return name
+    return None
+
+
 def validate(raw: dict[str, Any], source: str = "workflow") -> Workflow:
-    """Validate a raw mapping; every problem is reported with its YAML path, all at once."""
+    """Validate a raw mapping as the workflow of its `task`; every problem is reported with its YAML path,
+    all at once."""
+    task = raw.get("task", DEFAULT)
+    if not isinstance(task, str) or task not in kinds():
+        raise UserError(f"{source}: invalid workflow\n  task: unknown task kind {task!r}; known: "
+                        f"{', '.join(sorted(kinds()))}")
     try:
-        return Workflow.model_validate(raw)
+        return workflow_class(kind_for(task)).model_validate(raw)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = _loc(err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
+            loc, msg = _located(_loc(err["loc"]), err["msg"].removeprefix("Value error, "))
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling against docs/workflow-reference.yaml or `kdflow schema`)"
+                other = _other_kind_key(task, loc)
+                msg = (f"a {other} key, but task is {task} (set task: {other})" if other else
+                       "unknown key (check the spelling against docs/workflow-reference.yaml or `kdflow schema`)")
+            elif err["type"] == "missing" and "." not in loc:
+                msg = f"required: task {task} has no default {loc} (docs/workflow-reference.yaml shows one)"
             lines.append(f"  {loc}: {msg}")
         raise UserError(f"{source}: invalid workflow\n" + "\n".join(lines)) from None
 
 
 def workflow_schema() -> dict[str, Any]:
-    """The JSON Schema of a workflow file (what `kdflow schema` prints); unknown keys are errors there too."""
-    schema = Workflow.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "kdflow workflow"
-    return schema
+    """The JSON Schema of a workflow file (what `kdflow schema` prints): one branch per kind of task, which
+    `task` selects (if/then: editors complete the keys of the workflow's kind, and a mistake is reported at
+    its own key); unknown keys are errors there too."""
+    classes = {name: workflow_class(kind) for name, kind in kinds().items()}
+    defs: dict[str, Any] = {}
+    branches = []
+    for name, cls in classes.items():
+        schema = cls.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(schema.pop("$defs", {}))
+        defs[cls.__name__] = schema
+        # a workflow without `task` is of the default kind: only the others' branches need it present
+        selects = {"properties": {"task": {"const": name}}, **({} if name == DEFAULT else {"required": ["task"]})}
+        branches.append({"if": selects, "then": {"$ref": f"#/$defs/{cls.__name__}"}})
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "kdflow workflow", "type": "object",
+            "properties": {"task": {"enum": list(classes), "default": DEFAULT,
+                                    "description": "the kind of task; it selects the keys of every other section"}},
+            "allOf": branches, "$defs": defs}
 
 
 def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:

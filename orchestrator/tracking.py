@@ -169,3 +169,12 @@ def check_server(uri: str, where: str) -> None:
 
 if __name__ == "__main__":  # `make` runs this once after install
     empty_store_template()
+
+
+def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
+    """A fit's per-epoch metrics on the active MLflow run, with step = epoch (`prefix`: teacher_, baseline_)."""
+    import mlflow
+
+    for h in history:
+        step = int(h["epoch"])
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in h.items() if k != "epoch"}, step=step)

@@ -1,10 +1,16 @@
-"""Distillation losses, found by name, and the objective that mixes them with hard-label CE.
+"""Distillation losses, found by name or by import path, and the objective that mixes them with hard-label CE.
 
-A loss takes ``(student_logits [B, C], teacher_logits [B, C], temperature, beta)`` and returns
-a per-sample loss ``[B]``. Register your own with ``@register_loss("name")`` and name it in the
-spec; losses that have no use for ``beta`` (or ``temperature``) ignore it.
+A loss takes ``(student_logits [B, C], teacher_logits [B, C], temperature, beta)`` and returns a
+per-sample loss ``[B]``. Register one with ``@register_loss("name")``, or name your own function in the
+workflow as ``distill.loss: "package.module:function"``: it is called as ``fn(student_logits,
+teacher_logits, temperature)`` (and ``beta=`` when it takes a ``beta``), and kdflow applies alpha, the
+hard-label term, masks and the reduction. A kind may call a loss on other distributions than classes (a
+causal LM: each token's top-k + tail buckets, docs/training.md).
 """
 
+import functools
+import importlib
+import inspect
 import math
 from collections.abc import Callable
 
@@ -35,6 +41,53 @@ def get_loss(name: str) -> LossFn:
         return LOSSES[name]
     except KeyError:
         raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}") from None
+
+
+@functools.cache
+def resolve_loss(name: str) -> LossFn:
+    """A registered loss, or the user's ``package.module:function`` as a ``LossFn``; ValueError says why not
+    (the spec turns it into an error naming ``distill.loss``)."""
+    if name in LOSSES:
+        return LOSSES[name]
+    if ":" not in name:
+        raise ValueError(f"unknown loss {name!r}; built-in: {', '.join(sorted(LOSSES))}, or "
+                         "'package.module:function'")
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr, None)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r}: {exc}") from None
+    if not callable(fn):  # ValueError, not TypeError: pydantic turns it into an error naming distill.loss
+        raise ValueError(f"{module_name!r} has no function {attr!r}")  # noqa: TRY004
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_beta = "beta" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if params and len(positional) < 3 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+        raise ValueError(f"{name} takes ({', '.join(params)}); a loss takes (student_logits, teacher_logits, "
+                         "temperature) and returns a loss per row")
+
+    def user_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float) -> Tensor:
+        if takes_beta:
+            return fn(student_logits, teacher_logits, temperature, beta=beta)
+        return fn(student_logits, teacher_logits, temperature)
+
+    user_loss.__name__ = attr
+    return user_loss
+
+
+def per_row(loss: str, student_logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float) -> Tensor:
+    """The loss `loss` per row [B], checked to be one value per row (a user's function may return otherwise)."""
+    out = resolve_loss(loss)(student_logits, teacher_logits, temperature, beta)
+    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(student_logits.shape[:1]):
+        from tasks.errors import UserError
+
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise UserError(f"{loss} returned {shape} for {len(student_logits)} rows; a loss returns "
+                        "one value per row", where="distill.loss")
+    return out
 
 
 def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -108,7 +161,6 @@ def distillation_objective(
     no labeled row has CE = 0. The teacher is treated as a constant and everything is computed
     in float32. Returns the scalar total and detached ``{"kd", "ce", "total"}`` for logging.
     """
-    loss_fn = get_loss(loss)
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must both be [batch, classes], got "
@@ -123,7 +175,7 @@ def distillation_objective(
 
     student = student_logits.float()
     teacher = teacher_logits.detach().float()
-    kd = loss_fn(student, teacher, temperature, beta).mean()
+    kd = per_row(loss, student, teacher, temperature, beta).mean()
 
     # Masking instead of indexing keeps the step free of a host sync and of an empty mean.
     labels = labels.long()
@@ -133,80 +185,3 @@ def distillation_objective(
 
     total = alpha * kd + (1.0 - alpha) * ce
     return total, {"kd": kd.detach(), "ce": ce.detach(), "total": total.detach()}
-
-
-# ---------------------------------------------------------------- per token (causal language models)
-
-# A logit that stands for "no mass" and stays finite (exp underflows to exactly 0 in float32, no NaN).
-NO_MASS = -1.0e4
-TOKEN_LOSSES = ("kl", "reverse_kl", "jsd")
-
-
-def teacher_buckets(values: Tensor, tail_logmass: Tensor, vocab: int, temperature: float) -> Tensor:
-    """The teacher's log-probabilities at T over k + 1 buckets: its top-k tokens and one tail bucket.
-
-    At T = 1 this is exact: the tail bucket holds exactly the mass outside the top k (the stored tail
-    log-mass is the logsumexp of the left-out logits). At T != 1 the tail's own shape, which a temperature
-    reshapes, was not stored: the tail is taken as uniform (each left-out logit tail_logmass - log(V - k)),
-    which is exact for the top-k logits and the approximation for the tail's tempered mass (docs/soft-targets.md).
-    """
-    k = values.shape[-1]
-    log_rest = math.log(max(vocab - k, 1))
-    tail = tail_logmass.float()
-    tail_t = torch.where(tail <= NO_MASS / 2, torch.full_like(tail, NO_MASS), (tail - log_rest) / temperature + log_rest)
-    return F.log_softmax(torch.cat([values.float() / temperature, tail_t.unsqueeze(-1)], dim=-1), dim=-1)
-
-
-def student_buckets(student_logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
-    """The student's log-probabilities at T over the same k + 1 buckets (its full vocabulary, coarsened)."""
-    s = student_logits.float() / temperature
-    idx = indices.long()
-    top = s.gather(-1, idx)
-    tail = torch.logsumexp(s.scatter(-1, idx, NO_MASS), dim=-1, keepdim=True)
-    return F.log_softmax(torch.cat([top, tail], dim=-1), dim=-1)
-
-
-def token_divergence(student_logits: Tensor, values: Tensor, indices: Tensor, tail_logmass: Tensor, *, loss: str,
-                     temperature: float, beta: float) -> Tensor:
-    """Per-token divergence [B, S] (times T^2) between teacher and student over the top-k + tail buckets.
-
-    The teacher is never dense: [B, S, k] values and ids plus [B, S] tail log-mass. The registered
-    sequence-level losses are reused on the bucket log-probabilities (log_softmax of log-probabilities is
-    the identity, so they see exactly these distributions at T = 1, and the T^2 factor is applied here).
-    """
-    if loss not in TOKEN_LOSSES:
-        raise ValueError(f"loss {loss!r} has no per-token form; known: {', '.join(TOKEN_LOSSES)}")
-    vocab = student_logits.shape[-1]
-    log_p = teacher_buckets(values, tail_logmass, vocab, temperature)
-    log_q = student_buckets(student_logits, indices, temperature)
-    flat = get_loss(loss)(log_q.reshape(-1, log_q.shape[-1]), log_p.reshape(-1, log_p.shape[-1]), 1.0, beta)
-    return temperature**2 * flat.reshape(log_q.shape[:-1])
-
-
-def token_objective(student_logits: Tensor, labels: Tensor, teacher: tuple[Tensor, Tensor, Tensor] | None, *,
-                    loss: str | None, temperature: float, alpha: float, beta: float, tokens: Tensor,
-                    scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """alpha * KD + (1 - alpha) * next-token CE, summed over real tokens (label >= 0) and divided by `tokens`.
-
-    `tokens` is the number of real tokens in this step over all data-parallel workers and `scale` the
-    number of workers: DDP averages gradients, so scale * (this worker's sum) / tokens averages every real
-    token of the step exactly once, whatever each worker's share of padding or prompt tokens. `teacher`
-    None (or `loss` None) trains on next-token CE only. The logged parts are this worker's means per token.
-    """
-    s = student_logits.float()
-    mask = labels >= 0
-    maskf = mask.float()
-    local = maskf.sum().clamp(min=1.0)
-    ce_tok = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.long().clamp(min=0).reshape(-1),
-                             reduction="none").reshape(labels.shape)
-    ce_sum = (ce_tok * maskf).sum()
-    if teacher is None or loss is None:
-        total = scale * ce_sum / tokens.clamp(min=1.0)
-        ce = (ce_sum / local).detach()
-        return total, {"kd": torch.zeros_like(ce), "ce": ce, "total": ce}
-    values, indices, tail = teacher
-    kd_tok = token_divergence(s, values, indices, tail, loss=loss, temperature=temperature, beta=beta)
-    kd_sum = (kd_tok * maskf).sum()
-    total = scale * (alpha * kd_sum + (1.0 - alpha) * ce_sum) / tokens.clamp(min=1.0)
-    kd, ce = (kd_sum / local).detach(), (ce_sum / local).detach()
-    return total, {"kd": kd, "ce": ce, "total": alpha * kd + (1.0 - alpha) * ce}

@@ -1,15 +1,12 @@
-"""Model families, found by name from the spec, and user factories reached as 'package.module:factory'.
-
-Every family takes (num_features, num_classes, **params) and returns an nn.Module mapping [B, F] float
-features to [B, C] logits. Register your own with `@register_model("name")`.
-"""
+"""What every kind's models share: a registry of named factories (built-in families, registered by a
+decorator, a taken name an error) that also reaches a user's 'package.module:factory', and a model's size
+and content hash."""
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,162 +14,49 @@ from torch import nn
 
 from tasks.errors import UserError
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
 
+class Registry:
+    """Named factories of one kind of thing (`what`: 'model'); `register(name)` is a decorator."""
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS[name] = fn
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self.entries:
+                raise ValueError(f"a {self.what} named {name!r} is already registered "
+                                 f"({self.entries[name].__module__}.{self.entries[name].__qualname__})")
+            self.entries[name] = fn
+            return fn
+
+        return deco
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        return self.entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def resolve(self, name: str) -> Callable[..., Any]:
+        """A registered name or 'package.module:factory'; a UserError says why not."""
+        if name in self.entries:
+            return self.entries[name]
+        if ":" not in name:
+            raise UserError(f"unknown {self.what} {name!r}; built-in: {', '.join(sorted(self.entries))}, "
+                            "or 'package.module:factory'")
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserError(f"cannot import {module_name!r}: {exc}") from None
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise UserError(f"{module_name!r} has no callable {attr!r}")
         return fn
-
-    return deco
-
-
-def _widths(hidden: int | list[int] | None, width: int | None, depth: int | None) -> list[int]:
-    if width is not None or depth is not None:
-        return [int(width or 64)] * int(depth if depth is not None else 1)
-    if hidden is None:
-        return [64]
-    return [int(hidden)] if isinstance(hidden, int) else [int(h) for h in hidden]
-
-
-@register_model("mlp")
-def mlp(num_features: int, num_classes: int, hidden: int | list[int] | None = None, width: int | None = None,
-        depth: int | None = None, dropout: float = 0.0, activation: str = "relu") -> nn.Module:
-    """Fully connected net: `hidden: [256, 256]`, or `width` x `depth`."""
-    act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[activation]
-    layers: list[nn.Module] = []
-    prev = num_features
-    for w in _widths(hidden, width, depth):
-        layers += [nn.Linear(prev, w), act()]
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-        prev = w
-    layers.append(nn.Linear(prev, num_classes))
-    return nn.Sequential(*layers)
-
-
-class CNN1d(nn.Module):
-    def __init__(self, num_features: int, num_classes: int, channels: list[int], kernel_size: int,
-                 stride: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        convs: list[nn.Module] = []
-        prev = 1
-        for c in channels:
-            convs += [nn.Conv1d(prev, c, kernel_size, stride=stride, padding=kernel_size // 2), nn.ReLU()]
-            prev = c
-        self.features = nn.Sequential(*convs)
-        with torch.no_grad():
-            flat = self.features(torch.zeros(1, 1, num_features)).numel()
-        head: list[nn.Module] = [nn.Flatten()]
-        if hidden:
-            head += [nn.Linear(flat, hidden), nn.ReLU()]
-            flat = hidden
-        if dropout:
-            head.append(nn.Dropout(dropout))
-        head.append(nn.Linear(flat, num_classes))
-        self.head = nn.Sequential(*head)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.unsqueeze(1)))
-
-
-@register_model("cnn1d")
-def cnn1d(num_features: int, num_classes: int, channels: int | list[int] | None = None, depth: int | None = None,
-          kernel_size: int = 5, stride: int = 2, hidden: int = 0, dropout: float = 0.0) -> nn.Module:
-    """1-d convolutions over the feature vector: `channels: [32, 32]` (or `channels: 32, depth: 3`)."""
-    if isinstance(channels, int) or channels is None:
-        chans = [int(channels or 16)] * int(depth or 2)
-    else:
-        chans = [int(c) for c in channels]
-    return CNN1d(num_features, num_classes, chans, kernel_size, stride, hidden, dropout)
-
-
-class TinyTransformer(nn.Module):
-    """Splits the feature vector into patches, one token each, then a Transformer encoder + mean pool."""
-
-    def __init__(self, num_features: int, num_classes: int, patch: int, width: int, layers: int,
-                 heads: int, dropout: float) -> None:
-        super().__init__()
-        self.patch = patch
-        self.tokens = math.ceil(num_features / patch)
-        self.pad = self.tokens * patch - num_features
-        self.embed = nn.Linear(patch, width)
-        self.pos = nn.Parameter(torch.zeros(1, self.tokens, width))
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=dropout,
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad:
-            x = nn.functional.pad(x, (0, self.pad))
-        h = self.embed(x.view(x.shape[0], self.tokens, self.patch)) + self.pos
-        return self.head(self.encoder(h).mean(dim=1))
-
-
-@register_model("transformer")
-def transformer(num_features: int, num_classes: int, patch: int = 8, width: int = 32, layers: int = 2,
-                heads: int = 4, dropout: float = 0.0) -> nn.Module:
-    """A small Transformer encoder: `layers`, `width`, `heads`, `patch` features per token."""
-    if width % heads:
-        raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
-    return TinyTransformer(num_features, num_classes, patch, width, layers, heads, dropout)
-
-
-def resolve_factory(name: str) -> Callable[..., nn.Module]:
-    """A built-in family name or 'package.module:factory'."""
-    if name in MODELS:
-        return MODELS[name]
-    if ":" not in name:
-        raise UserError(f"unknown model {name!r}; built-in families: {', '.join(sorted(MODELS))}, "
-                        "or 'package.module:factory'")
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"cannot import {module_name!r}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserError(f"{module_name!r} has no callable {attr!r}")
-    return fn
-
-
-def build_model(name: str, params: dict[str, Any], num_features: int, num_classes: int) -> nn.Module:
-    """Build a model; user factories get `params` as keyword arguments (plus the shape ones they accept)."""
-    fn = resolve_factory(name)
-    kwargs = dict(params)
-    sig = inspect.signature(fn)
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    for k, v in (("num_features", num_features), ("num_classes", num_classes)):
-        if k in sig.parameters or accepts_any:
-            kwargs.setdefault(k, v)
-    try:
-        model = fn(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"{name}: bad params {sorted(params)}: {exc}") from None
-    except ValueError as exc:
-        raise UserError(f"{name}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
-    check_output_shape(model, name, num_features, num_classes)
-    return model
-
-
-def check_output_shape(model: nn.Module, name: str, num_features: int, num_classes: int) -> None:
-    """A model must map [B, num_features] to [B, num_classes]: say so now, not mid-training on a worker."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(2, num_features))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise UserError(f"{name}: forward on a [2, {num_features}] batch failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"{name}: a [2, {num_features}] batch gave {shape}, expected logits [2, {num_classes}]")
 
 
 def num_params(model: nn.Module) -> int:
@@ -195,26 +79,28 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-class Standardized(nn.Module):
-    """The one standardization wrapper: a model and its caller that see features on different scales.
+def ensemble(outputs: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """Several teachers' logits [..., C] as one: their mean (`mean_logits`), or the log of their mean
+    probability (`mean_probs`: a proper distribution whose softmax at any T is well defined)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    stacked = torch.stack(outputs)
+    if rule == "mean_logits":
+        return stacked.mean(0)
+    return torch.logsumexp(torch.log_softmax(stacked, dim=-1), dim=0) - math.log(len(outputs))
 
-    inputs="raw": the caller has raw features, the model was trained on standardized ones (a registered
-    student). inputs="standardized": the reverse (a teacher or champion trained outside kdflow, fed
-    kdflow's standardized rows).
-    """
 
-    inputs = "raw"  # class-level default: models registered before this attribute existed unpickle as raw
+def teacher_forward(teachers: list[nn.Module], x: Any, rule: str, batch: int,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (ensembled) teachers' logits for rows `x` at T=1, `batch` rows at a time, without autograd; the rows
+    cast to `dtype` first when given (token ids as int64)."""
+    import numpy as np
 
-    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, inputs: str = "raw") -> None:
-        super().__init__()
-        if inputs not in ("raw", "standardized"):
-            raise ValueError(f"inputs is 'raw' or 'standardized', not {inputs!r}")
-        self.model = model
-        self.inputs = inputs
-        self.register_buffer("mean", torch.as_tensor(mean).float())
-        self.register_buffer("std", torch.as_tensor(std).float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inputs == "raw":
-            return self.model((x - self.mean) / self.std)
-        return self.model(x * self.std + self.mean)
+    for t in teachers:
+        t.eval()
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            xb = torch.from_numpy(np.array(x[i:i + batch]))
+            outs.append(ensemble([t(xb if dtype is None else xb.to(dtype)).float() for t in teachers], rule))
+    return torch.cat(outs) if outs else torch.zeros(0)

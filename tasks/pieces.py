@@ -35,6 +35,64 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 CHUNK_ROWS = 65_536
 
 
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def feature_columns(schema: Any, features: list[str] | str | None, label: str | None, where: str) -> list[str] | str:
+    """The feature column(s) of a table's `schema`: one list/array column, or numeric columns (default: all
+    but label)."""
+    import pyarrow as pa
+
+    names = schema.names
+    if isinstance(features, str):
+        if features not in names:
+            raise UserError(f"column {features!r} not in the table (columns: {names})", where=_key(where, "features"))
+        return features
+    if features is None:
+        cols = [n for n in names if n != label and (pa.types.is_integer(schema.field(n).type)
+                                                     or pa.types.is_floating(schema.field(n).type))]
+        if not cols:
+            raise UserError("the table has no numeric feature columns", where=_key(where, "features"))
+        return cols
+    missing = [c for c in features if c not in names]
+    if missing:
+        raise UserError(f"columns not in the table: {missing} (columns: {names})", where=_key(where, "features"))
+    return list(features)
+
+
+def check_feature_types(schema: Any, cols: list[str] | str, where: str) -> None:
+    """Today's type checks on the schema alone (a footer read): numeric columns, or one list column."""
+    import pyarrow as pa
+
+    if isinstance(cols, str):
+        t = schema.field(cols).type
+        if not (pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)):
+            raise UserError(f"column {cols!r} is {t}, not a list/array column", where=_key(where, "features"))
+        return
+    for c in cols:
+        t = schema.field(c).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            raise UserError(f"column {c!r} is {t}, not numeric", where=_key(where, "features"))
+
+
+def table_features(table: Any, features: list[str] | str | None, label: str | None, where: str) -> np.ndarray:
+    """Float32 [N, F] features from the columns `feature_columns` picks."""
+    cols = feature_columns(table.schema, features, label, where)
+    check_feature_types(table.schema, cols, where)
+    if isinstance(cols, str):
+        col = table.column(cols).combine_chunks()
+        if len(col) == 0:
+            return np.empty((0, 0), np.float32)
+        try:
+            return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
+        except ValueError:
+            raise UserError(f"column {cols!r} has rows of different lengths", where=_key(where, "features")) from None
+    out = [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cols]
+    return np.stack(out, axis=1) if out else np.empty((table.num_rows, 0), np.float32)
+
+
+
 @dataclass(frozen=True)
 class Piece:
     """Rows [start, start + rows) of one file (`row_group` of it), or of a built-in's arrays (row_group -1)."""
@@ -73,7 +131,6 @@ class Reader:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from tasks.data import table_features
         from tasks.storage import S3_ERRORS, describe_s3_error, filesystem_for
 
         fs = filesystem_for(self.url, self.s3_options)

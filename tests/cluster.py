@@ -132,7 +132,7 @@ class TwoNodes:
                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                                     f"--ray-client-server-port={free_port()}"])
         self.address, self.gcs = f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
-        from orchestrator.jobs import auth_headers
+        from orchestrator.cluster import auth_headers
 
         # the jobs API answers before `ray start` has finished starting the head's other processes; a node
         # joining then competes with them for the CPU, so wait for the head's own "started" line as well
@@ -183,7 +183,7 @@ class TwoNodes:
     def alive_nodes(self) -> list[dict]:  # type: ignore[type-arg]
         import requests
 
-        from orchestrator.jobs import auth_headers
+        from orchestrator.cluster import auth_headers
 
         r = requests.get(f"{self.address}/nodes?view=summary", headers=auth_headers(), timeout=5)
         summary = r.json()["data"]["summary"]

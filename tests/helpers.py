@@ -46,3 +46,20 @@ def at_once(*calls: Callable[[], Any]) -> list[Any]:
     with ThreadPoolExecutor(len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
     return [f.result() for f in futures]
+
+
+def precompute(store: Any, key: str, teachers: list[Any], splits: dict[str, Any], *, kind: Any = None,
+               format: str = "logits", dtype: str = "float16", top_k: int | None = None,
+               ensemble: str = "mean_probs", shards: int = 3, meta: dict[str, Any] | None = None,
+               width: int | None = None, **rest: Any) -> Any:
+    """tasks.store.precompute.precompute with a test's usual encoding: classification, float16 logits."""
+    from tasks.kinds import kind_for
+    from tasks.store.precompute import Encoding
+    from tasks.store.precompute import precompute as run
+
+    kind = kind or kind_for("classification")
+    meta = dict(meta or {})
+    if width is None:
+        width = int(meta.get("num_classes") or meta.get("vocab_size") or 10)
+    return run(store, key, teachers, splits, encoding=Encoding(kind, format, dtype, top_k, ensemble), shards=shards,
+               width=width, meta=meta, **rest)

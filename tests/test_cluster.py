@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cluster import NodeInfo, check
-from orchestrator.errors import UserError
 from orchestrator.spec import validate
+from tasks.errors import UserError
 from tests.cluster import TwoNodes
 from tests.conftest import BIN, kdflow
 from tests.helpers import workflow, write_workflow

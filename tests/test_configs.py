@@ -8,9 +8,9 @@ import os
 import pytest
 
 from orchestrator.configs import student_fit_config
-from orchestrator.spec import Workflow
-from tasks.fit_config import FitConfig, LossConfig, OptimizerConfig, Resources
+from orchestrator.spec import validate
 from tasks.storage import Storage
+from tasks.train.config import FitConfig, LossConfig, OptimizerConfig, Resources
 from tests.helpers import workflow
 
 MANIFEST = {"key": "k", "num_features": 64, "num_classes": 10,
@@ -26,7 +26,7 @@ def test_fit_config_has_no_defaults_of_its_own() -> None:
 
 
 def test_student_config_takes_the_spec_defaults_and_values(tmp_path: object) -> None:
-    spec = Workflow.model_validate(workflow(**{"distill.beta": 0.25, "train.cpus_per_worker": 2.5,
+    spec = validate(workflow(**{"distill.beta": 0.25, "train.cpus_per_worker": 2.5,
                                                "train.optimizer": {"name": "adamw"}}))
     cfg = student_fit_config(spec, MANIFEST, Storage(str(tmp_path)), epoch_hook=None)
     assert cfg.optimizer.lr == spec.train.optimizer.lr == 3e-3  # the spec's default, not the loop's old 1e-3
@@ -49,7 +49,7 @@ def test_torch_threads_follow_the_machine_unless_set(tmp_path: object, monkeypat
     monkeypatch.setattr("orchestrator.configs.machine_cores", lambda: 8)  # the rule, on any machine
 
     def threads(concurrent: int = 1, **overrides: object) -> int:
-        spec = Workflow.model_validate(workflow(**overrides))
+        spec = validate(workflow(**overrides))
         return student_fit_config(spec, MANIFEST, Storage(str(tmp_path)), None, concurrent).resources.threads
 
     assert threads() == 8  # one local worker, cpus_per_worker unset: every core, as plain PyTorch
@@ -57,7 +57,7 @@ def test_torch_threads_follow_the_machine_unless_set(tmp_path: object, monkeypat
     assert threads(16) == 1  # never below one
     assert threads(**{"train.cpus_per_worker": 1}) == 1 and threads(**{"train.cpus_per_worker": 3}) == 3  # explicit
     # a search trial's workflow keeps cpus_per_worker unset (apply re-validates only what was set)
-    spec = Workflow.model_validate(workflow(search={"trials": 2, "space": {
+    spec = validate(workflow(search={"trials": 2, "space": {
         "distill.alpha": {"type": "float", "low": 0.1, "high": 0.9}}}))
     trial = apply(spec, {"distill.alpha": 0.5})
     assert trial.distill.alpha == 0.5 and trial.student == spec.student

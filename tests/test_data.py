@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.data import load_dataset
 from tasks.errors import UserError
+from tasks.kinds.classification.data import load_dataset
 from tests.conftest import kdflow
 from tests.helpers import write_workflow
 

@@ -1,4 +1,4 @@
-"""orchestrator/evaluation.py: test-split metrics (streamed shard by shard, equal to the whole split's) and the
+"""tasks/evaluation.py: test-split metrics (streamed shard by shard, equal to the whole split's) and the
 latency probe, which must leave the driver as it was."""
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from typing import Any
 import pytest
 import torch
 
-from orchestrator.evaluation import evaluate_test, latency_ms, split_metrics, teacher_test_accuracy
-from tasks.models import build_model
+from tasks.evaluation import latency_ms, split_metrics, stream_metrics
+from tasks.kinds.classification.models import build_model
+from tasks.kinds.classification.report import teacher_test_accuracy
 
 
 def test_latency_probe_restores_the_thread_count() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ms = latency_ms(build_model("mlp", {"hidden": [8]}, 4, 3), 4, repeats=5)
+        ms = latency_ms(build_model("mlp", {"hidden": [8]}, 4, 3), torch.zeros(1, 4), repeats=5)
         assert ms > 0
         assert torch.get_num_threads() == 2  # the probe runs on one thread, then puts the count back
     finally:
@@ -28,22 +29,23 @@ def test_latency_probe_restores_the_thread_count() -> None:
 
 def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_a_time(
         ray_session: None, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks import soft_targets
-    from tasks.data import load_dataset
-    from tasks.kinds import task_kind
-    from tasks.soft_targets import SPLITS, SoftTargetStore
+    from tasks.kinds import kind_for
+    from tasks.kinds.classification.data import load_dataset
     from tasks.storage import Storage
-    from tasks.train import evaluate
+    from tasks.store import precompute as precompute_module
+    from tasks.store.store import SPLITS, SoftTargetStore
+    from tasks.train.step import evaluate
+    from tests.helpers import precompute
     from tests.test_train import quick_teacher
 
-    monkeypatch.setattr(soft_targets, "SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards; 2 train tasks' files
+    monkeypatch.setattr(precompute_module, "SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards; 2 train tasks' files
     data = load_dataset("sklearn:digits")
-    task = task_kind("classification")
+    task = kind_for("classification")
     storage = Storage(".kdflow")
     store = SoftTargetStore(storage)
     teacher_model = quick_teacher(data.x["train"], data.y["train"])
-    manifest, _ = store.precompute(
-        "digits-eval", [teacher_model], {s: (data.x[s], data.y[s]) for s in SPLITS},
+    manifest, _ = precompute(
+        store, "digits-eval", [teacher_model], {s: (data.x[s], data.y[s]) for s in SPLITS},
         shards=2, format="topk", dtype="float16", top_k=3, ensemble="mean_probs", meta={"num_classes": 10,
                                                                                           "num_features": 64})
     torch.manual_seed(1)
@@ -65,14 +67,14 @@ def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_
         return batch
 
     monkeypatch.setattr(SoftTargetStore, "read", recording)
-    got = evaluate_test(task, student, manifest, storage)
+    got = stream_metrics(task, student, manifest, storage)
     teacher = teacher_test_accuracy(task, manifest, storage)
     shards = [(s["row_start"], s["row_stop"]) for s in manifest["splits"]["test"]["shards"]]
     train = [s["rows"] for s in manifest["splits"]["train"]["shards"]]
     assert max(train) <= 60 and len(train) == 2 * math.ceil(sum(train) / 2 / 60)  # 2 tasks, each cut in files
     assert len(shards) == 5 and reads == shards + shards  # two passes, one shard read at a time, each once
-    assert got["test_accuracy"] == want["accuracy"] and got["teacher_agreement"] == want["agreement"]
-    assert 0.02 < got["test_accuracy"] < 0.9 and 0.02 < got["teacher_agreement"] < 0.9
+    assert got["accuracy"] == want["accuracy"] and got["agreement"] == want["agreement"]
+    assert 0.02 < got["accuracy"] < 0.9 and 0.02 < got["agreement"] < 0.9
     assert teacher == pytest.approx(want_teacher, abs=1e-6) and teacher > 0.8
 
     # several models in one pass (the LM report: student, teacher, baseline): each shard read once, each

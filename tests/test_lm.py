@@ -20,15 +20,24 @@ import yaml
 
 from orchestrator.spec import validate
 from tasks.errors import UserError
-from tasks.fit_config import OptimizerConfig
-from tasks.kinds.lm import CausalLMKind, build_lm
-from tasks.lm_data import Document, load_lm_data, pack, save_tokenizer_dir, train_bpe
-from tasks.losses import student_buckets, teacher_buckets, token_divergence, token_objective
-from tasks.shards import decode_rows, encode_rows
-from tasks.train import schedule_for
+from tasks.kinds import kind_for
+from tasks.kinds.causal_lm import CausalLM
+from tasks.kinds.causal_lm.data import Document, load_lm_data, pack, save_tokenizer_dir, train_bpe
+from tasks.kinds.causal_lm.models import build_lm
+from tasks.kinds.causal_lm.objective import (
+    student_buckets,
+    teacher_buckets,
+    token_divergence,
+    token_objective,
+)
+from tasks.kinds.causal_lm.spec import CausalLMData
+from tasks.store.shards import decode_rows, encode_rows
+from tasks.train.config import OptimizerConfig
+from tasks.train.step import schedule_for
 from tests.conftest import kdflow
+from tests.helpers import precompute
 
-KIND = CausalLMKind()
+KIND = CausalLM()
 TEXT = ["def add(a, b):\n    return a + b\n" * 3, "class Point:\n    x: int = 0\n    y: int = 0\n" * 3,
         "import os\nprint(os.getcwd())\n" * 4, "for i in range(10):\n    print(i * i)\n" * 3] * 3
 
@@ -193,7 +202,7 @@ def test_schedule_warms_up_then_decays_and_is_off_by_default() -> None:
 
 def test_pretrained_directory_checks_tokenizer_vocabulary_and_positions(tmp_path: Path) -> None:
     tok = tokenizer()
-    from tasks.lm_data import tokenizer_hash
+    from tasks.kinds.causal_lm.data import tokenizer_hash
 
     dims = {"vocab_size": tok.get_vocab_size(), "seq_len": 16, "tokenizer_hash": tokenizer_hash(tok)}
     padded = build_lm("llama", {"layers": 1, "width": 8, "heads": 2, "ffn": 16},
@@ -262,11 +271,12 @@ def test_prompt_completion_parquet_and_fingerprint(tmp_path: Path) -> None:
     pq.write_table(pa.table({"q": ["def f(x):"] * 12, "a": [f"    return x + {i}" for i in range(12)]}), path)
     opts = {"source": str(path), "prompt": "q", "completion": "a", "seq_len": 8, "tokenizer": {"vocab_size": 270},
             "split": {"val": 0.2, "test": 0.2}}
-    one = load_lm_data(opts, seed=0, storage=None)
+    one = load_lm_data(CausalLMData(**opts), seed=0, storage=None)
     assert one.documents == {"train": 8, "val": 2, "test": 2}
-    assert load_lm_data(opts, seed=0, storage=None).fingerprint == one.fingerprint
-    assert load_lm_data({**opts, "seq_len": 16}, seed=0, storage=None).fingerprint != one.fingerprint
-    masked = load_lm_data({**opts, "prompt": None, "completion": None, "text": "a"}, seed=0, storage=None)
+    assert load_lm_data(CausalLMData(**opts), seed=0, storage=None).fingerprint == one.fingerprint
+    assert load_lm_data(CausalLMData(**{**opts, "seq_len": 16}), seed=0, storage=None).fingerprint != one.fingerprint
+    masked = load_lm_data(CausalLMData(**{**opts, "prompt": None, "completion": None, "text": "a"}), seed=0,
+                          storage=None)
     assert masked.fingerprint != one.fingerprint and (one.y["train"] < 0).mean() > (masked.y["train"] < 0).mean()
 
 
@@ -286,9 +296,11 @@ import numpy as np
 import ray
 import torch
 
-from tasks.kinds.lm import CausalLMKind, build_lm
-from tasks.soft_targets import SoftTargetStore
+from tasks.kinds.causal_lm import CausalLM
+from tasks.kinds.causal_lm.models import build_lm
+from tasks.store.store import SoftTargetStore
 from tasks.storage import Storage
+from tests.helpers import precompute
 from tests.test_lm import KILL_AFTER, LM_PRECOMPUTE_ARGS, TINY_TEACHER
 
 
@@ -310,8 +322,8 @@ splits = {s: (rows[f"{s}_x"], rows[f"{s}_y"]) for s in ("train", "val", "test")}
 teacher = build_lm("llama", TINY_TEACHER, {"vocab_size": int(rows["vocab"]), "seq_len": 16})
 teacher.load_state_dict(torch.load("teacher.pt"))
 store = SoftTargetStore(Storage(".kdflow"))
-store.precompute("killed", [KilledAfter(teacher, store.dir("killed"), os.getpid())], splits,
-                 task=CausalLMKind(), **LM_PRECOMPUTE_ARGS)
+precompute(store, "killed", [KilledAfter(teacher, store.dir("killed"), os.getpid())], splits,
+                 kind=CausalLM(), **LM_PRECOMPUTE_ARGS)
 """
 TINY_TEACHER = {"layers": 1, "width": 16, "heads": 2, "ffn": 32}
 # 6 train shards + 1 val + 1 test, one at a time so that the kill lands between two shards
@@ -321,8 +333,8 @@ KILL_AFTER = 3
 
 
 def test_killed_lm_precompute_resumes_computing_only_the_missing_shards(ray_session: None, workdir: Path) -> None:
-    from tasks.soft_targets import SoftTargetStore
     from tasks.storage import Storage
+    from tasks.store.store import SoftTargetStore
     from tests.conftest import REPO, session_ray_address
 
     tok = tokenizer()
@@ -349,7 +361,7 @@ def test_killed_lm_precompute_resumes_computing_only_the_missing_shards(ray_sess
               "test": (x[cut[1]:], y[cut[1]:])}
     store = SoftTargetStore(Storage(".kdflow"))
     seen: list[tuple[str, int, bool]] = []
-    resumed, stats = store.precompute("killed", [teacher], splits, task=KIND, **LM_PRECOMPUTE_ARGS,
+    resumed, stats = precompute(store, "killed", [teacher], splits, kind=KIND, **LM_PRECOMPUTE_ARGS,
                                       on_shard=lambda split, i, n, reused: seen.append((split, i, reused)))
     assert stats.computed_shards == 8 - KILL_AFTER
     assert sorted((s, i) for s, i, reused in seen if reused) == [("train", i) for i in range(KILL_AFTER)]
@@ -359,7 +371,7 @@ def test_killed_lm_precompute_resumes_computing_only_the_missing_shards(ray_sess
     assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]
 
     # the resumed entry is the one an uninterrupted precompute writes: the same shards, byte for byte
-    whole, _ = store.precompute("whole", [teacher], splits, task=KIND, **LM_PRECOMPUTE_ARGS)
+    whole, _ = precompute(store, "whole", [teacher], splits, kind=KIND, **LM_PRECOMPUTE_ARGS)
     shards = {k: [(s["path"], s["rows"], s["sha256"]) for sp in ("train", "val", "test") for s in m["splits"][sp]["shards"]]
               for k, m in (("resumed", resumed), ("whole", whole))}
     assert shards["resumed"] == shards["whole"]
@@ -409,7 +421,7 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path, s3_bucket: str) -> Non
     import mlflow
     import pandas as pd
 
-    from tasks.served_lm import generate, load_lm
+    from tasks.kinds.causal_lm.serving import generate, load_lm
 
     mlflow.set_tracking_uri(result["mlflow"]["tracking_uri"])
     served = mlflow.pyfunc.load_model("models:/t-lm-student@champion")
@@ -427,7 +439,7 @@ def test_run_summary_shows_the_perplexity_table() -> None:
     from orchestrator.registry_cli import print_summary
 
     result = {
-        "workflow": "lm-stdlib", "status": "succeeded", "seconds": 500.0,
+        "workflow": "lm-stdlib", "task": "causal_lm", "status": "succeeded", "seconds": 500.0,
         "teacher": {"perplexity": 9.329, "num_params": 894080, "count": 1},
         "student": {"perplexity": 11.424, "baseline_perplexity": 12.142, "num_params": 127296,
                     "teacher_agreement": 0.597, "baseline_agreement": 0.566, "tokens_per_s": 5593.0, "epochs": 8,
@@ -448,9 +460,9 @@ def test_run_summary_shows_the_perplexity_table() -> None:
 
 
 def test_progress_line_reads_perplexity_and_tokens_for_an_lm() -> None:
-    from tasks.train import epoch_summary
-
     metrics = {"train_loss": 2.5, "val_loss": 2.2, "val_perplexity": 9.025, "val_accuracy": 0.41, "samples_per_s": 40.0}
-    assert epoch_summary(metrics, {"seq_len": 128, "vocab_size": 320}) == "loss 2.5000 val_ppl 9.025 5,120 tokens/s"
+    assert kind_for("causal_lm").epoch_summary(metrics, {"seq_len": 128, "vocab_size": 320}) == \
+        "loss 2.5000 val_ppl 9.025 5,120 tokens/s"
     classifier = {"train_loss": 0.3, "val_accuracy": 0.95, "samples_per_s": 1234.0}
-    assert epoch_summary(classifier, {"num_features": 64, "num_classes": 10}) == "loss 0.3000 val_acc 0.9500 1,234 samples/s"
+    assert kind_for("classification").epoch_summary(classifier, {"num_features": 64, "num_classes": 10}) == \
+        "loss 0.3000 val_acc 0.9500 1,234 samples/s"

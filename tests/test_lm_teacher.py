@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tasks.errors import UserError
-from tasks.kinds.lm import CausalLMKind, build_lm
-from tasks.lm_data import tokenizer_hash, train_bpe
+from tasks.kinds.causal_lm import CausalLM
+from tasks.kinds.causal_lm.data import tokenizer_hash, train_bpe
+from tasks.kinds.causal_lm.models import build_lm
 from tests.test_lm import TEXT, tokenizer
 
 TINY = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}
@@ -19,7 +20,7 @@ TINY = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}
 def test_a_registered_lm_loads_as_a_teacher_and_its_tokenizer_is_checked(tmp_path: Path) -> None:
     import mlflow
 
-    from tasks.served_lm import log_lm_pyfunc
+    from tasks.kinds.causal_lm.serving import log_lm_pyfunc
 
     tok = tokenizer()
     dims = {"vocab_size": tok.get_vocab_size(), "seq_len": 16, "tokenizer_hash": tokenizer_hash(tok)}
@@ -35,7 +36,7 @@ def test_a_registered_lm_loads_as_a_teacher_and_its_tokenizer_is_checked(tmp_pat
     version = mlflow.register_model(uri, "lm-teacher").version
     mlflow.MlflowClient().set_registered_model_alias("lm-teacher", "champion", version)
 
-    CausalLMKind().check_name("models:/lm-teacher@champion")  # preflight lets it through
+    CausalLM().check_name("models:/lm-teacher@champion")  # preflight lets it through
     teacher = build_lm("models:/lm-teacher@champion", {}, dims)
     ids = torch.randint(0, dims["vocab_size"], (2, 16))
     with torch.no_grad():

@@ -169,7 +169,7 @@ def test_half_precision_inputs_are_computed_in_float32():
 
 
 def test_unknown_loss_name_lists_the_known_ones():
-    with pytest.raises(KeyError, match="reverse_kl"):
+    with pytest.raises(ValueError, match="reverse_kl"):
         _objective([0, 2], alpha=0.5, loss="kld")
 
 

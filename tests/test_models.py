@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.spec import Workflow
+from orchestrator.spec import validate
 from tasks.errors import UserError
-from tasks.models import MODELS, build_model, model_bytes, num_params
+from tasks.kinds.classification.models import MODELS, build_model
+from tasks.models import model_bytes, num_params
 from tests.helpers import workflow
 
 F, C = 40, 10  # MNIST-1D's shape
@@ -109,7 +110,7 @@ def test_a_user_factory_receives_params_as_keyword_arguments(tmp_path: Path, mon
 
 
 def test_student_size_params_can_be_searched() -> None:
-    spec = Workflow.model_validate(workflow(**{
+    spec = validate(workflow(**{
         "student.model": "transformer",
         "student.params": {"layers": 1, "width": 16, "heads": 2},
         "search": {"trials": 2, "space": {"student.params.layers": {"type": "int", "low": 1, "high": 3},

@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import pieces
-from tasks.data import Dataset, list_parquet, load_dataset
+from tasks.dataset import Dataset, list_parquet
 from tasks.errors import UserError
+from tasks.kinds.classification.data import load_dataset
 from tasks.pieces import SPLIT_CODES, Reader, SourceChanged, SplitRows, fill, scan, scan_piece, split_codes
+from tests.helpers import precompute
 
 FEATURES = ["rid", "f0", "f1"]
 SPLIT = {"seed": 3, "val": 0.2, "test": 0.25}
@@ -190,7 +192,7 @@ def test_a_split_read_by_row_range_from_the_pieces_is_the_drivers_split(tmp_path
 def test_source_rows_load_the_splits_rows_bit_for_bit_in_blocks_cut_at_piece_boundaries(tmp_path: Path) -> None:
     import torch
 
-    from tasks.train import SourceRows
+    from tasks.train.sources import SourceRows
 
     src = source(tmp_path, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})  # 15 row groups of <= 37
     d = load_dataset(src, features=FEATURES, **SPLIT)
@@ -220,9 +222,9 @@ def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give
         ray_session: None, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from tasks import soft_targets
-    from tasks.soft_targets import SPLITS, SoftTargetStore
     from tasks.storage import Storage
+    from tasks.store import precompute as soft_targets
+    from tasks.store.store import SPLITS, SoftTargetStore
 
     src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
     d = load_dataset(src, features=FEATURES, **SPLIT)
@@ -231,18 +233,18 @@ def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give
     store = SoftTargetStore(Storage(".kdflow"))
     args: dict = {"shards": 3, "format": "logits", "dtype": "float32", "top_k": None, "ensemble": "mean_probs",
                   "meta": {}}
-    held, _ = store.precompute("held", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
+    held, _ = precompute(store, "held", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
     rows = d.precompute_rows(SPLIT["seed"])
     assert all(isinstance(x, SplitRows) for x, _ in rows.values())  # no arrays go from the driver to the tasks
-    read, stats = store.precompute("read", [teacher], rows, **args)
+    read, stats = precompute(store, "read", [teacher], rows, **args)
     assert stats.forward_rows == 550
     assert [[e["sha256"] for e in read["splits"][s]["shards"]] for s in SPLITS] == \
         [[e["sha256"] for e in held["splits"][s]["shards"]] for s in SPLITS]
 
     # files bounded below a task's range: each task writes several, some across the two files' boundary
     monkeypatch.setattr(soft_targets, "SHARD_ROWS", 40)
-    held, _ = store.precompute("held-40", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
-    read, _ = store.precompute("read-40", [teacher], rows, **args)
+    held, _ = precompute(store, "held-40", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
+    read, _ = precompute(store, "read-40", [teacher], rows, **args)
     train = read["splits"]["train"]["shards"]
     assert max(e["rows"] for e in train) <= 40 and len(train) == 3 * math.ceil(len(d.y["train"]) / 3 / 40)
     sums = {m["key"]: [[e["sha256"] for e in m["splits"][s]["shards"]] for s in SPLITS] for m in (held, read)}
@@ -253,7 +255,7 @@ def test_shard_tasks_reading_the_source_write_the_shards_the_drivers_arrays_give
     gone = train[1:3] + train[-1:]
     for e in gone:
         (entry / e["path"]).unlink()
-    again, stats = store.precompute("read-40", [teacher], rows, **args)
+    again, stats = precompute(store, "read-40", [teacher], rows, **args)
     assert stats.forward_rows == sum(e["rows"] for e in gone) and stats.computed_shards == len(gone)
     assert [[e["sha256"] for e in again["splits"][s]["shards"]] for s in SPLITS] == sums["held-40"]
 
@@ -277,9 +279,10 @@ def test_a_precompute_from_the_source_reads_each_piece_once_and_a_rerun_only_the
     Files that cross a unit's edge are joined from the units' parts, so every file is the arrays path's."""
     import torch
 
-    from tasks import soft_targets
-    from tasks.soft_targets import SPLITS, SoftTargetStore, units
     from tasks.storage import Storage
+    from tasks.store import precompute as soft_targets
+    from tasks.store.precompute import units
+    from tasks.store.store import SPLITS, SoftTargetStore
 
     src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})  # 15 row groups
     d = load_dataset(src, features=FEATURES, **SPLIT)
@@ -294,10 +297,10 @@ def test_a_precompute_from_the_source_reads_each_piece_once_and_a_rerun_only_the
     args: dict = {"shards": 3, "format": "logits", "dtype": "float32", "top_k": None, "ensemble": "mean_probs",
                   "meta": {}}
     monkeypatch.setattr(soft_targets, "SHARD_ROWS", 40)
-    held, _ = store.precompute("held", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
+    held, _ = precompute(store, "held", [teacher], {k: (d.x[k], d.y[k]) for k in SPLITS}, **args)
     sums = [[e["sha256"] for e in held["splits"][s]["shards"]] for s in SPLITS]
 
-    read, stats = store.precompute("read", [teacher], rows, **args)
+    read, stats = precompute(store, "read", [teacher], rows, **args)
     assert sorted(log.read_text().split()) == sorted(every_piece)  # each piece once, none skipped
     assert stats.forward_rows == 550 and stats.computed_shards == sum(len(v) for v in sums)
     assert [[e["sha256"] for e in read["splits"][s]["shards"]] for s in SPLITS] == sums
@@ -319,7 +322,7 @@ def test_a_precompute_from_the_source_reads_each_piece_once_and_a_rerun_only_the
     for e in (crossing, inside):
         (entry / e["path"]).unlink()
     log.unlink()
-    again, stats = store.precompute("read", [teacher], rows, **args)
+    again, stats = precompute(store, "read", [teacher], rows, **args)
     assert stats.computed_shards == 2 and stats.forward_rows == crossing["rows"] + inside["rows"]
     split_rows = rows["train"][0]
     wanted = {every_piece[i] for e in (crossing, inside) for i, _ in split_rows._overlaps(e["row_start"], e["row_stop"])}
@@ -328,17 +331,17 @@ def test_a_precompute_from_the_source_reads_each_piece_once_and_a_rerun_only_the
 
     # more units than pieces (a cluster with more CPUs than the source has row groups): a piece is cut
     # between units, each reading it whole, and the files are still the arrays path's
-    monkeypatch.setattr(soft_targets, "_unit_count", lambda *a: 40)
+    monkeypatch.setattr(soft_targets, "unit_count", lambda *a: 40)
     log.unlink()
-    many, _ = store.precompute("read-many", [teacher], rows, **args)
+    many, _ = precompute(store, "read-many", [teacher], rows, **args)
     assert [[e["sha256"] for e in many["splits"][s]["shards"]] for s in SPLITS] == sums
     reads = log.read_text().split()
     assert set(reads) == set(every_piece) and len(reads) == 40
 
     # one unit over every piece (as on a warm actor): val and test files finish between train files, and
     # each entry is still its own file's (a 20M-row run recorded one file's size and checksum for another)
-    monkeypatch.setattr(soft_targets, "_unit_count", lambda *a: 1)
-    one, _ = store.precompute("read-one", [teacher], rows, **args)
+    monkeypatch.setattr(soft_targets, "unit_count", lambda *a: 1)
+    one, _ = precompute(store, "read-one", [teacher], rows, **args)
     assert [[e["sha256"] for e in one["splits"][s]["shards"]] for s in SPLITS] == sums
     assert len(one["splits"]["val"]["shards"]) > 1
     assert len(store.read(one, "val")) == one["splits"]["val"]["rows"]  # each file checked against its entry
@@ -349,7 +352,7 @@ def test_workers_read_a_local_source_only_while_the_cluster_is_on_this_machine(r
     import ray
 
     from orchestrator.configs import machines, rows_for_teacher, workers_read_source
-    from tasks.train import SourceRows
+    from tasks.train.sources import SourceRows
 
     d = load_dataset(source(workdir, {"part-0.parquet": (0, 200)}), features=FEATURES, **SPLIT)
     assert machines(ray.nodes()) == 1 and workers_read_source(d)  # the session's one local node
@@ -385,10 +388,10 @@ def test_a_run_whose_workers_read_the_source_never_fills_the_drivers_arrays_and_
     several machines) fills them and writes the same soft targets and the same student."""
     from orchestrator import configs, stages
     from orchestrator.pipeline import run_workflow
-    from orchestrator.spec import Workflow
-    from tasks import data as data_module
-    from tasks.soft_targets import SPLITS, SoftTargetStore
+    from orchestrator.spec import validate
+    from tasks.kinds.classification import data as data_module
     from tasks.storage import Storage
+    from tasks.store.store import SPLITS, SoftTargetStore
     from tests.helpers import workflow
 
     src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
@@ -404,7 +407,7 @@ def test_a_run_whose_workers_read_the_source_never_fills_the_drivers_arrays_and_
         spec = workflow(**{"storage.root": root, "data.source": src, "data.features": FEATURES,
                            "data.label": "label", "data.split": {"val": SPLIT["val"], "test": SPLIT["test"]},
                            "seed": SPLIT["seed"], "teacher.train.epochs": 3})
-        return run_workflow(Workflow.model_validate(spec))
+        return run_workflow(validate(spec))
 
     read = run("store-read")
     assert fills == [] and not loaded[-1].filled and loaded[-1].arrays is None
@@ -433,8 +436,8 @@ def test_a_source_changed_after_the_data_stage_is_still_the_users_error_naming_t
     workflow's section)."""
     import torch
 
-    from tasks.soft_targets import SoftTargetStore
     from tasks.storage import Storage
+    from tasks.store.store import SoftTargetStore
 
     src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
     d = load_dataset(src, features=FEATURES, **SPLIT)
@@ -445,8 +448,7 @@ def test_a_source_changed_after_the_data_stage_is_still_the_users_error_naming_t
     pq.write_table(t.set_column(1, "f0", pa.array(f0)), workdir / "part-1.parquet", row_group_size=37)
     torch.manual_seed(0)
     with pytest.raises(SourceChanged) as err:
-        SoftTargetStore(Storage(".kdflow")).precompute(
-            "changed", [torch.nn.Linear(3, 3)], d.precompute_rows(SPLIT["seed"]), shards=3, format="logits",
+        precompute(SoftTargetStore(Storage(".kdflow")), "changed", [torch.nn.Linear(3, 3)], d.precompute_rows(SPLIT["seed"]), shards=3, format="logits",
             dtype="float32", top_k=None, ensemble="mean_probs", max_retries=0, meta={})
     assert err.value.where == "source" and "part-1.parquet (row group 0) changed while this run read it" in str(err.value)
     d.where = "data"

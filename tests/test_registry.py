@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.errors import UserError
 from orchestrator.spec import validate
+from tasks.errors import UserError
 from tests.conftest import kdflow
 from tests.helpers import at_once, workflow
 
@@ -26,8 +26,9 @@ CLASSES = ["low", "high"]
 def _register(name: str, metrics: dict[str, Any], gates: dict[str, Any], seed: int) -> dict[str, Any]:
     import mlflow
 
-    from orchestrator.registry import log_student, register
-    from tasks.models import build_model
+    from orchestrator.registry import PIP_REQUIREMENTS, register
+    from tasks.kinds.classification.models import build_model
+    from tasks.kinds.classification.serving import log_student
     from tasks.storage import Storage
 
     spec = validate(workflow(**{"registry.model": name, "registry.promote": {"alias": "champion", "gates": gates}}))
@@ -35,7 +36,8 @@ def _register(name: str, metrics: dict[str, Any], gates: dict[str, Any], seed: i
     net = build_model("mlp", {"hidden": [4]}, 3, 2)
     with mlflow.start_run() as run:
         uri = log_student(net, np.zeros(3, np.float32), np.ones(3, np.float32), factory="mlp",
-                          params={"hidden": [4]}, feature_names=FEATURES, classes=CLASSES)
+                          params={"hidden": [4]}, feature_names=FEATURES, classes=CLASSES,
+                          pip_requirements=PIP_REQUIREMENTS)
         return register(spec, uri, run.info.run_id, metrics, {"data_fingerprint": "fp"}, Storage("unused"),
                         {"kdflow.data_fingerprint": "fp"})
 
@@ -147,7 +149,7 @@ def test_run_summary_reads_as_words_and_aligned_numbers() -> None:
     from orchestrator.registry_cli import print_summary
 
     result = {
-        "workflow": "digits-distill", "status": "succeeded", "seconds": 81.2,
+        "workflow": "digits-distill", "task": "classification", "status": "succeeded", "seconds": 81.2,
         "teacher": {"test_accuracy": 0.98148, "num_params": 85002, "count": 1},
         "student": {"test_accuracy": 0.95926, "num_params": 2410, "retention": 0.97736, "latency_ms": 0.0312,
                     "epochs": 24, "stop_reason": "early_stopped", "samples_per_s": 15537.2, "resumed_from": None},

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from tasks.data import load_dataset
 from tasks.errors import UserError
-from tasks.soft_targets import SPLITS, SoftTargetStore
+from tasks.kinds.classification.data import load_dataset
 from tasks.storage import Storage
+from tasks.store.store import SPLITS, SoftTargetStore
 from tests.conftest import REPO, kdflow
 
 EXAMPLE = REPO / "workflows" / "parquet-s3.yaml"

@@ -24,8 +24,8 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.search.selection import Candidate, check_rule, pareto_front, select_trial
-from orchestrator.spec import validate
+from orchestrator.search.selection import Candidate, pareto_front, select_trial
+from orchestrator.spec import SelectRule, validate
 from tests.conftest import BIN, kdflow
 from tests.helpers import workflow, write_workflow
 
@@ -57,7 +57,7 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A digits MLP teacher (raw features in) trained in this process: a checkpoint file, as a user has."""
     from sklearn.datasets import load_digits
 
-    from tasks.models import build_model
+    from tasks.kinds.classification.models import build_model
 
     torch.manual_seed(0)
     d = load_digits()
@@ -190,7 +190,8 @@ def test_pareto_front_and_the_select_rules() -> None:
     assert select_trial(losses, one, "best").number == 1
     assert select_trial(losses, one, "smallest within 0.02 of best").number == 2
     with pytest.raises(ValueError, match="not an objective"):
-        check_rule("smallest within 0.01 of best val_loss", objectives)
+        rule = "smallest within 0.01 of best val_loss"
+        SelectRule.parse(rule).check(rule, [m for m, _ in objectives])
 
 
 def test_study_storage_defaults_to_sqlite_under_the_root_and_takes_journal_files(tmp_path: Path) -> None:
@@ -553,7 +554,7 @@ def _student_config(spec_overrides: dict[str, Any], teacher: Path, root: Path, h
     """A student FitConfig over the soft targets stored under `root` (the one entry there)."""
     from orchestrator.configs import student_fit_config
     from orchestrator.workspace import storage_for
-    from tasks.soft_targets import SoftTargetStore
+    from tasks.store.store import SoftTargetStore
 
     spec = validate(base(teacher, **{"storage.root": str(root), **spec_overrides}))
     storage = storage_for(spec)
@@ -565,7 +566,7 @@ def _student_config(spec_overrides: dict[str, Any], teacher: Path, root: Path, h
 def test_a_pruned_trial_releases_its_warm_worker_at_once(tmp_path: Path, store: Path, teacher: Path) -> None:
     import optuna
 
-    from orchestrator.search.pool import Slot
+    from orchestrator.fitting import Slot
     from orchestrator.search.study import PruneHook, start_monitor
 
     # a real study and monitor whose pruner prunes every trial once past its warm-up: a trial set to run
@@ -607,7 +608,7 @@ def ray_get(ref: Any) -> Any:
 def test_a_warm_worker_never_serves_one_cache_keys_rows_for_another(tmp_path: Path, store: Path,
                                                                    teacher: Path) -> None:
     from orchestrator import stages
-    from orchestrator.search.pool import start_worker
+    from orchestrator.fitting import start_worker
     from orchestrator.teachers import load_teachers
     from orchestrator.workspace import storage_for
 

@@ -39,7 +39,7 @@ def test_registered_student_is_pickle_free_loads_fresh_and_serves_http(workdir: 
     import mlflow
     import requests
 
-    from tasks.served import holds_pickle, load_module
+    from tasks.kinds.classification.serving import holds_pickle, load_module
 
     cols, x, labels = digits_parquet(workdir / "digits.parquet")
     path = write_workflow(workdir, **{"data.source": "digits.parquet", "data.label": "digit",

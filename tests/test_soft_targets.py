@@ -22,17 +22,18 @@ import pytest
 import torch
 
 from orchestrator import stages
-from orchestrator.spec import Workflow
+from orchestrator.spec import validate
 from orchestrator.teachers import Teacher, load_teachers
 from orchestrator.workspace import storage_for
-from tasks import data as data_module
-from tasks.data import load_dataset
 from tasks.errors import ShardFailed, UserError
+from tasks.kinds.classification import data as data_module
+from tasks.kinds.classification.data import load_dataset
+from tasks.kinds.classification.targets import teacher_logits
 from tasks.models import weights_digest
-from tasks.soft_targets import SPLITS, SoftTargetStore, cache_key, shard_ranges, teacher_logits
 from tasks.storage import Storage
+from tasks.store.store import SPLITS, SoftTargetStore, cache_key, shard_ranges
 from tests.conftest import REPO, kdflow
-from tests.helpers import workflow, write_workflow
+from tests.helpers import precompute, workflow, write_workflow
 
 # Ray ships the test-only teachers below by value: workers need not import this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -71,7 +72,7 @@ def test_each_format_round_trips_raw_logits_with_every_row_once(ray_session: Non
     _, splits = digits_splits(val)
     teacher = linear_teacher()
     store = SoftTargetStore(Storage(".kdflow"))
-    m, stats = store.precompute("k1", [teacher], splits, shards=3, format=format, dtype=dtype, top_k=top_k,
+    m, stats = precompute(store, "k1", [teacher], splits, shards=3, format=format, dtype=dtype, top_k=top_k,
                          ensemble="mean_probs", meta={"num_classes": 10})
 
     assert stats.reused is False and stats.computed_shards == len(shard_files(workdir)) == 3 + (val > 0) + 1
@@ -129,7 +130,7 @@ def stage_teachers(models: list[torch.nn.Module]) -> list[Teacher]:
 
 
 def test_rerun_reuses_soft_targets_with_no_teacher_forward(ray_session: None, workdir: Path) -> None:
-    spec = Workflow.model_validate(workflow())
+    spec = validate(workflow())
     storage = storage_for(spec)
     data = stages.load_data(spec, storage)
     log = workdir / "forwards.log"
@@ -142,13 +143,13 @@ def test_rerun_reuses_soft_targets_with_no_teacher_forward(ray_session: None, wo
     assert forwarded_rows(log) == 1797  # the teacher never ran again
     assert second["key"] == first["key"]
     # a search over temperature or alpha reuses the same targets
-    hot = Workflow.model_validate(workflow(**{"distill.temperature": 9.0, "distill.alpha": 0.2}))
+    hot = validate(workflow(**{"distill.temperature": 9.0, "distill.alpha": 0.2}))
     assert stages.soft_target_key(hot, data, teachers) == first["key"]
 
 
 def test_each_input_of_the_soft_targets_changes_the_key(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def key(teachers: list[torch.nn.Module] | None = None, **overrides: Any) -> str:
-        spec = Workflow.model_validate(workflow(**overrides))
+        spec = validate(workflow(**overrides))
         data = stages.load_data(spec, storage_for(spec))
         return stages.soft_target_key(spec, data, stage_teachers(teachers or [linear_teacher()]))
 
@@ -176,7 +177,7 @@ def test_each_input_of_the_soft_targets_changes_the_key(workdir: Path, monkeypat
 @pytest.mark.parametrize("rule", ["mean_probs", "mean_logits"])
 def test_multi_teacher_entry_stores_the_ensemble_and_records_every_teacher(ray_session: None, workdir: Path,
                                                                           rule: str) -> None:
-    spec = Workflow.model_validate(workflow(**{"soft_targets.ensemble": rule, "soft_targets.dtype": "float32"}))
+    spec = validate(workflow(**{"soft_targets.ensemble": rule, "soft_targets.dtype": "float32"}))
     storage = storage_for(spec)
     data = stages.load_data(spec, storage)
     models = [linear_teacher(0), linear_teacher(1), linear_teacher(2)]
@@ -195,7 +196,7 @@ def test_multi_teacher_entry_stores_the_ensemble_and_records_every_teacher(ray_s
 
 
 def test_transfer_rows_are_labeled_by_the_teacher_in_the_same_precompute(ray_session: None, workdir: Path) -> None:
-    spec = Workflow.model_validate(workflow(**{"data.source": "mnist1d", "data.transfer": 300, "data.split.val": 0.1,
+    spec = validate(workflow(**{"data.source": "mnist1d", "data.transfer": 300, "data.split.val": 0.1,
                                                "data.split.test": 0.2, "soft_targets.dtype": "float32"}))
     storage = storage_for(spec)
     data = stages.load_data(spec, storage)
@@ -261,7 +262,7 @@ def test_failed_shard_tasks_are_retried(ray_session: None, workdir: Path) -> Non
     _, splits = digits_splits()
     (workdir / "marks").mkdir()
     store = SoftTargetStore(Storage(".kdflow"))
-    m, stats = store.precompute("flaky", [Flaky(str(workdir / "marks"))], splits, shards=3, format="logits",
+    m, stats = precompute(store, "flaky", [Flaky(str(workdir / "marks"))], splits, shards=3, format="logits",
                          dtype="float16", top_k=None, ensemble="mean_probs", meta={}, max_retries=2)
     assert stats.computed_shards == 5 and len(list((workdir / "marks").iterdir())) == 5  # each failed once
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
@@ -287,7 +288,7 @@ class DiesOnce(torch.nn.Module):
 def test_shards_on_a_warm_actor_are_retried_and_a_dead_actor_replaced(ray_session: None, workdir: Path) -> None:
     """A small precompute's shards as calls on one warm actor (`Slot.shard`, what a single-worker run uses):
     a teacher error is retried on the same process, a process that dies is replaced, the manifest comes last."""
-    from orchestrator.search.pool import Slot
+    from orchestrator.fitting import Slot
 
     _, splits = digits_splits()
     (workdir / "marks").mkdir()
@@ -297,13 +298,13 @@ def test_shards_on_a_warm_actor_are_retried_and_a_dead_actor_replaced(ray_sessio
         slot.start(1)
         args: dict[str, Any] = {"shards": 3, "format": "logits", "dtype": "float16", "top_k": None,
                                 "ensemble": "mean_probs", "meta": {}, "max_retries": 1, "runner": slot.shard}
-        m, stats = store.precompute("warm-flaky", [Flaky(str(workdir / "marks"))], splits, **args)
+        m, stats = precompute(store, "warm-flaky", [Flaky(str(workdir / "marks"))], splits, **args)
         assert stats.computed_shards == 5 and len(list((workdir / "marks").iterdir())) == 5  # each failed once
         info = slot.info()
         assert info is not None and info["shards"] == 10 and slot.replaced == 0  # 5 failed + 5 retried, one process
         np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 
-        m, stats = store.precompute("warm-dies", [DiesOnce(str(workdir / "died"))], splits, **args)
+        m, stats = precompute(store, "warm-dies", [DiesOnce(str(workdir / "died"))], splits, **args)
         assert (workdir / "died").exists() and slot.replaced == 1  # the first shard killed its worker
         assert stats.computed_shards == 5 and store.manifest("warm-dies") == m
         np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
@@ -328,7 +329,7 @@ def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ra
                             "ensemble": "mean_probs", "meta": {}, "max_retries": 1}
 
     with pytest.raises(ShardFailed) as failed:
-        store.precompute("sticky", [teacher], splits, **args)
+        precompute(store, "sticky", [teacher], splits, **args)
     message = str(failed.value)
     assert "train/part-00001-of-00003.parquet" in message and f"rows {a}..{b - 1} of train" in message
     assert "teacher cannot take this row" in message and "1 of 5" in message
@@ -340,7 +341,7 @@ def test_shard_that_keeps_failing_fails_naming_it_and_the_written_shards_stay(ra
 
     before = {p: p.stat().st_mtime_ns for p in written}
     switch.unlink()  # the cause is fixed: the rerun computes the one missing shard
-    m, stats = store.precompute("sticky", [teacher], splits, **args)
+    m, stats = precompute(store, "sticky", [teacher], splits, **args)
     assert stats.computed_shards == 1 and stats.forward_rows == b - a
     assert {p: p.stat().st_mtime_ns for p in written} == before
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
@@ -376,9 +377,10 @@ import os
 
 import ray
 
-from tasks.data import load_dataset
-from tasks.soft_targets import SPLITS, SoftTargetStore
+from tasks.kinds.classification.data import load_dataset
+from tasks.store.store import SPLITS, SoftTargetStore
 from tasks.storage import Storage
+from tests.helpers import precompute
 from tests.test_soft_targets import PRECOMPUTE_ARGS, Slow
 
 for attempt in range(3):  # on an overloaded box a raylet can miss Ray's fixed 30 s start-up window
@@ -390,7 +392,7 @@ for attempt in range(3):  # on an overloaded box a raylet can miss Ray's fixed 3
             raise
         ray.shutdown()
 d = load_dataset("sklearn:digits")
-SoftTargetStore(Storage(".kdflow")).precompute("killed", [Slow(os.path.abspath("teacher.lock"))],
+precompute(SoftTargetStore(Storage(".kdflow")), "killed", [Slow(os.path.abspath("teacher.lock"))],
                                                {s: (d.x[s], d.y[s]) for s in SPLITS}, **PRECOMPUTE_ARGS)
 """
 
@@ -437,7 +439,7 @@ def test_killed_precompute_resumes_computing_only_the_missing_shards(ray_session
 
     _, splits = digits_splits()
     store = SoftTargetStore(Storage(".kdflow"))
-    result, stats = store.precompute("killed", [Slow(str(workdir / "teacher.lock"))], splits, **PRECOMPUTE_ARGS)
+    result, stats = precompute(store, "killed", [Slow(str(workdir / "teacher.lock"))], splits, **PRECOMPUTE_ARGS)
     assert stats.reused is False and stats.computed_shards == 8 - len(kept)
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the finished shards were not recomputed
     assert stats.forward_rows == sum(s["rows"] for sp in SPLITS for s in result["splits"][sp]["shards"]
@@ -542,7 +544,7 @@ def test_cache_commands_list_show_verify_and_remove_entries(ray_session: None, w
 def test_readers_refuse_an_entry_without_a_whole_manifest(ray_session: None, workdir: Path) -> None:
     _, splits = digits_splits()
     store = SoftTargetStore(Storage(".kdflow"))
-    m, _ = store.precompute("whole", [linear_teacher()], splits, shards=3, format="logits", dtype="float16",
+    m, _ = precompute(store, "whole", [linear_teacher()], splits, shards=3, format="logits", dtype="float16",
                          top_k=None, ensemble="mean_probs", meta={"num_classes": 10})
     path = workdir / ".kdflow" / "soft_targets" / "whole" / "manifest.json"
     good = path.read_text()
@@ -562,7 +564,7 @@ def test_readers_refuse_an_entry_without_a_whole_manifest(ray_session: None, wor
     assert store.require("whole")["rows"] == 1797
     # asking a stored entry for another format is refused rather than mixed
     with pytest.raises(UserError, match="format='logits' but the run expects 'topk'"):
-        store.precompute("whole", [linear_teacher()], splits, shards=3, format="topk", dtype="float16", top_k=3,
+        precompute(store, "whole", [linear_teacher()], splits, shards=3, format="topk", dtype="float16", top_k=3,
                          ensemble="mean_probs", meta={})
 
 
@@ -571,7 +573,7 @@ def test_leftover_shard_with_foreign_rows_is_recomputed_not_trusted(ray_session:
     store = SoftTargetStore(Storage(".kdflow"))
     args: dict[str, Any] = {"shards": 3, "format": "logits", "dtype": "float16", "top_k": None,
                             "ensemble": "mean_probs", "meta": {}}
-    store.precompute("a", [linear_teacher()], splits, **args)
+    precompute(store, "a", [linear_teacher()], splits, **args)
     src = workdir / ".kdflow" / "soft_targets" / "a"
     dst = workdir / ".kdflow" / "soft_targets" / "b"
     # an interrupted entry whose train shard 0 holds shard 1's rows (a hand copy gone wrong)
@@ -580,7 +582,7 @@ def test_leftover_shard_with_foreign_rows_is_recomputed_not_trusted(ray_session:
         (src / "train" / "part-00001-of-00003.parquet").read_bytes())
     (dst / "train" / "part-00002-of-00003.parquet").write_bytes(
         (src / "train" / "part-00002-of-00003.parquet").read_bytes())
-    m, stats = store.precompute("b", [linear_teacher()], splits, **args)
+    m, stats = precompute(store, "b", [linear_teacher()], splits, **args)
     assert stats.computed_shards == 4  # shard 2 was kept; shard 0 (foreign rows) and the rest were computed
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 
@@ -596,7 +598,7 @@ def test_a_source_that_changes_under_the_shard_tasks_is_the_users_error_and_the_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.search.pool import Slot
+    from orchestrator.fitting import Slot
     from tasks.pieces import SourceChanged
     from tests.test_pieces import FEATURES, SPLIT, source
 
@@ -615,7 +617,7 @@ def test_a_source_that_changes_under_the_shard_tasks_is_the_users_error_and_the_
     try:
         for key, runner in (("tasks", None), ("warm", functools.partial(warm.shard, threads=1))):
             with pytest.raises(SourceChanged) as err:
-                store.precompute(key, [teacher], rows, runner=runner, **args)
+                precompute(store, key, [teacher], rows, runner=runner, **args)
             assert err.value.where == "source" and "part-1.parquet" in str(err.value), key
             assert err.value.under("data").where == "data.source"
             # train shard 0 reads only the first file: written, and kept (no manifest: the entry is not whole)

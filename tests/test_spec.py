@@ -16,13 +16,14 @@ from orchestrator.spec import (
     FloatParam,
     Gate,
     IntParam,
-    Workflow,
     load_workflow,
     parse_overrides,
     validate,
+    workflow_class,
     workflow_schema,
 )
 from tasks.errors import UserError
+from tasks.kinds import kind_for, kinds
 from tests.conftest import kdflow
 from tests.helpers import workflow, write_workflow
 
@@ -36,12 +37,18 @@ def error_of(raw: dict) -> str:
     return str(exc.value)
 
 
+def reference_documents() -> list[dict]:
+    """docs/workflow-reference.yaml: one workflow per kind of task, the first showing every shared key."""
+    return list(yaml.safe_load_all(REFERENCE.read_text()))
+
+
 def test_reference_workflow_is_accepted_as_written() -> None:
-    spec = load_workflow(REFERENCE)
-    assert spec.name == "digits-distill"
-    assert spec.search is not None and spec.search.space["student.params.hidden"].choices == [[16], [32], [64]]
-    assert spec.registry.promote.gates.num_params == "<= 20000"
-    assert spec.train.early_stopping.patience == 5
+    first, *others = [validate(doc, source=str(REFERENCE)) for doc in reference_documents()]
+    assert first.name == "digits-distill" and first.task == "classification"
+    assert first.search is not None and first.search.space["student.params.hidden"].choices == [[16], [32], [64]]
+    assert first.registry.promote.gates.num_params == "<= 20000"
+    assert first.train.early_stopping.patience == 5
+    assert {first.task, *(o.task for o in others)} == set(kinds()), "a document per kind of task"
 
 
 def _model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
@@ -69,17 +76,20 @@ def _yaml_keys(node: object, prefix: str = "") -> set[str]:
     return keys
 
 
-def test_reference_names_every_key_the_workflow_accepts() -> None:
-    """A key added to spec.py without a line in docs/workflow-reference.yaml fails here."""
-    raw = yaml.safe_load(REFERENCE.read_text())
-    have = _yaml_keys(raw)
+@pytest.mark.parametrize("task", sorted(kinds()))
+def test_reference_names_every_key_the_workflow_accepts(task: str) -> None:
+    """A key a kind's workflow accepts without a line in docs/workflow-reference.yaml, in its kind's document or
+    (a key every kind shares) in the first one, fails here."""
+    docs = reference_documents()
+    first, own = docs[0], next(d for d in docs if d.get("task", "classification") == task)
+    have = _yaml_keys(own) | _yaml_keys(first)
     # search.space maps dotted workflow keys to parameters: compare the parameters' own keys
-    have |= {f"search.space.{k}" for param in raw["search"]["space"].values() for k in param}
-    expected = _model_keys(Workflow)
+    have |= {f"search.space.{k}" for param in first["search"]["space"].values() for k in param}
+    expected = _model_keys(workflow_class(kind_for(task)))
     for param in (FloatParam, IntParam, CategoricalParam):
         expected |= {f"search.space.{k}" for k in _model_keys(param)}
     missing = sorted(k for k in expected if k not in have and not k.startswith(("teacher.params.", "student.params.")))
-    assert not missing, f"docs/workflow-reference.yaml lacks {missing}"
+    assert not missing, f"docs/workflow-reference.yaml lacks {missing} for task {task}"
 
 
 def test_json_schema_checks_workflow_files(tmp_path: Path) -> None:
@@ -89,15 +99,20 @@ def test_json_schema_checks_workflow_files(tmp_path: Path) -> None:
     schema = json.loads(proc.stdout)
     assert schema == workflow_schema()
     checker = Draft202012Validator(schema)
-    for path in [REFERENCE, *sorted((REPO / "workflows").glob("*.yaml"))]:
-        errors = [e.message for e in checker.iter_errors(yaml.safe_load(path.read_text()))]
-        assert not errors, f"{path.name}: {errors}"
-    typo = yaml.safe_load(REFERENCE.read_text())
+    for name, doc in [*((f"reference[{i}]", d) for i, d in enumerate(reference_documents())),
+                      *((p.name, yaml.safe_load(p.read_text())) for p in sorted((REPO / "workflows").glob("*.yaml")))]:
+        errors = [e.message for e in checker.iter_errors(doc)]
+        assert not errors, f"{name}: {errors}"
+    typo = reference_documents()[0]
     typo["distill"]["temprature"] = 4
     assert any("temprature" in e.message for e in checker.iter_errors(typo))
-    typo = yaml.safe_load(REFERENCE.read_text())
+    typo = reference_documents()[0]
     typo["soft_targets"]["format"] = "probs"
     assert [list(e.absolute_path) for e in checker.iter_errors(typo)] == [["soft_targets", "format"]]
+    # the task selects the branch: a causal_lm key is known there and unknown to classification
+    lm = reference_documents()[1]
+    assert not list(checker.iter_errors(lm))
+    assert any("seq_len" in e.message for e in checker.iter_errors({**lm, "task": "classification"}))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)

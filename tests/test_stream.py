@@ -14,19 +14,19 @@ import pytest
 import torch
 
 from orchestrator.configs import student_fit_config, teacher_fit_config
-from orchestrator.spec import Workflow
-from tasks import stream
-from tasks.data import load_dataset
-from tasks.kinds import task_kind
-from tasks.shards import TargetBatch
-from tasks.soft_targets import SoftTargetStore
+from orchestrator.spec import validate
+from tasks.kinds import kind_for
+from tasks.kinds.classification.data import load_dataset
 from tasks.storage import Storage
-from tasks.train import ArraySource, ShardSource, SourceRows
-from tasks.warm import fit_here, with_cache
-from tests.helpers import workflow
+from tasks.store.shards import TargetBatch
+from tasks.store.store import SoftTargetStore
+from tasks.train import stream
+from tasks.train.sources import ArraySource, ShardSource, SourceRows
+from tasks.train.warm import fit_here, with_cache
+from tests.helpers import precompute, workflow
 from tests.test_train import quick_teacher
 
-CLASSIFICATION = task_kind("classification")
+CLASSIFICATION = kind_for("classification")
 
 
 @dataclass
@@ -165,11 +165,10 @@ class RecordingShards(ShardSource):
 def test_a_streamed_fit_reads_shard_by_shard_and_learns_like_a_held_one(ray_session: None, tmp_path: Path) -> None:
     data = load_dataset("sklearn:digits")
     storage = Storage(str(tmp_path))
-    manifest, _ = SoftTargetStore(storage).precompute(
-        "digits-stream", [quick_teacher(data.x["train"], data.y["train"])],
+    manifest, _ = precompute(SoftTargetStore(storage), "digits-stream", [quick_teacher(data.x["train"], data.y["train"])],
         {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}, shards=4, format="topk", dtype="float16",
         top_k=3, ensemble="mean_probs", meta={"num_classes": data.num_classes, "num_features": data.num_features})
-    spec = Workflow.model_validate(workflow(**{"train.epochs": 4, "student.params": {"hidden": [32]}}))
+    spec = validate(workflow(**{"train.epochs": 4, "student.params": {"hidden": [32]}}))
     base = student_fit_config(spec, manifest, storage, epoch_hook=None)
     runs = {}
     for name, hold in (("held", base.hold_share_bytes), ("streamed", 0)):
@@ -209,7 +208,7 @@ def test_a_teacher_on_a_parquet_source_reads_its_pieces_and_trains_as_on_the_dri
 
     from tests.test_pieces import FEATURES, SPLIT, source
 
-    spec = Workflow.model_validate(workflow(**{"teacher.train.epochs": 3, "teacher.train.batch_size": 32}))
+    spec = validate(workflow(**{"teacher.train.epochs": 3, "teacher.train.batch_size": 32}))
     assert isinstance(teacher_fit_config(spec, spec.teachers[0], load_dataset("sklearn:digits")).data, ArraySource)
     # two files of 37-row row groups: 15 pieces, each split's rows of a piece one block
     data = load_dataset(source(tmp_path, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)}),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tasks.losses import LOSSES
-from tasks.target_formats import (
+from tasks.store.formats import (
     EMPTY_TAIL_LOGMASS,
     bytes_per_row,
     decode_topk,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import Workflow
+from orchestrator.spec import Workflow, validate
 from orchestrator.tracking import artifact_endpoint, connect
 from tasks.storage import Storage
 from tests.helpers import workflow
@@ -37,7 +37,7 @@ def test_artifact_endpoint_keeps_the_users_own_value(monkeypatch: pytest.MonkeyP
 
 
 def _store(root: Path) -> tuple[Workflow, Storage]:
-    return Workflow.model_validate(workflow(**{"storage.root": str(root)})), Storage(str(root))
+    return validate(workflow(**{"storage.root": str(root)})), Storage(str(root))
 
 
 def test_a_new_embedded_store_is_a_copy_of_an_empty_one_built_once(monkeypatch: pytest.MonkeyPatch,

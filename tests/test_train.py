@@ -26,17 +26,20 @@ import torch
 import yaml
 
 from orchestrator import stages
-from orchestrator.search.pool import Slot
-from orchestrator.spec import Workflow
-from tasks.data import load_dataset
-from tasks.fit_config import LossConfig
-from tasks.kinds import task_kind
-from tasks.models import build_model
-from tasks.soft_targets import SoftTargetStore
+from orchestrator.fitting import Slot
+from orchestrator.spec import validate
+from tasks.kinds import kind_for
+from tasks.kinds.classification.data import load_dataset
+from tasks.kinds.classification.models import build_model
+from tasks.kinds.classification.targets import place_share
 from tasks.storage import Storage
-from tasks.train import FitResult, ShardSource, StopReason, evaluate, loss_step, place_share, train_epoch
+from tasks.store.store import SoftTargetStore
+from tasks.train.config import LossConfig
+from tasks.train.result import FitResult, StopReason
+from tasks.train.sources import ShardSource
+from tasks.train.step import evaluate, loss_step, train_epoch
 from tests.conftest import BIN
-from tests.helpers import workflow
+from tests.helpers import precompute, workflow
 
 LOSSES = ("kl", "reverse_kl", "jsd", "mse")
 
@@ -64,9 +67,9 @@ def digits(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     meta = {"num_classes": data.num_classes, "num_features": data.num_features}
     store = SoftTargetStore(storage)
     manifests = {
-        "logits": store.precompute("digits-logits", [teacher], splits, shards=3, format="logits", dtype="float16",
+        "logits": precompute(store, "digits-logits", [teacher], splits, shards=3, format="logits", dtype="float16",
                                    top_k=None, ensemble="mean_probs", meta=meta)[0],
-        "topk": store.precompute("digits-top3", [teacher], splits, shards=3, format="topk", dtype="float16",
+        "topk": precompute(store, "digits-top3", [teacher], splits, shards=3, format="topk", dtype="float16",
                                  top_k=3, ensemble="mean_probs", meta=meta)[0],
     }
     warm = Slot(0, label="test warm worker")
@@ -81,7 +84,7 @@ def train(digits: SimpleNamespace, fmt: str = "logits", ray_train: bool = False,
     workers) makes it a Ray Train run."""
     key = json.dumps([fmt, ray_train, overrides], sort_keys=True)
     if key not in digits.fits:
-        spec = Workflow.model_validate(workflow(**{"train.epochs": 3, "student.params": {"hidden": [32]},
+        spec = validate(workflow(**{"train.epochs": 3, "student.params": {"hidden": [32]},
                                                    **overrides}))
         run = f"t{len(digits.fits)}-{time.time_ns() % 10**9}"
         digits.fits[key] = stages.train_student(spec, digits.manifests[fmt], digits.storage, run_name=run,
@@ -94,7 +97,7 @@ def accuracy_on_test(digits: SimpleNamespace, result: FitResult, fmt: str = "log
     model = build_model("mlp", {"hidden": [32]}, digits.data.num_features, digits.data.num_classes)
     model.load_state_dict(result.state_dict)
     test = SoftTargetStore(digits.storage).read(digits.manifests[fmt], "test")
-    task = task_kind("classification")
+    task = kind_for("classification")
     return evaluate(task, model, test, task.dims(digits.manifests[fmt]), torch.device("cpu"))["accuracy"]
 
 
@@ -174,7 +177,7 @@ class TimedPruner:
 def test_a_pruned_fit_ends_at_the_epoch_it_was_pruned_and_trains_while_the_pruner_answers(
         digits: SimpleNamespace, tmp_path: Path) -> None:
     log = tmp_path / "asked.jsonl"
-    spec = Workflow.model_validate(workflow(**{"train.epochs": 10, "student.params": {"hidden": [32]}}))
+    spec = validate(workflow(**{"train.epochs": 10, "student.params": {"hidden": [32]}}))
     r = stages.train_student(spec, digits.manifests["logits"], digits.storage, run_name=f"pruned-{time.time_ns()}",
                              epoch_hook=TimedPruner(log, prune_at=4), warm=digits.warm)
     assert r.stop_reason is StopReason.PRUNED
@@ -208,7 +211,7 @@ def test_autocast_and_grad_scaler_in_the_step(digits: SimpleNamespace, precision
     seen: list[torch.dtype] = []
     model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     cfg = LossConfig(kind="kl", temperature=4.0, alpha=0.7, beta=0.5)
-    task = task_kind("classification")
+    task = kind_for("classification")
     loss, parts = loss_step(task, model, *share.batch(torch.arange(64)), cfg, precision)
     assert seen == [dtype] and loss.dtype == torch.float32 and parts.shape == (3,)
 

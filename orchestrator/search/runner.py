@@ -1,6 +1,6 @@
 """Distillation-aware hyperparameter search: an Optuna study in the driver, each trial a call on a warm actor.
 
-`concurrency` driver threads (trial slots, `pool.Slot`) each run `study.optimize(objective, n_trials=1)`
+`concurrency` driver threads (trial slots, `fitting.Slot`) each run `study.optimize(objective, n_trials=1)`
 until the study has its trials; each objective trains one student from the soft targets the pipeline
 computed once: a single-worker CPU trial on its slot's long-lived `TrialWorker` actor (the one train
 loop, rows kept decoded), a data-parallel one as a Ray Train run (`train.fit`). Per-epoch values reach
@@ -19,13 +19,14 @@ import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator import progress, stages
-from orchestrator.configs import student_fit_config, task_for
-from orchestrator.search.pool import Slot, warm_fits
+from orchestrator.configs import student_fit_config
+from orchestrator.fitting import Slot, run_fit
 from orchestrator.search.selection import Candidate, pareto_front, select_trial
 from orchestrator.search.space import Space, apply, check_space
 from orchestrator.search.study import (
@@ -46,7 +47,7 @@ from tasks.layout import checkpoints_path, trial_weights_path
 from tasks.models import num_params
 from tasks.storage import Storage
 from tasks.trace import span
-from tasks.train import FitResult, StopReason, fit
+from tasks.train.result import FitResult, StopReason
 
 
 @dataclass
@@ -99,13 +100,13 @@ class Search:
 
     def __init__(self, spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None,
                  slots: list[Slot] | None = None) -> None:
-        """`slots`: trial slots already started (the run's warm actor first, `pool.run_slots`), owned by the
+        """`slots`: trial slots already started (the run's warm actor first, `fitting.run_slots`), owned by the
         caller; the search starts (and closes) any more it needs."""
         import optuna
 
         assert spec.search is not None
         self.spec, self.manifest, self.storage = spec, manifest, storage
-        self.task = task_for(spec)
+        self.kind = spec.kind
         self.search = spec.search
         self.objectives = [(o.metric, o.direction) for o in self.search.objectives]
         self.space = Space(self.search.space)
@@ -168,37 +169,44 @@ class Search:
         """One trial: its values applied, one student trained on Ray, its weights kept when it completes.
 
         On a slot, the trial's monitor (and for a single CPU worker, its fit) runs on the slot's warm actors."""
-        import optuna
-
         with span("suggest", trial=trial.number):
             values = self.space.suggest(trial)
         started = self.runs.start_later(trial.number, values, functools.partial(trial.set_user_attr, "mlflow_run_id"))
         progress.info(f"  [dim]trial #{trial.number} started {_fmt(values)}[/]")
         run_name = f"{self.name}-trial-{trial.number}-{uuid.uuid4().hex[:6]}"
         trial.set_user_attr("ray_train_run", run_name)
+        try:
+            result, size = self.train_trial(trial, values, run_name, slot, started)
+        finally:
+            with span("checkpoint rm", trial=trial.number):
+                self.storage.rm(checkpoints_path(self.storage, run_name))  # the best weights are kept below
+        return self.conclude(trial, result, started.result(), size)
+
+    def train_trial(self, trial: Any, values: dict[str, Any], run_name: str, slot: Slot | None,
+                    started: Future[str]) -> tuple[FitResult, int]:
+        """The trial's student and its size; a failure is recorded on the trial and its MLflow run, then raised."""
         hook: PruneHook | None = None
         size: int | None = None
         try:
             trial_spec = apply(self.spec, values)
-            size = num_params(self.task.build_model(trial_spec.student.model, trial_spec.student.params,
-                                                    self.task.dims(self.manifest)))
+            size = num_params(self.kind.build_model(trial_spec.student.model, trial_spec.student.params,
+                                                    self.kind.dims(self.manifest)))
             trial.set_user_attr("num_params", size)
             with span("monitor begin", trial=trial.number):
                 hook = self.watch(trial, trial_spec.train.epochs)
             cfg = student_fit_config(trial_spec, self.manifest, self.storage, hook,
                                      concurrent=self.search.concurrency)
-            if slot is not None and warm_fits(cfg):
-                trial.set_user_attr("slot", slot.index)
-                with span("slot fit", trial=trial.number):
-                    result, _ = slot.fit(cfg, self.storage, run_name,
-                                         on_retry=functools.partial(trial.set_user_attr, "retries"))
-                trial.set_user_attr("resumed_from", result.resumed_from)
-            else:
-                result = fit(cfg, storage=self.storage, run_name=run_name)
+            with span("fit", trial=trial.number):
+                fitted = run_fit(cfg, self.storage, run_name, slot=slot,
+                                 on_retry=functools.partial(trial.set_user_attr, "retries"))
+            if fitted.slot is not None:
+                trial.set_user_attr("slot", fitted.slot)
+            trial.set_user_attr("resumed_from", fitted.result.resumed_from)
             with span("monitor end", trial=trial.number):
                 self.ended(hook)  # the trial's values are in the stored study before Optuna is told its state
             with span("mlflow start", trial=trial.number):
-                run_id = started.result()  # created while the trial trained: its id is on the trial before the tell
+                started.result()  # created while the trial trained: its id is on the trial before the tell
+            return fitted.result, size
         except Exception as exc:
             history = self.monitored(hook)
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
@@ -209,9 +217,11 @@ class Search:
                                        {"num_params": size} if size is not None else {},
                                        error="".join(traceback.format_exception(exc)))
             raise
-        finally:
-            with span("checkpoint rm", trial=trial.number):
-                self.storage.rm(checkpoints_path(self.storage, run_name))  # the best weights are kept below
+
+    def conclude(self, trial: Any, result: FitResult, run_id: str, size: int) -> float | tuple[float, ...]:
+        """A trained trial: pruned (raised to Optuna), or complete with its best epoch's weights kept and its
+        objective values returned."""
+        import optuna
 
         trial.set_user_attr("epochs", len(result.history))
         self.count_train(trial, result.history)
@@ -359,26 +369,10 @@ class Search:
     # ------------------------------------------------ the whole search
 
     def run(self) -> SearchOutcome:
+        """Resume the study, run its missing trials, pick the student and log the search on the workflow's run."""
         from optuna.trial import TrialState
 
-        remaining = self.resume()
-        t0 = time.perf_counter()
-        jobs = 0
-        if remaining:
-            jobs = min(self.search.concurrency, remaining)
-            note = "" if self.prunes or self.search.pruner == "none" else \
-                " (pruning is off: Optuna cannot prune a multi-objective study)"
-            progress.info(f"  study {self.name}: {remaining} trial(s), {jobs} at a time, sampler "
-                          f"{self.search.sampler}, pruner {self.search.pruner if self.prunes else 'none'}{note}")
-            try:
-                self.run_trials(remaining, jobs)
-            finally:
-                with span("mlflow flush"):
-                    self.runs.flush()  # every trial's MLflow run written before the search ends
-        else:
-            progress.info(f"  study {self.name} already has {self.search.trials} finished trials: none to run")
-        wall_s = time.perf_counter() - t0
-
+        jobs, wall_s = self.run_missing()
         trials = self.study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         counts = {"completed": len(complete), "pruned": sum(t.state == TrialState.PRUNED for t in trials),
@@ -386,15 +380,14 @@ class Search:
         if not complete:
             errors = [t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
             raise StageFailed("search", f"no trial completed ({counts['pruned']} pruned, "
-                                               f"{counts['failed']} failed" + (f"; last error: {errors[-1]}"
-                                                                               if errors else "") + ")")
+                                        f"{counts['failed']} failed" + (f"; last error: {errors[-1]}"
+                                                                        if errors else "") + ")")
         by_number = {t.number: t for t in complete}
         cands = self.candidates(complete)
         chosen = by_number[select_trial(cands, self.objectives, self.search.select).number]
         values = self.space.values(chosen.params)
         chosen_spec = apply(self.spec, values)
         result, restored = self.restore(chosen, chosen_spec)
-
         summary: dict[str, Any] = {
             "study": self.name, "storage": display_url(self.url), "trials": self.search.trials, **counts,
             "best": values, "best_trial": chosen.number,
@@ -419,6 +412,26 @@ class Search:
             write_plots(self.study, self.objectives, Path(d))
             self.runs.log_search(summary, Path(d))
         return SearchOutcome(summary=summary, spec=chosen_spec, result=result)
+
+    def run_missing(self) -> tuple[int, float]:
+        """The trials a resumed study still lacks, `concurrency` at a time; returns how many ran at once and
+        their wall-clock seconds."""
+        remaining = self.resume()
+        t0 = time.perf_counter()
+        if not remaining:
+            progress.info(f"  study {self.name} already has {self.search.trials} finished trials: none to run")
+            return 0, time.perf_counter() - t0
+        jobs = min(self.search.concurrency, remaining)
+        note = "" if self.prunes or self.search.pruner == "none" else \
+            " (pruning is off: Optuna cannot prune a multi-objective study)"
+        progress.info(f"  study {self.name}: {remaining} trial(s), {jobs} at a time, sampler "
+                      f"{self.search.sampler}, pruner {self.search.pruner if self.prunes else 'none'}{note}")
+        try:
+            self.run_trials(remaining, jobs)
+        finally:
+            with span("mlflow flush"):
+                self.runs.flush()  # every trial's MLflow run written before the search ends
+        return jobs, time.perf_counter() - t0
 
     def run_trials(self, n: int, jobs: int) -> None:
         """n trials, `jobs` at a time: each thread asks the study for one trial after another.
@@ -498,7 +511,7 @@ def run_search(spec: Workflow, manifest: dict[str, Any], storage: Storage, paren
     """Run (or resume) the workflow's search over the stored soft targets; return the chosen student.
 
     `parent_run_id` is the workflow's MLflow run: each trial's run nests under it, the outcome is logged on it.
-    `slots`: trial slots the run already started (`pool.run_slots`), kept open for the caller.
+    `slots`: trial slots the run already started (`fitting.run_slots`), kept open for the caller.
     """
     assert spec.search is not None
     check_space(spec, manifest)

@@ -14,24 +14,14 @@ Rules (docs/search.md):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-WITHIN = re.compile(r"^smallest\s+within\s+([0-9.]+)\s+of\s+best(?:\s+(\w+))?(?:\s+by\s+(\w+))?$")
+from orchestrator.spec import SelectRule
+
 EPS = 1e-12  # 0.95 - 0.94 > 0.01 in floating point; "within" must not hinge on that
 
 Objectives = Sequence[tuple[str, str]]  # (metric, "maximize" | "minimize"), in the spec's order
-
-
-@dataclass(frozen=True)
-class SelectRule:
-    """'best', or 'smallest within D of best [METRIC] [by SIZE]' (see the module docstring)."""
-
-    kind: str
-    tolerance: float = 0.0
-    metric: str | None = None
-    size: str = "num_params"
 
 
 @dataclass(frozen=True)
@@ -40,29 +30,6 @@ class Candidate:
 
     number: int
     metrics: dict[str, float]
-
-
-def parse_select_rule(text: str) -> SelectRule:
-    t = text.strip().lower()
-    if t == "best":
-        return SelectRule("best")
-    m = WITHIN.match(t)
-    if not m:
-        raise ValueError(f"unknown select rule {text!r}: use 'best' or 'smallest within 0.01 of best "
-                         "[metric] [by num_params]'")
-    return SelectRule("smallest_within", float(m.group(1)), m.group(2), m.group(3) or "num_params")
-
-
-def check_rule(text: str, objectives: Objectives) -> SelectRule:
-    """Parse a rule and check that the metrics it names are objectives (or num_params for the size)."""
-    rule = parse_select_rule(text)
-    names = [m for m, _ in objectives]
-    if rule.metric is not None and rule.metric not in names:
-        raise ValueError(f"select rule {text!r} names {rule.metric!r}, which is not an objective "
-                         f"({', '.join(names)})")
-    if rule.kind == "smallest_within" and rule.size != "num_params" and rule.size not in names:
-        raise ValueError(f"select rule {text!r}: the size {rule.size!r} must be num_params or an objective")
-    return rule
 
 
 def _better(a: float, b: float, direction: str) -> bool:
@@ -94,7 +61,7 @@ def select_trial(candidates: Sequence[Candidate], objectives: Objectives, rule: 
     """The one candidate the rule picks; the pool is the Pareto front when there are several objectives."""
     if not candidates:
         raise ValueError("no completed trial to select from")
-    parsed = parse_select_rule(rule) if isinstance(rule, str) else rule
+    parsed = SelectRule.parse(rule) if isinstance(rule, str) else rule
     pool = pareto_front(candidates, objectives) if len(objectives) > 1 else list(candidates)
     if parsed.kind == "best":
         return min(pool, key=_rank_key(objectives))

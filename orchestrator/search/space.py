@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.configs import task_for
 from orchestrator.spec import CategoricalParam, FloatParam, IntParam, Workflow, set_dotted
 from tasks.errors import UserError
 
@@ -55,20 +54,20 @@ def apply(spec: Workflow, values: dict[str, Any]) -> Workflow:
     raw = spec.model_dump(mode="json", exclude_unset=True)
     for key, value in values.items():
         set_dotted(raw, key, value)
-    return Workflow.model_validate(raw)
+    return type(spec).model_validate(raw)
 
 
 def check_space(spec: Workflow, manifest: dict[str, Any]) -> None:
     """Build the student at both ends of every range and for every choice: a bad value exits 2 up front."""
     assert spec.search is not None
-    task = task_for(spec)
+    kind = spec.kind
     for key, p in spec.search.space.items():
         if not key.startswith("student."):
             continue
         for sample in (p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]):
             s = apply(spec, {key: sample})
             try:
-                task.build_model(s.student.model, s.student.params, task.dims(manifest))
+                kind.build_model(s.student.model, s.student.params, kind.dims(manifest))
             except UserError as exc:
                 raise UserError(f"value {sample!r}: {exc}", where=f"search.space.{key}") from None
     if not manifest["splits"]["val"]["rows"] and any(o.metric.startswith("val_") for o in spec.search.objectives):

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.target_formats import encode_topk
+from tasks.store.formats import encode_topk
 
 FLOAT16_MAX = 65504.0
 

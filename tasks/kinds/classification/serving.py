@@ -1,9 +1,9 @@
-"""The registered student without pickle: safetensors weights plus a JSON recipe that rebuilds it.
+"""Classification's registered student without pickle: safetensors weights plus a JSON recipe that rebuilds it.
 
 Loading a pickled model from a shared registry runs whatever code the pickle carries. A kdflow model
 version instead holds `weights.safetensors` (tensors only) and `kdflow_model.json` (factory name and
 params, feature names, class labels, the training split's standardization); the MLflow pyfunc is
-"models from code" (`tasks/pyfunc_student.py`), so the model directory holds no pickle at all.
+"models from code" (pyfunc.py beside this module), so the model directory holds no pickle at all.
 `mlflow.pyfunc.load_model("models:/NAME@champion")` then predicts the user's class labels from a
 pandas DataFrame with the user's feature columns; `load_module` gives the same network as a torch
 module (a registered student used as a teacher, or a champion evaluated on a new test split).
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.models import Standardized, build_model
+from tasks.kinds.classification.models import Standardized, build_model
 
 CONFIG = "kdflow_model.json"
 WEIGHTS = "weights.safetensors"
 FORMAT = "kdflow-safetensors-v1"
-CODE = str(Path(__file__).with_name("pyfunc_student.py"))
+CODE = str(Path(__file__).with_name("pyfunc.py"))
 
 
 def write_artifacts(folder: str | Path, model: nn.Module, *, factory: str, params: dict[str, Any],
@@ -133,3 +133,15 @@ def holds_pickle(model_dir: str | Path) -> list[str]:
                     b"\x02", b"\x03", b"\x04", b"\x05"):
                 out.append(str(p.relative_to(model_dir)))
     return out
+
+
+def log_student(model: nn.Module, mean: np.ndarray, std: np.ndarray, *, factory: str, params: dict[str, Any],
+                feature_names: list[str], classes: list[Any], pip_requirements: list[str]) -> str:
+    """Log the student as a pickle-free pyfunc taking the user's raw feature columns; returns the model URI.
+    Nameless features are x0, x1, ...; nameless classes their indices."""
+    names = feature_names or [f"x{i}" for i in range(len(mean))]
+    if not classes:
+        with torch.no_grad():
+            classes = list(range(int(model(torch.zeros(1, len(mean))).shape[-1])))
+    return log_pyfunc(model, factory=factory, params=params, mean=mean, std=std, feature_names=names,
+                      classes=classes, pip_requirements=pip_requirements)

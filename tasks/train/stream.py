@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tasks.shards import TargetBatch
+from tasks.store.shards import TargetBatch
 
 ARRAY_BLOCK_ROWS = 65_536  # block size of a source with no boundaries of its own
 WINDOW_SHARE = 1 / 16  # of `hold_share_bytes`: the rows a streamed epoch shuffles together

@@ -1,5 +1,5 @@
 """A registered causal-LM student: a transformers `save_pretrained` directory (safetensors) with its
-tokenizer, served by an MLflow "models from code" pyfunc (tasks/pyfunc_lm.py), so nothing is unpickled.
+tokenizer, served by an MLflow "models from code" pyfunc (pyfunc.py beside this module), so nothing is unpickled.
 
 `mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(DataFrame({"prompt": [...]}),
 params={"max_new_tokens": 10})` returns the generated continuations; `load_lm(uri)` gives the model
@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-CODE = str(Path(__file__).with_name("pyfunc_lm.py"))
+CODE = str(Path(__file__).with_name("pyfunc.py"))
 MODEL_DIR = "lm"
 
 
@@ -28,7 +28,7 @@ def quiet_transformers() -> None:
 
 def write_lm_artifacts(folder: str | Path, model: nn.Module, tokenizer: Any) -> dict[str, str]:
     """The student's weights and config (save_pretrained, safetensors) and its tokenizer in one directory."""
-    from tasks.lm_data import save_tokenizer_dir
+    from tasks.kinds.causal_lm.data import save_tokenizer_dir
 
     quiet_transformers()
     out = Path(folder) / MODEL_DIR

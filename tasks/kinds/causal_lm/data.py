@@ -19,14 +19,15 @@ import io
 import json
 import os
 import sysconfig
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tasks.dataset import Dataset, read_parquet_table
 from tasks.errors import UserError
+from tasks.kinds.causal_lm.spec import CausalLMData, TokenizerSpec
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 STDLIB = "python-stdlib"
@@ -92,47 +93,44 @@ def _read_table(source: str, storage: Storage | None) -> Any:
             return pj.read_json(io.BytesIO(data))
         except (*S3_ERRORS, pa.ArrowException) as exc:
             raise UserError(f"cannot read JSON lines from {source}: {describe_s3_error(exc)}", where="source") from None
-    from tasks.data import read_parquet_table
-
     return read_parquet_table(source, storage, "source")
 
 
-def table_documents(source: str, options: Mapping[str, Any], storage: Storage | None) -> list[Document]:
-    table = _read_table(source, storage)
+def table_documents(data: CausalLMData, storage: Storage | None) -> list[Document]:
+    table = _read_table(data.source, storage)
     names = table.column_names
 
     def column(key: str) -> list[Any]:
-        name = options.get(key) or ("text" if key == "text" else None)
+        name = getattr(data, key) or ("text" if key == "text" else None)
         if name not in names:
-            raise UserError(f"no column {name!r} in {source} (columns: {', '.join(names)})", where=key)
+            raise UserError(f"no column {name!r} in {data.source} (columns: {', '.join(names)})", where=key)
         return table.column(name).to_pylist()
 
-    if options.get("prompt") or options.get("completion"):
-        if not (options.get("prompt") and options.get("completion")):
-            raise UserError("prompt and completion are set together", where="prompt" if not options.get("prompt")
+    if data.prompt or data.completion:
+        if not (data.prompt and data.completion):
+            raise UserError("prompt and completion are set together", where="prompt" if not data.prompt
                             else "completion")
         return [Document(str(c or ""), str(p or "")) for p, c in zip(column("prompt"), column("completion"),
                                                                       strict=True)]
     return [Document(str(t or "")) for t in column("text")]
 
 
-def read_documents(options: Mapping[str, Any], storage: Storage | None) -> list[Document]:
+def read_documents(data: CausalLMData, storage: Storage | None) -> list[Document]:
     """The corpus named by `source`, limited by `limit` documents; empty or whitespace-only text is refused."""
-    source = options["source"]
-    corpus = options.get("corpus") or {}
+    source = data.source
     if source == STDLIB:
-        docs = stdlib_documents(corpus.get("max_bytes"), corpus.get("max_files"))
+        docs = stdlib_documents(data.corpus.max_bytes, data.corpus.max_files)
     elif source.endswith((".parquet", ".jsonl", ".json", ".ndjson")) or "*" in source or source.startswith("s3://") \
             or os.path.isdir(source):
-        docs = table_documents(source, options, storage)
+        docs = table_documents(data, storage)
     else:
         raise UserError(f"unknown LM source {source!r}: the built-in corpus is {STDLIB!r}, or a Parquet / "
                         "JSON-lines file (local or s3://)", where="source")
-    if options.get("limit"):
-        docs = docs[: int(options["limit"])]
+    if data.limit:
+        docs = docs[: data.limit]
     docs = [d for d in docs if (d.prompt + d.text).strip()]
     if not docs:
-        key = "completion" if options.get("completion") else "text"
+        key = "completion" if data.completion else "text"
         raise UserError(f"the corpus {source} holds no text (empty or whitespace only)", where=key)
     return docs
 
@@ -185,13 +183,12 @@ def load_tokenizer_dir(path: str) -> Any:
     return Tokenizer.from_file(str(file))
 
 
-def get_tokenizer(options: Mapping[str, Any], train_docs: list[Document], storage: Storage | None) -> Any:
+def get_tokenizer(spec: TokenizerSpec, train_docs: list[Document], storage: Storage | None) -> Any:
     """A local tokenizer directory, or a BPE trained on the training documents, cached in the store by
     (training text, vocab size) so reruns and searches reuse the very same one."""
-    spec = options.get("tokenizer") or {}
-    if spec.get("path"):
-        return load_tokenizer_dir(spec["path"])
-    vocab = int(spec.get("vocab_size") or 512)
+    if spec.path:
+        return load_tokenizer_dir(spec.path)
+    vocab = spec.vocab_size
     h = hashlib.sha256(f"bpe-v1|{vocab}|".encode())
     for d in train_docs:
         h.update(d.prompt.encode())
@@ -247,26 +244,25 @@ def pack(docs: list[Document], tok: Any, seq_len: int) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(y)
 
 
-@dataclass
-class LMData:
-    """What `load_lm_data` makes; tasks/kinds/lm.py turns it into the pipeline's Dataset."""
+@dataclass(kw_only=True)
+class TokenRows(Dataset):
+    """Documents packed into rows: x token ids and y next-token labels [N, seq_len] (-1: masked), and the
+    tokenizer every model of the run shares."""
 
-    x: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]
     tokenizer: Any
     tokenizer_hash: str
     vocab_size: int
     seq_len: int
-    fingerprint: str
-    documents: dict[str, int]
+    documents: dict[str, int]  # documents per split (before packing)
 
 
-def load_lm_data(options: Mapping[str, Any], *, seed: int, storage: Storage | None) -> LMData:
-    seq_len = int(options.get("seq_len") or 128)
-    split = options.get("split") or {}
-    docs = read_documents(options, storage)
-    parts = split_documents(docs, val=split.get("val", 0.1), test=split.get("test", 0.1), seed=seed)
-    tok = get_tokenizer(options, parts["train"], storage)
+def load_lm_data(data: CausalLMData, *, seed: int, storage: Storage | None) -> TokenRows:
+    """Read, split by document, tokenize and pack; the fingerprint covers the packed rows, the tokenizer's
+    hash, seq_len and the packing scheme."""
+    seq_len = data.seq_len
+    docs = read_documents(data, storage)
+    parts = split_documents(docs, val=data.split.val, test=data.split.test, seed=seed)
+    tok = get_tokenizer(data.tokenizer, parts["train"], storage)
     th = tokenizer_hash(tok)
     xs, ys = {}, {}
     h = hashlib.sha256(f"{PACKING}|seq_len={seq_len}|tokenizer={th}|seed={seed}|".encode())
@@ -277,10 +273,10 @@ def load_lm_data(options: Mapping[str, Any], *, seed: int, storage: Storage | No
         h.update(xs[name].tobytes())
         h.update(ys[name].tobytes())
     if int((ys["train"] >= 0).sum()) == 0:
-        raise UserError("the training split has no target tokens", where="completion" if options.get("completion")
-                        else "text")
-    return LMData(xs, ys, tok, th, tok.get_vocab_size(), seq_len, h.hexdigest(),
-                  {k: len(v) for k, v in parts.items()})
+        raise UserError("the training split has no target tokens", where="completion" if data.completion else "text")
+    return TokenRows(arrays=(xs, ys), fingerprint=h.hexdigest(), labeled_fingerprint=h.hexdigest(), tokenizer=tok,
+                     tokenizer_hash=th, vocab_size=tok.get_vocab_size(), seq_len=seq_len,
+                     documents={k: len(v) for k, v in parts.items()})
 
 
 def save_tokenizer_dir(tok: Any, folder: str | Path) -> None:

@@ -6,7 +6,10 @@ are the only ones (docs/workflow-reference.yaml).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasks.kinds.base import TaskKind
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class OptimizerConfig:
 class LossConfig:
     """The distillation objective; a fit without one trains on hard labels only (a teacher)."""
 
-    kind: str  # a name in tasks.losses.LOSSES
+    kind: str  # a loss registered in tasks.losses, or a user's 'package.module:function'
     temperature: float
     alpha: float
     beta: float
@@ -60,7 +63,7 @@ class Resources:
 @dataclass(frozen=True)
 class FitConfig:
     log_prefix: str  # "teacher" or "student": the tag of this fit's progress lines
-    task: Any  # the TaskKind (tasks/kinds): builds the model, places rows, scores a batch
+    kind: TaskKind  # builds the model, places rows, scores a batch (tasks/kinds)
     model: str
     params: dict[str, Any]
     dims: dict[str, int]  # the shapes the model is built for (the task kind's, e.g. num_features, num_classes)

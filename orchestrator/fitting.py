@@ -1,9 +1,12 @@
-"""Warm trial slots: each of a search's `concurrency` slots keeps its actors for trial after trial.
+"""How a fit runs, decided in one place (`run_fit`): on a warm actor, or as a Ray Train run.
 
-A slot holds, for single-worker CPU trials, a `TrialWorker`: a long-lived Ray actor with torch imported that runs the one train loop
-(`tasks.warm.fit_here`) once per call and keeps the decoded soft-target rows of each cache key between
-calls. A trial is then one actor call, and its cost is its epochs (docs/architecture.md has the
-measurements). A pruned trial returns from its call at the epoch it was pruned, so its slot takes the
+A fit with one worker on CPUs runs on a warm `Slot`'s `TrialWorker`: a long-lived Ray actor with torch
+imported that runs the one train loop (`tasks.train.warm.fit_here`) once per call and keeps the decoded
+soft-target rows of each cache key between calls; anything else (`train.workers` > 1, GPUs, KDFLOW_WARM=0)
+is a Ray Train run (`tasks.train.ray_train.fit`), whose start-up is small beside data-parallel work.
+
+A `kdflow run` keeps one such actor for its stages (`run_worker`), and a search keeps one per trial slot
+(each of its `concurrency` slots runs trial after trial on its actor). A trial is then one actor call, and its cost is its epochs (docs/architecture.md has the measurements). A pruned trial returns from its call at the epoch it was pruned, so its slot takes the
 next trial at once. An actor that dies mid-trial (its process killed, the node lost) is replaced by a
 fresh one and the trial retried, up to `train.max_failures` times, from its newest checkpoint; after
 that the trial fails with the error recorded. Trials with `train.workers > 1` (or GPUs) still run as Ray
@@ -20,20 +23,24 @@ KDFLOW_WARM=0 turns every warm path off (trials, stages, shards), for benchmarks
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import progress
 from orchestrator.runtime import warm_enabled
-from tasks.fit_config import FitConfig
 from tasks.storage import Storage
-from tasks.train import FitResult, fit
+from tasks.train.config import FitConfig
+from tasks.train.result import FitResult
+
+if TYPE_CHECKING:
+    from orchestrator.spec import SearchSpec, TrainSpec
 
 
 class TrialWorker:
     """One warm trial process. `fit` is a whole single-worker fit; rows stay cached by cache key."""
 
     def __init__(self) -> None:
-        from tasks.warm import warm_up
+        from tasks.train.warm import warm_up
 
         warm_up()  # torch and what a fit's first epoch imports, here and not in the first trial
 
@@ -43,16 +50,16 @@ class TrialWorker:
 
     def fit(self, cfg: FitConfig, storage: Storage, run_name: str) -> FitResult:
         from tasks.trace import span
-        from tasks.warm import fit_here, with_cache
+        from tasks.train.warm import fit_here, with_cache
 
         self.fits += 1
         with span("actor fit"):
             return fit_here(with_cache(cfg, self.cache), storage=storage, run_name=run_name)
 
     def shard(self, *args: Any, threads: int = 1) -> list[dict[str, Any]]:
-        """One task's soft-target shards (`tasks.soft_targets.compute_shards`' arguments), written from this
-        process."""
-        from tasks.soft_targets import compute_shards
+        """One task's soft-target shards (`tasks.store.precompute.compute_shards`' arguments), written from
+        this process."""
+        from tasks.store.precompute import compute_shards
 
         self.shards += 1  # tasks run, failed ones included
         return compute_shards(*args, threads=threads)
@@ -180,46 +187,60 @@ class Slot:
 
 
 
-def run_worker(spec: Any, eager: bool) -> Slot | None:
-    """The run's warm actor for its single-worker CPU stages (teacher, small precompute, student), or None
-    when they run on Ray Train (`train.workers` > 1, GPUs, KDFLOW_WARM=0). `eager` starts its process now,
-    while the driver goes on (MLflow, teacher setup); else on first use."""
-    t = spec.train
-    if not warm_enabled() or t.workers != 1 or t.use_gpu:
+def run_worker(train: TrainSpec, eager: bool) -> Slot | None:
+    """The run's warm actor for its single-worker CPU stages (teacher, small precompute, student, the kind's
+    variants), or None when they run on Ray Train (`train.workers` > 1, GPUs, KDFLOW_WARM=0). `eager` starts
+    its process now, while the driver goes on (MLflow, teacher setup); else on first use."""
+    if not warm_enabled() or train.workers != 1 or train.use_gpu:
         return None
     slot = Slot(0, label="warm worker")
     if eager:
-        slot.start(t.cpus_per_worker)
+        slot.start(train.cpus_per_worker)
     else:
-        slot.worker_cpus = t.cpus_per_worker
+        slot.worker_cpus = train.cpus_per_worker
     return slot
 
 
-def run_slots(spec: Any, cluster_cpus: float) -> list[Slot]:
+def run_slots(train: TrainSpec, search: SearchSpec | None, cluster_cpus: float) -> list[Slot]:
     """The run's warm actors, all started now (their processes boot while the driver opens MLflow and the
     teacher trains): slot 0 (`run_worker`) for the run's single-worker CPU stages, and with a search of
     such trials, `search.concurrency - 1` more slots and the search's pruning monitor. Slot 0 is then the
     search's first trial slot, so no trial waits for a process to start (docs/architecture.md). The extra
     slots start early only when they leave a CPU of the cluster free (a large precompute's shard tasks
     need one); else the search starts them itself. [] when the stages run on Ray Train."""
-    warm = run_worker(spec, eager=True)
+    warm = run_worker(train, eager=True)
     if warm is None:
         return []
     slots = [warm]
-    if spec.search is not None:
+    if search is not None:
         warm.label = "slot 0"
-        cpus = spec.train.cpus_per_worker
-        if spec.search.concurrency * cpus + 1 <= cluster_cpus:
-            for i in range(1, spec.search.concurrency):
+        cpus = train.cpus_per_worker
+        if search.concurrency * cpus + 1 <= cluster_cpus:
+            for i in range(1, search.concurrency):
                 slots.append(Slot(i))
                 slots[-1].start(cpus)
         warm.start_monitor()
     return slots
 
 
-def fit_on(warm: Slot | None, cfg: FitConfig, storage: Storage, run_name: str) -> FitResult:
-    """A stage's fit: on the run's warm actor when there is one and the fit is single-worker on CPUs (a dead
-    actor replaced and the fit resumed from its newest checkpoint, up to `train.max_failures`), else Ray Train."""
-    if warm is not None and warm_fits(cfg):
-        return warm.fit(cfg, storage, run_name)[0]
-    return fit(cfg, storage=storage, run_name=run_name)
+@dataclass
+class Fitted:
+    """A finished fit, and where it ran: the index of the warm slot (None: a Ray Train run) and how many
+    times a dead warm actor was replaced during it."""
+
+    result: FitResult
+    slot: int | None = None
+    retries: int = 0
+
+
+def run_fit(cfg: FitConfig, storage: Storage, run_name: str, slot: Slot | None = None,
+            on_retry: Any = None) -> Fitted:
+    """A fit, where it runs best: on `slot`'s warm actor when there is one and the fit is single-worker on CPUs
+    (a dead actor replaced and the fit resumed from its newest checkpoint, up to `train.max_failures`), else
+    as a Ray Train run."""
+    if slot is not None and warm_fits(cfg):
+        result, retries = slot.fit(cfg, storage, run_name, on_retry=on_retry)
+        return Fitted(result, slot.index, retries)
+    from tasks.train.ray_train import fit
+
+    return Fitted(fit(cfg, storage=storage, run_name=run_name))

@@ -1,56 +1,29 @@
 """The one train loop on a single warm process: no Ray Train run, checkpoints straight to the storage.
 
-A search's trials (and a single-worker run's teacher and student stages) are short (a small student, a few epochs, many of them pruned), and starting a Ray
-Train run for each costs seconds of controller, worker group and placement group before the first
-step. A long-lived trial actor (orchestrator/search/pool.py) instead calls `fit_here`, which runs the
-same `train_loop` with a `LocalSession`: rank 0 of 1, its checkpoints written to the run's folder under
-`checkpoints/`, so a retry of the trial on a fresh actor resumes from the newest one. `RowCache` keeps
-the decoded soft-target rows between trials, keyed by the store entry's cache key.
+A search's trials (and a single-worker run's teacher and student stages) are short (a small student, a few
+epochs, many of them pruned), and starting a Ray Train run for each costs seconds of controller, worker
+group and placement group before the first step. A long-lived warm actor (orchestrator/fitting.py) instead
+calls `fit_here`, which runs the same `train_loop` with a `LocalSession`: rank 0 of 1, its checkpoints
+written to the run's folder under `checkpoints/`, so a retry on a fresh actor resumes from the newest one.
+`CachedSource` keeps the decoded soft-target rows between fits, keyed by the store entry's cache key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tasks.fit_config import FitConfig
-from tasks.layout import checkpoints_path
-from tasks.soft_targets import TargetBatch
 from tasks.storage import Storage
-from tasks.train import FitResult, ShardSource, fit_result, train_loop
-
-STATE = "state.pt"
-
-
-class LocalSession:
-    """The loop as the only worker of this process; checkpoints go to `checkpoints/<run_name>/state.pt`."""
-
-    rank = 0
-    world = 1
-
-    def __init__(self, storage: Storage, run_name: str) -> None:
-        self.storage = storage
-        self.path = f"{checkpoints_path(storage, run_name)}/{STATE}"
-        self.metrics: dict[str, Any] = {}
-        self.saved: bytes | None = None  # the newest checkpoint, also kept here: the result is read from it
-
-    def checkpoint(self) -> dict[str, Any] | None:
-        if not self.storage.exists(self.path):
-            return None
-        return dict(torch.load(io.BytesIO(self.storage.read_bytes(self.path)), map_location="cpu",
-                               weights_only=False))
-
-    def report(self, metrics: dict[str, Any], folder: str | None) -> None:
-        self.metrics = metrics
-        if folder is not None:
-            with open(os.path.join(folder, STATE), "rb") as f:
-                self.saved = f.read()
-            self.storage.write_bytes(self.path, self.saved)  # atomic: a crash leaves the previous one
+from tasks.store.shards import TargetBatch
+from tasks.train.config import FitConfig
+from tasks.train.loop import train_loop
+from tasks.train.result import FitResult, fit_result
+from tasks.train.sessions import LocalSession
+from tasks.train.sources import ShardSource
 
 
 @dataclass

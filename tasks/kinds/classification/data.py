@@ -1,4 +1,5 @@
-"""Datasets: built-in generators and the user's Parquet tables, split deterministically and fingerprinted.
+"""Classification's data: built-in generators and the user's Parquet tables of features and a label, split
+deterministically, standardized and fingerprinted.
 
 Rows are read piece by piece (tasks/pieces.py): a Parquet source's row groups, from a listing and its
 footers, or a built-in's arrays; each row's split is a hash of (seed, row id), not a permutation of all rows.
@@ -14,15 +15,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tasks.dataset import Dataset, list_parquet
 from tasks.errors import UserError
-from tasks.pieces import SPLIT_CODES, SPLIT_RULE, Piece, Reader, Reduced, SplitRows, fill, scan
-from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
+from tasks.pieces import (
+    SPLIT_CODES,
+    SPLIT_RULE,
+    Piece,
+    Reader,
+    Reduced,
+    SplitRows,
+    check_feature_types,
+    feature_columns,
+    fill,
+    scan,
+)
+from tasks.storage import Storage
 
 BUILTINS = ("sklearn:digits", "mnist1d")
 PREPROCESSING = "standardize-v1"
@@ -58,82 +70,19 @@ class Fill:
         return xs, ys
 
 
-@dataclass
-class Dataset:
+@dataclass(kw_only=True)
+class FeatureTable(Dataset):
+    """Rows of standardized float32 features [N, F] and a class index each (-1: an unlabeled transfer row)."""
+
     num_classes: int
-    mean: np.ndarray
+    mean: np.ndarray  # the training split's, per feature: what a served model standardizes raw features with
     std: np.ndarray
-    fingerprint: str  # every row the soft targets hold, transfer rows included
-    labeled_fingerprint: str  # train, val and test only: what a teacher trained here depends on
-    # split -> its rows (the reduction's counts; "transfer" only when there are transfer rows): sizes come
-    # from here, never from the arrays, so asking a size reads nothing
-    counts: dict[str, int] = field(default_factory=dict)
-    classes: list[Any] = field(default_factory=list)
-    feature_names: list[str] = field(default_factory=list)  # the user's column names (registered model's input)
-    # what another task kind carries beside the rows (causal_lm: the tokenizer, and "meta" for the manifest)
-    extra: dict[str, Any] = field(default_factory=dict)
-    # split -> its rows readable by row range from a Parquet source's pieces (empty for a built-in): the
-    # same rows as x/y, for a reader that should not get them from the driver (soft-target shard tasks)
-    source_rows: dict[str, SplitRows] = field(default_factory=dict)
-    # the split arrays (x: split -> float32 [N, F] standardized; y: split -> int64 [N], -1 unlabeled
-    # transfer rows), given, or read by `filler` the first time `x` or `y` is asked for
-    arrays: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-    filler: Fill | None = None
-    # the workflow section a late fill's error is named under (orchestrator: "data" -> "data.source")
-    where: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.counts and self.arrays is not None:
-            self.counts = {k: int(v.shape[0]) for k, v in self.arrays[1].items()}
-
-    @property
-    def filled(self) -> bool:
-        """Whether the split arrays are held (a Parquet source whose workers read it never fills them)."""
-        return self.arrays is not None
-
-    def _arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        if self.arrays is None:
-            assert self.filler is not None, "a Dataset needs its arrays or a filler"
-            try:
-                self.arrays = self.filler()
-            except UserError as exc:  # a file changed since the reduction: SourceChanged, still exit 2
-                raise (exc.under(self.where) if self.where else exc) from None
-        return self.arrays
-
-    @property
-    def x(self) -> dict[str, np.ndarray]:
-        return self._arrays()[0]
-
-    @property
-    def y(self) -> dict[str, np.ndarray]:
-        return self._arrays()[1]
+    classes: list[Any] = field(default_factory=list)  # the user's label values, by class index
+    feature_names: list[str] = field(default_factory=list)  # the user's column names (the served model's input)
 
     @property
     def num_features(self) -> int:
         return int(self.mean.shape[0])
-
-    def rows(self, split: str) -> int:
-        return int(self.counts[split])
-
-    def precompute_rows(self, seed: int, from_source: bool = True) -> dict[str, tuple[Any, Any]]:
-        """Each split's (features, labels) for the soft-target precompute: `SplitRows` that its shard tasks
-        read from a Parquet source's pieces, when there are no transfer rows to interleave into train and
-        `from_source` (the workers can open the source: `orchestrator.configs.workers_read_source`); else the
-        arrays here (which the precompute puts into Ray's object store), filled now if they were not."""
-        if from_source and self.source_rows and "transfer" not in self.counts:
-            return {k: (r, r) for k, r in self.source_rows.items()}
-        return {"train": self.distillation_rows(seed), "val": (self.x["val"], self.y["val"]),
-                "test": (self.x["test"], self.y["test"])}
-
-    def distillation_rows(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The rows the student distils on: the training split, with the transfer rows (label -1) interleaved
-        by a seeded permutation, so that every data-parallel worker's contiguous share holds both kinds
-        (appended, the last worker would get nearly all the unlabeled rows)."""
-        x, y = self.x["train"], self.y["train"]
-        if "transfer" not in self.counts:
-            return x, y
-        order = np.random.default_rng(seed).permutation(len(y) + self.rows("transfer"))
-        return np.concatenate([x, self.x["transfer"]])[order], np.concatenate([y, self.y["transfer"]])[order]
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -173,145 +122,6 @@ def _builtin_feature_names(source: str, n: int) -> list[str]:
     return [f"x{i}" for i in range(n)]
 
 
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def feature_columns(schema: Any, features: list[str] | str | None, label: str | None, where: str) -> list[str] | str:
-    """The feature column(s) of a table's `schema`: one list/array column, or numeric columns (default: all
-    but label)."""
-    import pyarrow as pa
-
-    names = schema.names
-    if isinstance(features, str):
-        if features not in names:
-            raise UserError(f"column {features!r} not in the table (columns: {names})", where=_key(where, "features"))
-        return features
-    if features is None:
-        cols = [n for n in names if n != label and (pa.types.is_integer(schema.field(n).type)
-                                                     or pa.types.is_floating(schema.field(n).type))]
-        if not cols:
-            raise UserError("the table has no numeric feature columns", where=_key(where, "features"))
-        return cols
-    missing = [c for c in features if c not in names]
-    if missing:
-        raise UserError(f"columns not in the table: {missing} (columns: {names})", where=_key(where, "features"))
-    return list(features)
-
-
-def check_feature_types(schema: Any, cols: list[str] | str, where: str) -> None:
-    """Today's type checks on the schema alone (a footer read): numeric columns, or one list column."""
-    import pyarrow as pa
-
-    if isinstance(cols, str):
-        t = schema.field(cols).type
-        if not (pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)):
-            raise UserError(f"column {cols!r} is {t}, not a list/array column", where=_key(where, "features"))
-        return
-    for c in cols:
-        t = schema.field(c).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-            raise UserError(f"column {c!r} is {t}, not numeric", where=_key(where, "features"))
-
-
-def table_features(table: Any, features: list[str] | str | None, label: str | None, where: str) -> np.ndarray:
-    """Float32 [N, F] features from the columns `feature_columns` picks."""
-    cols = feature_columns(table.schema, features, label, where)
-    check_feature_types(table.schema, cols, where)
-    if isinstance(cols, str):
-        col = table.column(cols).combine_chunks()
-        if len(col) == 0:
-            return np.empty((0, 0), np.float32)
-        try:
-            return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
-        except ValueError:
-            raise UserError(f"column {cols!r} has rows of different lengths", where=_key(where, "features")) from None
-    out = [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cols]
-    return np.stack(out, axis=1) if out else np.empty((table.num_rows, 0), np.float32)
-
-
-@dataclass
-class Listed:
-    """A Parquet source as the driver sees it from metadata alone: its pieces (row groups) and schema."""
-
-    url: str
-    s3_options: dict[str, Any]
-    pieces: list[Piece]
-    schema: Any
-
-
-def list_parquet(source: str, storage: Storage | None, where: str) -> Listed:
-    """The files of a Parquet file, folder or glob (local or s3://), sorted, as pieces: one per row group,
-    from the footers only. A file's name (its path under the source's root) is part of its rows' ids."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
-
-    opts = storage.s3_options() if storage is not None else {}
-    fs = filesystem_for(source, opts)
-    # a local source by its absolute path: a file's name under the root stays the same from any working
-    # directory, and a Ray task elsewhere opens the same file
-    path = source.removeprefix("s3://") if source.startswith("s3://") else os.path.abspath(source)
-    try:
-        if any(c in path for c in "*?["):
-            files = sorted(fs.glob(path))
-            if not files:
-                _missing_bucket(fs, source, where)
-                raise UserError(f"no files match {source!r}", where=where)
-            root = path[:min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-        else:
-            if not fs.exists(path):
-                _missing_bucket(fs, source, where)
-                raise UserError(f"no such file or folder: {source}", where=where)
-            if fs.isdir(path):
-                files = sorted(ds.dataset(path, format="parquet", filesystem=fs).files)
-                root = path.rstrip("/")
-            else:
-                files, root = [path], path.rsplit("/", 1)[0]
-        pieces: list[Piece] = []
-        schema = None
-        for f in files:
-            with fs.open(f, "rb") as fh:
-                meta = pq.ParquetFile(fh).metadata
-                file_schema = meta.schema.to_arrow_schema()
-            schema = schema or file_schema
-            name = f[len(root):].lstrip("/") if f.startswith(root) else f
-            start = 0
-            for g in range(meta.num_row_groups):
-                rows = meta.row_group(g).num_rows
-                if rows:
-                    pieces.append(Piece(name=name, path=f, row_group=g, start=start, rows=rows, group_rows=rows))
-                start += rows
-    except (*S3_ERRORS, pa.ArrowException) as exc:
-        raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None
-    return Listed(source, opts, pieces, schema)
-
-
-def read_parquet_table(source: str, storage: Storage | None, where: str) -> Any:
-    """Read a Parquet file, folder or glob (local or s3://) into one pyarrow Table (language-model documents:
-    classification reads its sources piece by piece, `list_parquet`)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    listed = list_parquet(source, storage, where)
-    fs = filesystem_for(source, listed.s3_options)
-    try:
-        tables = []
-        for f in dict.fromkeys(p.path for p in listed.pieces):
-            with fs.open(f, "rb") as fh:
-                tables.append(pq.read_table(fh))
-        return pa.concat_tables(tables, promote_options="default") if tables else listed.schema.empty_table()
-    except (*S3_ERRORS, pa.ArrowException) as exc:
-        raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None
-
-
-def _missing_bucket(fs: Any, source: str, where: str) -> None:
-    if source.startswith("s3://"):
-        bucket = source.removeprefix("s3://").split("/")[0]
-        if not fs.exists(bucket):
-            raise UserError(f"bucket {bucket!r} does not exist ({source})", where=where)
-
-
 # A built-in's arrays are read as pieces of this many rows (its row ids are its row indices, so the split
 # does not depend on this; the fingerprint does, as it does on a Parquet file's row groups).
 BUILTIN_PIECE_ROWS = 65_536
@@ -348,7 +158,7 @@ class Sources:
 
 def load_dataset(source: str, *, features: list[str] | str | None = None, label: str = "label",
                  val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
-                 limit: int | None = None, storage: Storage | None = None, threads: int | None = None) -> Dataset:
+                 limit: int | None = None, storage: Storage | None = None, threads: int | None = None) -> FeatureTable:
     """Load, split (a hash of seed and row id, tasks/pieces.py) and standardize a dataset, piece by piece:
     a reduction pass (counts, train mean/std, classes, digests). The split arrays are read (`Fill`) the first
     time `Dataset.x`/`.y` is asked for: at once for a built-in, whose rows are in memory anyway; for a Parquet
@@ -394,7 +204,7 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
         k: SplitRows(src.reader, k, pieces, [s.counts[k] for s in red.per_piece], red.digests, mean, std,
                      red.classes, red.num_features, seed, val, test) for k in SPLIT_CODES}
     filler = Fill(src.reader, pieces, red, transfer, mean, std, seed, val, test, threads)
-    data = Dataset(num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
+    data = FeatureTable(num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
                    labeled_fingerprint=labeled, counts=counts, classes=classes, feature_names=names,
                    source_rows=rows, filler=filler)
     if not rows:  # a built-in: its rows are in memory already, and every consumer takes its arrays

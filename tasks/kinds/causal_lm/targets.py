@@ -1,0 +1,74 @@
+"""Causal LMs' targets: per token, the teachers' logits as stored (top-k logits, int32 ids and the tail's
+log-mass, exact at T=1, or dense), flattened per row into Parquet list columns by tasks/store/shards.py; this
+module reshapes them to [rows, seq_len, k] for a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.models import teacher_forward
+from tasks.store.formats import decode_topk
+
+# A logit that stands for "no mass" and stays finite (exp underflows to exactly 0 in float32, no NaN).
+NO_MASS = -1.0e4
+
+
+def teacher_tuple(targets: Mapping[str, torch.Tensor], seq_len: int, vocab: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored per-row targets as ([n, S, k] values, [n, S, k] ids, [n, S] tail log-mass); dense logits as k = V."""
+    if "logits" in targets:
+        logits = targets["logits"].float().reshape(-1, seq_len, vocab)
+        ids = torch.arange(vocab, dtype=torch.int32).expand_as(logits)
+        return logits, ids, torch.full(logits.shape[:2], NO_MASS)
+    n = targets["topk_values"].shape[0]
+    return (targets["topk_values"].float().reshape(n, seq_len, -1), targets["topk_indices"].reshape(n, seq_len, -1),
+            targets["tail_logmass"].float().reshape(n, seq_len))
+
+
+@dataclass
+class LMShare:
+    x: torch.Tensor
+    y: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    seq_len: int
+    vocab: int
+    device: torch.device
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def rows_device(self) -> torch.device:
+        return self.x.device
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        x, y = self.x.index_select(0, idx).to(self.device), self.y.index_select(0, idx).to(self.device)
+        if not self.targets:
+            return x, y, None
+        t = teacher_tuple({k: v.index_select(0, idx) for k, v in self.targets.items()}, self.seq_len, self.vocab)
+        return x, y, tuple(part.to(self.device) for part in t)
+
+
+def decode_targets(targets: Mapping[str, torch.Tensor], seq_len: int, vocab: int) -> torch.Tensor:
+    """Dense [n, S, V] logits rebuilt with a uniform tail (small vocabularies and tests only)."""
+    if "logits" in targets:
+        return targets["logits"].float().reshape(-1, seq_len, vocab)
+    v, i, t = teacher_tuple(targets, seq_len, vocab)
+    n, s, k = v.shape
+    return decode_topk(v.reshape(-1, k), i.reshape(-1, k), t.reshape(-1), vocab).reshape(n, s, -1)
+
+
+class TeacherEnsemble(nn.Module):
+    """The teacher(s) as one module giving the ensembled logits the soft targets were made from."""
+
+    def __init__(self, teachers: list[nn.Module], rule: str) -> None:
+        super().__init__()
+        self.teachers, self.rule = nn.ModuleList(teachers), rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return teacher_forward(list(self.teachers), x.numpy(), self.rule, batch=16, dtype=torch.long)
