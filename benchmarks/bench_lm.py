@@ -2,7 +2,7 @@
 
 The teacher is the one `workflows/lm-stdlib.yaml` trains (read from that workflow's store; run the
 workflow first, or pass `--set storage.root=...` to point at a store that holds it). Its real next-token
-distributions on the validation split are stored as kdflow stores them (tasks/shards.py: fp16 top-k
+distributions on the validation split are stored as kdflow stores them (tasks/store/shards.py: fp16 top-k
 values, int32 ids, float32 tail log-mass, Parquet zstd) and rebuilt three ways:
 
 - exact tail (kdflow): top-k logits + the stored tail log-mass, the tail spread evenly over the V - k

@@ -3,7 +3,7 @@ and streamed a window of shards at a time: what the streamed window is for.
 
 The hash split keeps a source's row order (tasks/pieces.py), so a table sorted by label gives soft-target
 shards of one or two classes. A worker that streams its share one shard at a time then trains on batches
-of one class; a window of shards shuffled together (tasks/stream.py) does not. Prints a table on stdout:
+of one class; a window of shards shuffled together (tasks/train/stream.py) does not. Prints a table on stdout:
 
     .venv/bin/python benchmarks/bench_sorted.py [--shards 32] [--epochs 6] [--window 4 ...]
 """

@@ -1,4 +1,4 @@
-"""GPU check: kdflow's train step (tasks/train.py `train_epoch`, the one loop's inner loop, with the task
+"""GPU check: kdflow's train step (tasks/train/step.py `train_epoch`, the one loop's inner loop, with the task
 kind's batch and objective) against a plain PyTorch loop on the same device, for a classifier and a
 causal LM, in bf16 autocast. Prints one table: rows/s or tokens/s of each, their ratio, peak device memory.
 

@@ -1,6 +1,6 @@
 """The one place a fit's configuration is made from the workflow: teacher and student `FitConfig`s.
 
-Every value comes from the `Workflow` (whose defaults are the only ones); tasks/train.py reads the
+Every value comes from the `Workflow` (whose defaults are the only ones); tasks/train/loop.py reads the
 frozen result and adds nothing to it.
 """
 

@@ -62,16 +62,22 @@ class OptimizerSpec(ScheduleKeys):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
+def natural_direction(metric: str) -> Literal["maximize", "minimize"]:
+    """Which way a metric improves when no one says: losses, perplexities and sizes down, the rest up."""
+    return "minimize" if any(w in metric for w in ("loss", "perplexity", "num_params", "latency")) else "maximize"
+
+
 class EarlyStoppingSpec(Strict):
-    metric: str = "val_accuracy"
+    metric: str | None = Field(None, description="a per-epoch metric; default the kind's (classification: "
+                                                 "val_accuracy, causal_lm: val_perplexity)")
     patience: int = Field(5, ge=1)
-    mode: Literal["max", "min"] | None = None
+    mode: Literal["max", "min"] | None = Field(None, description="default: min for a loss or perplexity, else max")
 
     @property
     def direction(self) -> str:
         if self.mode:
             return self.mode
-        return "min" if "loss" in self.metric else "max"
+        return "min" if natural_direction(self.metric or "") == "minimize" else "max"
 
 
 class TrainSpec(Strict):
@@ -136,8 +142,10 @@ SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discrimi
 
 
 class Objective(Strict):
-    metric: str = Field("val_accuracy", description="an epoch metric of the task's kind, or num_params")
-    direction: Literal["maximize", "minimize"] = "maximize"
+    metric: str | None = Field(None, description="an epoch metric of the task's kind, or num_params; default the "
+                                                 "kind's (classification: val_accuracy, causal_lm: val_perplexity)")
+    direction: Literal["maximize", "minimize"] | None = Field(
+        None, description="default: minimize for a loss, perplexity or size, else maximize")
 
 
 SELECT_WITHIN = re.compile(r"^smallest\s+within\s+([0-9.]+)\s+of\s+best(?:\s+(\w+))?(?:\s+by\s+(\w+))?$")
@@ -192,14 +200,29 @@ class SearchSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> SearchSpec:
+    def _one_objective_for_cmaes(self) -> SearchSpec:
+        if self.sampler == "cmaes" and len(self.objectives) > 1:
+            raise ValueError("sampler: cmaes optimises one objective; use nsga2 or tpe for several")
+        return self
+
+    def settle(self, kind: TaskKind) -> None:
+        """Fill in what the objectives leave to the kind (its metric and direction), then check them: each a
+        metric the kind records, none twice, and the select rule naming objectives only."""
+        for i, o in enumerate(self.objectives):
+            o.metric = o.metric or kind.best_by[0]
+            if o.metric not in objective_metrics(kind):
+                raise ValueError(f"search.objectives[{i}].metric: unknown metric {o.metric!r} for task {kind.name}; "
+                                 f"known: {', '.join(objective_metrics(kind))}")
+            if o.direction is None:
+                best = o.metric == kind.best_by[0]
+                o.direction = ("maximize" if kind.best_by[1] else "minimize") if best else natural_direction(o.metric)
         metrics = [o.metric for o in self.objectives]
         if len(set(metrics)) < len(metrics):
-            raise ValueError(f"objectives: a metric appears twice ({', '.join(metrics)})")
-        if self.sampler == "cmaes" and len(metrics) > 1:
-            raise ValueError("sampler: cmaes optimises one objective; use nsga2 or tpe for several")
-        SelectRule.parse(self.select).check(self.select, metrics)
-        return self
+            raise ValueError(f"search.objectives: a metric appears twice ({', '.join(metrics)})")
+        try:
+            SelectRule.parse(self.select).check(self.select, metrics)
+        except ValueError as exc:
+            raise ValueError(f"search.select: {exc}") from None
 
     @property
     def rule(self) -> SelectRule:
@@ -302,13 +325,13 @@ class Workflow(Strict):
         """Objectives, early stopping and gates name what this kind records; then the kind's own rules."""
         kind = self.kind
         es = self.train.early_stopping
-        if es is not None and es.metric not in kind.epoch_metrics:
-            raise ValueError(f"train.early_stopping.metric: unknown metric {es.metric!r} for task {self.task}; "
-                             f"known: {', '.join(kind.epoch_metrics)}")
-        for i, o in enumerate(self.search.objectives if self.search else []):
-            if o.metric not in objective_metrics(kind):
-                raise ValueError(f"search.objectives[{i}].metric: unknown metric {o.metric!r} for task {self.task}; "
-                                 f"known: {', '.join(objective_metrics(kind))}")
+        if es is not None:
+            es.metric = es.metric or kind.best_by[0]
+            if es.metric not in kind.epoch_metrics:
+                raise ValueError(f"train.early_stopping.metric: unknown metric {es.metric!r} for task {self.task}; "
+                                 f"known: {', '.join(kind.epoch_metrics)}")
+        if self.search is not None:
+            self.search.settle(kind)
         gates = self.registry.promote.gates if self.registry.promote else None
         unknown = [k for k in (gates.model_extra or {}) if k not in gate_metrics(kind)] if gates else []
         if unknown:
@@ -458,19 +481,23 @@ def _located(loc: str, msg: str) -> tuple[str, str]:
     return loc or "(top level)", msg
 
 
+def _has_key(cls: Any, loc: str) -> bool:
+    node = cls
+    for part in loc.split("."):
+        fields = getattr(node, "model_fields", None)
+        if fields is None:  # a union: the first member that is a model
+            node = next((a for a in typing.get_args(node) if hasattr(a, "model_fields")), None)
+            fields = getattr(node, "model_fields", {})
+        if part not in fields:
+            return False
+        node = fields[part].annotation
+    return True
+
+
 def _other_kind_key(task: str, loc: str) -> str | None:
     """The kind a key belongs to when it is not this kind's (data.features in a causal_lm workflow)."""
-    for name, kind in kinds().items():
-        if name == task:
-            continue
-        node: Any = workflow_class(kind)
-        for part in loc.split("."):
-            fields = getattr(node, "model_fields", {})
-            if part not in fields:
-                return None
-            node = fields[part].annotation
-        return name
-    return None
+    return next((name for name, kind in kinds().items() if name != task and _has_key(workflow_class(kind), loc)),
+                None)
 
 
 def validate(raw: dict[str, Any], source: str = "workflow") -> Workflow:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.searches"]  # the search tests' fixtures, for the integration and e2e tiers
 BIN = Path(sys.executable).parent
 
 # MLflow and Ray leave temp files behind: keep them in one folder the session removes.

@@ -54,6 +54,21 @@ class Share(Protocol):
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
 
+class HeldRows:
+    """What every held `Share` answers the same way, from its `x` and `y` tensors (a mixin: a kind's share
+    keeps its own fields)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def rows_device(self) -> torch.device:
+        return self.x.device
+
+
 @dataclass(frozen=True)
 class KindSpec:
     """A kind's sections of the workflow (pydantic models, tasks/sections.py's extended) and their defaults;

@@ -62,6 +62,13 @@ def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
     return np.array(table.column(name).to_numpy(), copy=True)
 
 
+def _label_array(y: np.ndarray) -> pa.Array:
+    """Class ids (int64 per row, int32 per token), or real-valued targets (float32) kept as they are."""
+    if np.issubdtype(y.dtype, np.floating):
+        return _fixed_list(y.astype(np.float32), pa.float32()) if y.ndim == 2 else pa.array(y, type=pa.float32())
+    return _fixed_list(y.astype(np.int32), pa.int32()) if y.ndim == 2 else pa.array(y, type=pa.int64())
+
+
 def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch.Tensor, format: str,
                 dtype: str, top_k: int | None) -> bytes:
     """One shard's Parquet bytes. Classification rows: float features, one label, logits [n, C]. Sequence
@@ -73,7 +80,7 @@ def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch
         "row_id": pa.array(row_ids, type=pa.int64()),
         "x": _fixed_list(x.astype(np.int32), pa.int32()) if np.issubdtype(x.dtype, np.integer)
         else _fixed_list(x.astype(np.float32), pa.float32()),
-        "label": _fixed_list(y.astype(np.int32), pa.int32()) if y.ndim == 2 else pa.array(y, type=pa.int64()),
+        "label": _label_array(y),
     }
     flat = logits.reshape(-1, logits.shape[-1]) if seq else logits
     if format == "logits":
@@ -138,6 +145,12 @@ def _scalar_or_list(table: pa.Table, name: str) -> torch.Tensor:
     return torch.from_numpy(_column_numpy(table, name))
 
 
+def _labels(table: pa.Table) -> torch.Tensor:
+    """Integer labels as int64 (class and token ids, -1 masked); real-valued ones as float32."""
+    y = _scalar_or_list(table, "label")
+    return y if y.is_floating_point() else y.long()
+
+
 def decode_rows(data: bytes, dtype: str) -> TargetBatch:
     table = pq.read_table(io.BytesIO(data))
     targets: dict[str, torch.Tensor] = {}
@@ -150,6 +163,6 @@ def decode_rows(data: bytes, dtype: str) -> TargetBatch:
     return TargetBatch(
         row_id=torch.from_numpy(_column_numpy(table, "row_id")),
         x=_load_array(table.column("x"), "float32"),
-        y=_scalar_or_list(table, "label").long(),
+        y=_labels(table),
         targets=targets,
     )

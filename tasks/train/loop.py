@@ -118,7 +118,7 @@ class Worker:
     core: nn.Module  # the model itself
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    train_stream: stream.Streamed | None = None  # this rank's train rows, read block by block (tasks/stream.py)
+    train_stream: stream.Streamed | None = None  # this rank's train rows, read block by block (tasks/train/stream.py)
     val_stream: stream.Streamed | None = None
 
     def log(self, msg: str) -> None:

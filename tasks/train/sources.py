@@ -23,7 +23,7 @@ from tasks.store.store import SoftTargetStore
 class RowSource(Protocol):
     """Rows a fit reads by range. A source may also say its stored size (`stored_bytes(start, stop)`) and
     where its pieces end (`blocks(start, stop)`): then a share over the fit's `hold_share_bytes` streams
-    (tasks/stream.py)."""
+    (tasks/train/stream.py)."""
 
     def rows(self) -> int: ...
 
@@ -64,7 +64,7 @@ class SourceRows:
     piece's digest checked). Its blocks are the split's rows of one piece each, so a share over the fit's
     `hold_share_bytes` streams piece by piece and reads every piece once per epoch.
 
-    Not kept by a warm process's row cache (tasks/warm.py:with_cache): a teacher is trained once per cache key,
+    Not kept by a warm process's row cache (tasks/train/warm.py:with_cache): a teacher is trained once per cache key,
     and a cached split would stay in the warm actor beside the student's rows for the rest of the run."""
 
     split: SplitRows

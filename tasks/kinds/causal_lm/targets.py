@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.kinds.base import HeldRows
 from tasks.models import teacher_forward
 from tasks.store.formats import decode_topk
 
@@ -31,20 +32,13 @@ def teacher_tuple(targets: Mapping[str, torch.Tensor], seq_len: int, vocab: int
 
 
 @dataclass
-class LMShare:
+class LMShare(HeldRows):
     x: torch.Tensor
     y: torch.Tensor
     targets: dict[str, torch.Tensor]
     seq_len: int
     vocab: int
     device: torch.device
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def rows_device(self) -> torch.device:
-        return self.x.device
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         x, y = self.x.index_select(0, idx).to(self.device), self.y.index_select(0, idx).to(self.device)

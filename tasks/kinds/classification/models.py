@@ -164,8 +164,6 @@ class Standardized(nn.Module):
     kdflow's standardized rows).
     """
 
-    inputs = "raw"  # class-level default: models registered before this attribute existed unpickle as raw
-
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, inputs: str = "raw") -> None:
         super().__init__()
         if inputs not in ("raw", "standardized"):

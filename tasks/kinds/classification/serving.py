@@ -77,7 +77,7 @@ def load_module(uri: str) -> nn.Module:
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     found = find_artifacts(local)
-    if found is None:  # an MLflow pytorch model (registered by an older kdflow, or by the user)
+    if found is None:  # a model the user registered with MLflow's pytorch flavour
         return mlflow.pytorch.load_model(uri, map_location="cpu")
     return build_from_artifacts(*found)[0]
 

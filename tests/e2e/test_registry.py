@@ -55,6 +55,7 @@ def cli(*args: str, server: str, cwd: Path, actor: str = "tester") -> Any:
     return kdflow(*args, "--tracking-uri", server, cwd=cwd, env={"KDFLOW_ACTOR": actor})
 
 
+@pytest.mark.slow
 def test_gates_challenger_champion_forced_promote_rollback_and_history(server: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -120,6 +121,7 @@ def test_gates_challenger_champion_forced_promote_rollback_and_history(server: s
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
 
+@pytest.mark.slow
 def test_promote_passes_when_the_recorded_gates_hold_now(server: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -141,44 +143,6 @@ def test_promote_passes_when_the_recorded_gates_hold_now(server: str, tmp_path: 
     moved = promote(client, name, 1, "staging", force=False, reason="for the canary")
     assert moved["moved"] and client.get_model_version_by_alias(name, "staging").version == "1"
     assert history(client, name)[-1]["reason"].startswith("for the canary; gates passed")
-
-
-def test_run_summary_reads_as_words_and_aligned_numbers() -> None:
-    import io
-
-    from orchestrator.registry_cli import print_summary
-
-    result = {
-        "workflow": "digits-distill", "task": "classification", "status": "succeeded", "seconds": 81.2,
-        "teacher": {"test_accuracy": 0.98148, "num_params": 85002, "count": 1},
-        "student": {"test_accuracy": 0.95926, "num_params": 2410, "retention": 0.97736, "latency_ms": 0.0312,
-                    "epochs": 24, "stop_reason": "early_stopped", "samples_per_s": 15537.2, "resumed_from": None},
-        "soft_targets": {"reused": True, "rows": 1797, "format": "logits", "dtype": "float16", "bytes": 188831,
-                         "uri": "/tmp/x/.kdflow/soft_targets/ff7b"},
-        "search": None, "stages": {"data": 2.1, "teacher": 0.7, "student": 48.8, "register": 3.7},
-        "registry": {"model": "digits-student", "version": 2, "aliases": ["challenger"], "gates": {
-            "num_params": {"gate": "num_params", "rule": "num_params <= 2000", "value": 2410, "passed": False}}},
-        "mlflow": {"tracking_uri": "sqlite:////elsewhere/.kdflow/mlflow.db", "experiment": "digits-distill",
-                   "run_id": "e1da"},
-    }
-    out = io.StringIO()
-    print_summary(out, result)
-    text = out.getvalue()
-    assert "{" not in text  # no JSON blobs
-    lines = text.splitlines()
-    teacher, student = next(x for x in lines if x.startswith("teacher")), next(x for x in lines if x.startswith("student "))
-    assert "0.9815" in teacher and "85,002" in teacher and "0.9593" in student and "2.8%" in student
-    assert teacher.index("0.9815") + 6 == student.index("0.9593") + 6  # numbers right-aligned in one column
-    assert "student 48.8 s" in text and "digits-student v2 (@challenger)" in text
-    assert "not promoted: gate num_params failed" in text
-    assert "kdflow ui --root /elsewhere/.kdflow" in text
-
-
-def test_version_flag() -> None:
-    from tests.conftest import REPO
-
-    proc = kdflow("--version", cwd=REPO)
-    assert proc.returncode == 0 and proc.stdout.startswith("kdflow 0.")
 
 
 def test_lineage_names_the_git_commit_of_the_workflow_file(tmp_path: Path) -> None:

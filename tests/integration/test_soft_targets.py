@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 from orchestrator import stages
 from orchestrator.spec import validate
-from orchestrator.teachers import Teacher, load_teachers
+from orchestrator.teachers import Teacher
 from orchestrator.workspace import storage_for
 from tasks.errors import ShardFailed, UserError
 from tasks.kinds.classification import data as data_module
@@ -32,8 +31,8 @@ from tasks.kinds.classification.targets import teacher_logits
 from tasks.models import weights_digest
 from tasks.storage import Storage
 from tasks.store.store import SPLITS, SoftTargetStore, cache_key, shard_ranges
-from tests.conftest import REPO, kdflow
-from tests.helpers import precompute, workflow, write_workflow
+from tests.conftest import REPO
+from tests.helpers import kill_session, precompute, workflow
 
 # Ray ships the test-only teachers below by value: workers need not import this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -285,6 +284,7 @@ class DiesOnce(torch.nn.Module):
         os._exit(1)
 
 
+@pytest.mark.slow
 def test_shards_on_a_warm_actor_are_retried_and_a_dead_actor_replaced(ray_session: None, workdir: Path) -> None:
     """A small precompute's shards as calls on one warm actor (`Slot.shard`, what a single-worker run uses):
     a teacher error is retried on the same process, a process that dies is replaced, the manifest comes last."""
@@ -381,7 +381,7 @@ from tasks.kinds.classification.data import load_dataset
 from tasks.store.store import SPLITS, SoftTargetStore
 from tasks.storage import Storage
 from tests.helpers import precompute
-from tests.test_soft_targets import PRECOMPUTE_ARGS, Slow
+from tests.integration.test_soft_targets import PRECOMPUTE_ARGS, Slow
 
 for attempt in range(3):  # on an overloaded box a raylet can miss Ray's fixed 30 s start-up window
     try:
@@ -397,27 +397,7 @@ precompute(SoftTargetStore(Storage(".kdflow")), "killed", [Slow(os.path.abspath(
 """
 
 
-def session_pids(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], check=False, capture_output=True, text=True).stdout
-    return [int(p) for p, s, stat in (line.split()[:3] for line in out.splitlines()) if int(s) == sid
-            and not stat.startswith("Z")]
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the job and everything it started (Ray puts workers in their own process groups)."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    assert not session_pids(proc.pid)
-
-
+@pytest.mark.slow
 def test_killed_precompute_resumes_computing_only_the_missing_shards(ray_session: None, workdir: Path) -> None:
     (workdir / "job.py").write_text(PRECOMPUTE_JOB)
     entry = workdir / ".kdflow" / "soft_targets" / "killed"
@@ -449,96 +429,6 @@ def test_killed_precompute_resumes_computing_only_the_missing_shards(ray_session
 
 
 # ---------------------------------------------------------------- bad input, through the real CLI
-
-
-def checkpoint_workflow(workdir: Path, **overrides: Any) -> Path:
-    """A workflow whose teacher is a checkpoint file, so no training is needed to reach the store."""
-    torch.manual_seed(0)
-    torch.save(torch.nn.Sequential(torch.nn.Linear(64, 10)).state_dict(), workdir / "teacher.pt")
-    return write_workflow(workdir, **{"teacher": {"model": "mlp", "params": {"hidden": []},
-                                                  "checkpoint": str(workdir / "teacher.pt")},
-                                      "train.epochs": 1, **overrides})
-
-
-def stored_entry(wf: Path) -> tuple[dict[str, Any], Path]:
-    """Fill the store in-process exactly as `kdflow run wf` would."""
-    from orchestrator.spec import load_workflow
-
-    spec = load_workflow(wf)
-    storage = storage_for(spec)
-    data = stages.load_data(spec, storage)
-    m, _ = stages.compute_soft_targets(spec, data, load_teachers(spec, data, storage), storage)
-    return m, Path(SoftTargetStore(storage).dir(m["key"]))
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-3000:]
-
-
-def test_corrupted_shard_or_foreign_manifest_exits_2_naming_it_and_deletes_nothing(ray_session: None,
-                                                                                 workdir: Path) -> None:
-    wf = checkpoint_workflow(workdir)
-    m, entry = stored_entry(wf)
-    shard = entry / m["splits"]["train"]["shards"][1]["path"]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    before = snapshot(entry)
-
-    proc = kdflow("run", str(wf), "--json", cwd=workdir)
-    assert_user_error(proc, str(shard), "checksum mismatch", f"kdflow cache rm {m['key']}")
-    # with --json a failed run still prints its one result object, and nothing stored changed
-    result = json.loads(proc.stdout)
-    assert result["status"] == "failed" and result["stage"] == "soft targets" and "checksum mismatch" in result["message"]
-    assert snapshot(entry) == before
-
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    manifest = json.loads((entry / "manifest.json").read_text())
-    (entry / "manifest.json").write_text(json.dumps({**manifest, "format": "topk", "top_k": 3}))
-    before = snapshot(entry)
-    proc = kdflow("run", str(wf), "--json", cwd=workdir)
-    assert_user_error(proc, str(entry / "manifest.json"), "format='topk'", "'logits'")
-    assert snapshot(entry) == before
-
-
-def test_cache_commands_list_show_verify_and_remove_entries(ray_session: None, workdir: Path) -> None:
-    wf = checkpoint_workflow(workdir)
-    m, entry = stored_entry(wf)
-
-    listed = kdflow("cache", "list", "--json", "--workflow", str(wf), cwd=workdir)
-    assert listed.returncode == 0, listed.stderr
-    [e] = json.loads(listed.stdout)
-    assert (e["key"], e["complete"], e["rows"], e["format"]) == (m["key"], True, 1797, "logits")
-    assert len(e["teachers"]) == 1
-
-    shown = kdflow("cache", "show", m["key"], cwd=workdir)
-    assert shown.returncode == 0 and json.loads(shown.stdout)["splits"] == m["splits"]
-    assert "matches its checksum" in kdflow("cache", "verify", m["key"], cwd=workdir).stdout
-
-    # a manifest cut short (say, copied by hand) is refused, and the entry is left alone
-    full = (entry / "manifest.json").read_text()
-    (entry / "manifest.json").write_text(full[: len(full) // 2])
-    before = snapshot(entry)
-    assert_user_error(kdflow("cache", "show", m["key"], cwd=workdir), str(entry / "manifest.json"), "not valid JSON")
-    broken = json.loads(full)
-    broken["splits"]["train"]["shards"].pop(1)
-    (entry / "manifest.json").write_text(json.dumps(broken))
-    assert_user_error(kdflow("cache", "verify", m["key"], cwd=workdir), "do not tile")
-    listed = kdflow("cache", "list", cwd=workdir)
-    assert listed.returncode == 0 and "INCOMPLETE" in listed.stdout and "do not tile" in listed.stdout
-    assert {k for k in snapshot(entry)} == set(before)
-
-    removed = kdflow("cache", "rm", m["key"], cwd=workdir)
-    assert removed.returncode == 0 and not entry.exists()
-    assert_user_error(kdflow("cache", "rm", m["key"], cwd=workdir), "no soft-target entry", m["key"])
 
 
 def test_readers_refuse_an_entry_without_a_whole_manifest(ray_session: None, workdir: Path) -> None:
@@ -587,7 +477,6 @@ def test_leftover_shard_with_foreign_rows_is_recomputed_not_trusted(ray_session:
     np.testing.assert_array_equal(all_row_ids(store, m), np.arange(1797))
 
 
-
 def test_a_source_that_changes_under_the_shard_tasks_is_the_users_error_and_the_written_shards_stay(
         ray_session: None, workdir: Path) -> None:
     """A shard task (a Ray task, or a call on the run's warm actor) that finds a file changed since the data
@@ -600,7 +489,7 @@ def test_a_source_that_changes_under_the_shard_tasks_is_the_users_error_and_the_
 
     from orchestrator.fitting import Slot
     from tasks.pieces import SourceChanged
-    from tests.test_pieces import FEATURES, SPLIT, source
+    from tests.unit.test_pieces import FEATURES, SPLIT, source
 
     src = source(workdir, {"part-0.parquet": (0, 300), "part-1.parquet": (300, 250)})
     d = load_dataset(src, features=FEATURES, **SPLIT)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from orchestrator.spec import validate
 from tasks.errors import UserError
-from tasks.kinds import kind_for
 from tasks.kinds.causal_lm import CausalLM
 from tasks.kinds.causal_lm.data import Document, load_lm_data, pack, save_tokenizer_dir, train_bpe
 from tasks.kinds.causal_lm.models import build_lm
@@ -34,8 +29,6 @@ from tasks.kinds.causal_lm.spec import CausalLMData
 from tasks.store.shards import decode_rows, encode_rows
 from tasks.train.config import OptimizerConfig
 from tasks.train.step import schedule_for
-from tests.conftest import kdflow
-from tests.helpers import precompute
 
 KIND = CausalLM()
 TEXT = ["def add(a, b):\n    return a + b\n" * 3, "class Point:\n    x: int = 0\n    y: int = 0\n" * 3,
@@ -185,6 +178,28 @@ def test_losses_against_a_hand_computation() -> None:
         assert abs(float(got) - want) < 1e-5, loss
 
 
+def test_a_users_loss_is_called_per_token_on_the_bucket_log_probabilities(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """distill.loss: "module:function" for causal_lm: fn(student [N, k+1], teacher [N, k+1], 1.0) per token on the
+    top-k + tail buckets' log-probabilities at T; kdflow applies T^2. A KL written by hand equals the built-in."""
+    from tasks.losses import resolve_loss
+
+    (tmp_path / "token_losses.py").write_text(
+        "def bucket_kl(student, teacher, temperature):\n"
+        "    return (teacher.exp() * (teacher - student)).sum(-1) / temperature\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        torch.manual_seed(0)
+        t, s = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+        values, ids = t.topk(4, -1)
+        tail = torch.logsumexp(t.scatter(-1, ids, -1e4), -1)
+        mine = token_divergence(s, values, ids.int(), tail, loss="token_losses:bucket_kl", temperature=2.0, beta=0.5)
+        builtin = token_divergence(s, values, ids.int(), tail, loss="kl", temperature=2.0, beta=0.5)
+        assert mine.shape == (2, 3) and torch.allclose(mine, builtin, atol=1e-6)
+    finally:
+        resolve_loss.cache_clear()
+
+
 def test_schedule_warms_up_then_decays_and_is_off_by_default() -> None:
     plain = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.0, momentum=0.9, schedule="constant",
                             warmup_steps=0, grad_clip=None)
@@ -283,186 +298,4 @@ def test_prompt_completion_parquet_and_fingerprint(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- a precompute killed for real
 
 
-# The job a user's run would be, its own process joined to the session's Ray (as a `kdflow run` in a Ray job),
-# precomputing one shard at a time. Its teacher SIGKILLs the job, and then its own worker, as the fourth
-# shard's forward starts: exactly three shards are whole when the job dies.
-LM_PRECOMPUTE_JOB = """
-import glob
-import os
-import signal
-import sys
-
-import numpy as np
-import ray
-import torch
-
-from tasks.kinds.causal_lm import CausalLM
-from tasks.kinds.causal_lm.models import build_lm
-from tasks.store.store import SoftTargetStore
-from tasks.storage import Storage
-from tests.helpers import precompute
-from tests.test_lm import KILL_AFTER, LM_PRECOMPUTE_ARGS, TINY_TEACHER
-
-
-class KilledAfter(torch.nn.Module):
-    def __init__(self, model, entry, driver):
-        super().__init__()
-        self.model, self.entry, self.driver = model, entry, driver
-
-    def forward(self, x):
-        if len(glob.glob(os.path.join(self.entry, "*", "*.parquet"))) >= KILL_AFTER:
-            os.kill(self.driver, signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self.model(x)
-
-
-ray.init(address=sys.argv[1], logging_level="WARNING")
-rows = np.load("rows.npz")
-splits = {s: (rows[f"{s}_x"], rows[f"{s}_y"]) for s in ("train", "val", "test")}
-teacher = build_lm("llama", TINY_TEACHER, {"vocab_size": int(rows["vocab"]), "seq_len": 16})
-teacher.load_state_dict(torch.load("teacher.pt"))
-store = SoftTargetStore(Storage(".kdflow"))
-precompute(store, "killed", [KilledAfter(teacher, store.dir("killed"), os.getpid())], splits,
-                 kind=CausalLM(), **LM_PRECOMPUTE_ARGS)
-"""
-TINY_TEACHER = {"layers": 1, "width": 16, "heads": 2, "ffn": 32}
-# 6 train shards + 1 val + 1 test, one at a time so that the kill lands between two shards
-LM_PRECOMPUTE_ARGS = {"shards": 6, "format": "topk", "dtype": "float16", "top_k": 8, "ensemble": "mean_probs",
-                      "meta": {}, "workers": 1, "max_retries": 0}
-KILL_AFTER = 3
-
-
-def test_killed_lm_precompute_resumes_computing_only_the_missing_shards(ray_session: None, workdir: Path) -> None:
-    from tasks.storage import Storage
-    from tasks.store.store import SoftTargetStore
-    from tests.conftest import REPO, session_ray_address
-
-    tok = tokenizer()
-    x, y = pack([Document(t) for t in TEXT * 2], tok, seq_len=16)
-    cut = [len(x) - 8, len(x) - 4]
-    np.savez("rows.npz", train_x=x[:cut[0]], train_y=y[:cut[0]], val_x=x[cut[0]:cut[1]], val_y=y[cut[0]:cut[1]],
-             test_x=x[cut[1]:], test_y=y[cut[1]:], vocab=tok.get_vocab_size())
-    torch.manual_seed(0)
-    teacher = build_lm("llama", TINY_TEACHER, {"vocab_size": tok.get_vocab_size(), "seq_len": 16}).eval()
-    torch.save(teacher.state_dict(), "teacher.pt")
-    (workdir / "job.py").write_text(LM_PRECOMPUTE_JOB)
-    job = subprocess.run([sys.executable, "job.py", session_ray_address()], check=False, cwd=workdir,
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token"})
-    assert job.returncode == -9, job.stderr[-3000:]  # killed, not finished or failed
-
-    entry = workdir / ".kdflow" / "soft_targets" / "killed"
-    kept = {p: p.stat().st_mtime_ns for p in entry.rglob("*.parquet")}
-    assert len(kept) == KILL_AFTER and not (entry / "manifest.json").exists()
-    (entry / "val").mkdir()
-    (entry / "val" / "part-00000-of-00001.parquet.tmp-0badf00d").write_bytes(b"half a shard")  # a writer killed mid-shard
-
-    splits = {"train": (x[:cut[0]], y[:cut[0]]), "val": (x[cut[0]:cut[1]], y[cut[0]:cut[1]]),
-              "test": (x[cut[1]:], y[cut[1]:])}
-    store = SoftTargetStore(Storage(".kdflow"))
-    seen: list[tuple[str, int, bool]] = []
-    resumed, stats = precompute(store, "killed", [teacher], splits, kind=KIND, **LM_PRECOMPUTE_ARGS,
-                                      on_shard=lambda split, i, n, reused: seen.append((split, i, reused)))
-    assert stats.computed_shards == 8 - KILL_AFTER
-    assert sorted((s, i) for s, i, reused in seen if reused) == [("train", i) for i in range(KILL_AFTER)]
-    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the whole shards were not rewritten
-    assert stats.forward_rows == sum(s["rows"] for sp in ("train", "val", "test") for s in resumed["splits"][sp]["shards"]
-                                     if entry / s["path"] not in kept)
-    assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]
-
-    # the resumed entry is the one an uninterrupted precompute writes: the same shards, byte for byte
-    whole, _ = precompute(store, "whole", [teacher], splits, kind=KIND, **LM_PRECOMPUTE_ARGS)
-    shards = {k: [(s["path"], s["rows"], s["sha256"]) for sp in ("train", "val", "test") for s in m["splits"][sp]["shards"]]
-              for k, m in (("resumed", resumed), ("whole", whole))}
-    assert shards["resumed"] == shards["whole"]
-    for split in ("train", "val", "test"):
-        a, b = store.read(resumed, split), store.read(whole, split)
-        assert torch.equal(a.targets["topk_indices"], b.targets["topk_indices"])
-        assert torch.equal(a.targets["topk_values"], b.targets["topk_values"])
-
-
 # ---------------------------------------------------------------- one whole run, two workers
-
-
-@pytest.mark.slow
-def test_lm_workflow_runs_with_two_workers(workdir: Path, s3_bucket: str) -> None:
-    """The whole LM path once: stored on the loopback S3 server (tokenizer, teacher, per-token shards)."""
-    raw = lm_workflow(source="python-stdlib", corpus={"max_bytes": 30000}, split={"val": 0.1, "test": 0.1})
-    raw["storage"] = {"root": f"s3://{s3_bucket}/lm"}
-    # one shard per split: each shard is a Ray task in a fresh worker process (torch, tokenizer and S3 client
-    # loaded again), and the default 4 train shards put six of those on two cores at once; sharding a split
-    # and resuming a half-written entry are covered above (test_killed_lm_precompute_resumes_...)
-    raw["soft_targets"]["shards"] = 1
-    raw.update(train={"epochs": 2, "batch_size": 8, "workers": 2,
-                      "optimizer": {"schedule": "cosine", "warmup_steps": 2, "grad_clip": 1.0}})
-    raw["teacher"]["train"] = {"epochs": 2, "batch_size": 8}
-    raw["distill"]["baseline"] = True
-    raw["registry"] = {"model": "t-lm-student", "promote": {"alias": "champion",
-                                                            "gates": {"perplexity_ratio": "<= 1000"}}}
-    (workdir / "lm.yaml").write_text(yaml.safe_dump(raw))
-    proc = kdflow("run", "lm.yaml", "--json", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    s, t = result["student"], result["teacher"]
-    assert t["trained"] and 1 < t["perplexity"] < 270
-    assert 1 < s["perplexity"] < 270 and 1 < s["baseline_perplexity"] < 270
-    assert s["tokens_per_s"] > 0 and len(s["nodes"]) == 2  # one Ray node id per rank: two workers ran
-    st = result["soft_targets"]
-    assert st["format"] == "topk" and st["top_k"] == 8 and st["seq_len"] == 16 and st["bytes_per_token"] > 0
-    from tasks.storage import Storage
-
-    store = Storage(f"s3://{s3_bucket}/lm")
-    entry = store.path("soft_targets", st["cache_key"])
-    assert store.exists(store.path("soft_targets", st["cache_key"], "manifest.json"))
-    assert any(p.endswith(".parquet") for p in store.ls(store.path("soft_targets", st["cache_key"], "train"))), entry
-    assert store.ls(store.path("tokenizers"))  # the BPE trained on the training split is kept with the cache
-    # registered with its tokenizer, promoted by the perplexity gate, and it generates from models:/NAME@ALIAS
-    assert "champion" in result["registry"]["aliases"]
-    import mlflow
-    import pandas as pd
-
-    from tasks.kinds.causal_lm.serving import generate, load_lm
-
-    mlflow.set_tracking_uri(result["mlflow"]["tracking_uri"])
-    served = mlflow.pyfunc.load_model("models:/t-lm-student@champion")
-    out = served.predict(pd.DataFrame({"prompt": ["def main("]}), params={"max_new_tokens": 10})
-    assert list(out.columns) == ["completion"] and len(out) == 1
-    model, tok = load_lm("models:/t-lm-student@champion")
-    (row,) = generate(model, tok, ["def main("], 10)
-    assert len(row["token_ids"]) == 10 and row["completion"] == out["completion"][0]
-    assert tok.eos_token == "<|endoftext|>" and len(tok) == model.config.vocab_size
-
-
-def test_run_summary_shows_the_perplexity_table() -> None:
-    import io
-
-    from orchestrator.registry_cli import print_summary
-
-    result = {
-        "workflow": "lm-stdlib", "task": "causal_lm", "status": "succeeded", "seconds": 500.0,
-        "teacher": {"perplexity": 9.329, "num_params": 894080, "count": 1},
-        "student": {"perplexity": 11.424, "baseline_perplexity": 12.142, "num_params": 127296,
-                    "teacher_agreement": 0.597, "baseline_agreement": 0.566, "tokens_per_s": 5593.0, "epochs": 8,
-                    "stop_reason": "completed", "samples_per_s": 43.7, "resumed_from": None},
-        "soft_targets": {"reused": False, "rows": 2053, "format": "topk", "dtype": "float16", "bytes": 23119896,
-                         "uri": "/tmp/x/.kdflow/soft_targets/7c2c"},
-        "search": None, "stages": {"teacher": 60.0}, "registry": None,
-        "mlflow": {"tracking_uri": "sqlite:////x/.kdflow/mlflow.db", "experiment": "lm-stdlib", "run_id": "a7"},
-    }
-    out = io.StringIO()
-    print_summary(out, result)
-    lines = out.getvalue().splitlines()
-    row = {name: next(x for x in lines if x.startswith(name)) for name in ("teacher", "student (KD)",
-                                                                         "student (no KD)")}
-    assert "9.329" in row["teacher"] and "11.424" in row["student (KD)"] and "12.142" in row["student (no KD)"]
-    assert "14.2%" in row["student (KD)"] and "5,593" in row["student (KD)"] and "0.566" in row["student (no KD)"]
-    assert any(x.startswith("student ") and "8 epochs" in x and "5,593 tokens/s" in x for x in lines), lines
-
-
-def test_progress_line_reads_perplexity_and_tokens_for_an_lm() -> None:
-    metrics = {"train_loss": 2.5, "val_loss": 2.2, "val_perplexity": 9.025, "val_accuracy": 0.41, "samples_per_s": 40.0}
-    assert kind_for("causal_lm").epoch_summary(metrics, {"seq_len": 128, "vocab_size": 320}) == \
-        "loss 2.5000 val_ppl 9.025 5,120 tokens/s"
-    classifier = {"train_loss": 0.3, "val_accuracy": 0.95, "samples_per_s": 1234.0}
-    assert kind_for("classification").epoch_summary(classifier, {"num_features": 64, "num_classes": 10}) == \
-        "loss 0.3000 val_acc 0.9500 1,234 samples/s"

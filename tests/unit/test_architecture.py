@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tasks.kinds import BUILTIN, kinds
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(REPO / "orchestrator").rglob("*.py"), *(REPO / "tasks").rglob("*.py")])
 MAX_FUNCTION_LINES = 60
 RAY_PRIVATE = ("ray._private", "ray.train.v2._internal")

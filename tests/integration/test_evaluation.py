@@ -35,8 +35,7 @@ def test_streamed_test_metrics_equal_the_whole_split_ones_and_hold_one_shard_at_
     from tasks.store import precompute as precompute_module
     from tasks.store.store import SPLITS, SoftTargetStore
     from tasks.train.step import evaluate
-    from tests.helpers import precompute
-    from tests.test_train import quick_teacher
+    from tests.helpers import precompute, quick_teacher
 
     monkeypatch.setattr(precompute_module, "SHARD_ROWS", 60)  # digits' 279 test rows in 5 shards; 2 train tasks' files
     data = load_dataset("sklearn:digits")

@@ -12,7 +12,7 @@ from tasks.errors import UserError
 from tasks.kinds.causal_lm import CausalLM
 from tasks.kinds.causal_lm.data import tokenizer_hash, train_bpe
 from tasks.kinds.causal_lm.models import build_lm
-from tests.test_lm import TEXT, tokenizer
+from tests.unit.test_lm import TEXT, tokenizer
 
 TINY = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}
 

@@ -17,12 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster import NodeInfo, check
-from orchestrator.spec import validate
-from tasks.errors import UserError
 from tests.cluster import TwoNodes
 from tests.conftest import BIN, kdflow
-from tests.helpers import workflow, write_workflow
+from tests.helpers import write_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +50,7 @@ def bucket(s3_server: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def digits_on_s3(s3_server: dict[str, str], bucket: str) -> str:
     """The digits as two Parquet files (the job reads its data from S3 too)."""
-    from tests.test_s3 import digits_table, fs, upload_parquet
+    from tests.e2e.test_s3 import digits_table, fs, upload_parquet
 
     table = digits_table()
     upload_parquet(fs(s3_server), table.slice(0, 900), f"{bucket}/digits/part-0.parquet")
@@ -75,29 +72,6 @@ def node_ids(cluster: TwoNodes) -> dict[str, str]:
             for n in cluster.alive_nodes()}
 
 
-def test_check_refuses_what_one_machine_only_can_do() -> None:
-    two = [NodeInfo("a" * 56, "host1", "/tmp/ray-a/session_1"), NodeInfo("b" * 56, "host2", "/tmp/ray-b/session_1")]
-    good = validate(workflow(**{"storage.root": "s3://b/runs", "tracking.uri": "http://mlflow:5000"}))
-    check(good, two, {})
-    check(validate(workflow()), two[:1], {})  # one node: local disk and embedded stores are fine
-    cases = [({}, "storage.root"), ({"storage.root": "s3://b/r"}, "tracking.uri"),
-             ({"storage.root": "s3://b/r", "tracking.uri": "sqlite:///mlflow.db"}, "tracking.uri"),
-             ({"storage.root": "s3://b/r", "tracking.uri": "http://m:5000",
-               "search": {"trials": 2, "space": {"distill.alpha": {"type": "float", "low": 0.1, "high": 0.9}}}},
-              "search.storage")]
-    for overrides, key in cases:
-        with pytest.raises(UserError) as err:
-            check(validate(workflow(**overrides)), two, {})
-        assert err.value.where == key, (overrides, str(err.value))
-    # the tracking server may come from the job's environment (kdflow submit --forward-env MLFLOW_TRACKING_URI)
-    check(validate(workflow(**{"storage.root": "s3://b/r"})), two, {"MLFLOW_TRACKING_URI": "http://m:5000"})
-    # two nodes on one host sharing one temp dir: the job's working directory would vanish under the driver
-    shared = [two[0], NodeInfo("b" * 56, "host1", "/tmp/ray-a/session_1")]
-    with pytest.raises(UserError, match="--temp-dir") as err:
-        check(good, shared, {})
-    assert err.value.where == "ray start --temp-dir"
-
-
 def test_submit_refuses_local_disk_and_embedded_stores_on_two_nodes(cluster: TwoNodes, s3_bucket: str,
                                                                      workdir: Path) -> None:
     local = write_workflow(workdir, "local.yaml", **{"storage.root": str(workdir / "store")})
@@ -117,7 +91,7 @@ def test_two_node_job_with_s3_and_an_mlflow_server(cluster: TwoNodes, bucket: st
                                                    pytest.TempPathFactory) -> None:
     import mlflow
 
-    from tests.test_s3 import fs
+    from tests.e2e.test_s3 import fs
 
     nodes = node_ids(cluster)
     assert sorted(nodes.values()) == ["head", "worker"]
@@ -159,7 +133,7 @@ def test_two_node_job_with_s3_and_an_mlflow_server(cluster: TwoNodes, bucket: st
 
 def test_a_lost_node_is_survived_from_the_last_checkpoint(cluster: TwoNodes, bucket: str, digits_on_s3: str,
                                                           mlflow_server: str, workdir: Path) -> None:
-    from tests.test_s3 import fs
+    from tests.e2e.test_s3 import fs
 
     nodes = node_ids(cluster)
     head = next(n for n, role in nodes.items() if role == "head")

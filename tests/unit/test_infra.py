@@ -31,7 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 CRDS = REPO / "tests" / "data" / "kuberay-crds"  # KubeRay's own CRDs, copied (README.md there)
 

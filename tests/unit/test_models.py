@@ -121,3 +121,24 @@ def test_student_size_params_can_be_searched() -> None:
     assert size[1, 16] < size[3, 16] and size[1, 32] < size[3, 32]
     assert size[1, 16] < size[1, 32] and size[3, 16] < size[3, 32]
     assert set(MODELS) >= {"mlp", "cnn1d", "transformer"}
+
+
+def test_registering_a_taken_model_name_is_an_error_and_keeps_the_first() -> None:
+    """A built-in family cannot be replaced by accident from a user's module (torchdistill's lesson: names are
+    stable); a new name registers and builds like a family."""
+    from tasks.kinds.classification.models import register_model
+
+    with pytest.raises(ValueError, match="'mlp' is already registered"):
+        register_model("mlp")(lambda num_features, num_classes: None)
+    assert MODELS["mlp"].__name__ == "mlp"
+
+    @register_model("test-linear")
+    def linear(num_features: int, num_classes: int) -> torch.nn.Module:
+        return torch.nn.Linear(num_features, num_classes)
+
+    try:
+        assert build_model("test-linear", {}, 5, 3)(torch.zeros(2, 5)).shape == (2, 3)
+        with pytest.raises(ValueError, match="already registered"):
+            register_model("test-linear")(linear)
+    finally:
+        MODELS.entries.pop("test-linear")

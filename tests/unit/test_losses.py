@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.losses import LOSSES, distillation_objective, get_loss, register_loss
+from tasks.errors import UserError
+from tasks.losses import LOSSES, distillation_objective, get_loss, register_loss, resolve_loss
 
 # An asymmetric 2x3 example: the student is confident where the teacher is not.
 STUDENT = [[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]]
@@ -195,3 +196,69 @@ def test_registering_a_taken_name_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
         register_loss("kl")(lambda s, t, temperature, beta: s.sum(dim=-1))
     assert LOSSES["kl"].__name__ == "forward_kl"
+
+
+# ---------------------------------------------------------------- a user's own loss, named from YAML
+
+
+USER_LOSSES = '''
+import torch
+
+
+def half_kl(student_logits, teacher_logits, temperature):
+    log_p = torch.log_softmax(teacher_logits / temperature, -1)
+    log_q = torch.log_softmax(student_logits / temperature, -1)
+    return 0.5 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def with_beta(student_logits, teacher_logits, temperature, beta):
+    return beta * (student_logits - teacher_logits).pow(2).mean(-1)
+
+
+def scalar(student_logits, teacher_logits, temperature):
+    return (student_logits - teacher_logits).pow(2).mean()
+
+
+not_a_function = 3
+'''
+
+
+@pytest.fixture
+def user_losses(tmp_path, monkeypatch):
+    (tmp_path / "my_losses.py").write_text(USER_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_losses"
+    resolve_loss.cache_clear()
+
+
+def test_a_users_loss_from_an_import_path_gets_alpha_the_label_term_and_the_mean(user_losses):
+    """fn(student, teacher, T) -> loss per row; kdflow mixes it with CE by alpha and takes the mean."""
+    name = f"{user_losses}:half_kl"
+    total, parts = _objective([0, 2], alpha=0.6, loss=name)
+    _, kl = _objective([0, 2], alpha=0.6, loss="kl")
+    # the built-in kl is T^2 * KL; the user's is 0.5 * KL at T: the KD terms differ by exactly that factor
+    assert parts["kd"].item() == pytest.approx(kl["kd"].item() * 0.5 / 2.0**2, rel=1e-5)  # T = 2
+    assert total.item() == pytest.approx(0.6 * parts["kd"].item() + 0.4 * parts["ce"].item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(kl["ce"].item())
+
+
+def test_a_users_loss_that_takes_beta_gets_it(user_losses):
+    _, half = _objective([0, 2], alpha=1.0, loss=f"{user_losses}:with_beta", beta=0.5)
+    _, one = _objective([0, 2], alpha=1.0, loss=f"{user_losses}:with_beta", beta=1.0)
+    assert half["kd"].item() == pytest.approx(0.5 * one["kd"].item())
+
+
+def test_a_users_loss_that_returns_no_value_per_row_names_distill_loss(user_losses):
+    with pytest.raises(UserError, match="distill.loss.*one value per row"):
+        _objective([0, 2], alpha=0.5, loss=f"{user_losses}:scalar")
+
+
+def test_a_bad_import_path_is_an_error_naming_distill_loss(user_losses):
+    from orchestrator.spec import validate
+    from tests.helpers import workflow
+
+    assert validate(workflow(**{"distill.loss": f"{user_losses}:half_kl"})).distill.loss == f"{user_losses}:half_kl"
+    for bad, says in ((f"{user_losses}:nope", "has no function"), (f"{user_losses}:not_a_function", "no function"),
+                      ("no_such_module:fn", "cannot import"), ("kld", "unknown loss")):
+        with pytest.raises(UserError, match=f"distill.loss: .*{says}"):
+            validate(workflow(**{"distill.loss": bad}))

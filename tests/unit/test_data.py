@@ -11,8 +11,6 @@ import pytest
 
 from tasks.errors import UserError
 from tasks.kinds.classification.data import load_dataset
-from tests.conftest import kdflow
-from tests.helpers import write_workflow
 
 
 def test_mnist1d_transfer_rows_are_new_unlabeled_rows_that_leave_the_labeled_splits_alone() -> None:
@@ -109,11 +107,3 @@ def test_bad_data_input_names_the_key(tmp_path: Path, kwargs: dict, where: str, 
     with pytest.raises(UserError) as err:
         load_dataset(**kwargs)
     assert err.value.where == where and message in str(err.value)
-
-
-def test_missing_parquet_source_exits_2_through_the_cli(workdir: Path) -> None:
-    wf = write_workflow(workdir, **{"data.source": str(workdir / "nowhere" / "*.parquet")})
-    proc = kdflow("run", str(wf), cwd=workdir)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert f"data.source: no files match '{workdir}/nowhere/*.parquet'" in proc.stderr

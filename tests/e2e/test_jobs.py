@@ -76,12 +76,3 @@ def test_unreachable_cluster_exits_2(workdir: Path) -> None:
     path = write_workflow(workdir)
     proc = kdflow("submit", path.name, "--address", "http://127.0.0.1:9", cwd=workdir, timeout=120)
     assert proc.returncode == 2 and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_the_result_is_found_even_when_ray_logs_after_it() -> None:
-    from orchestrator.jobs import result_line
-
-    result = '{"workflow": "w", "status": "succeeded"}'
-    logs = f"progress\n{result}\n(raylet) node 1a2b died\n{{not json}}\n"
-    assert result_line(logs) == result
-    assert result_line("no result here\n{\"other\": 1}\n") is None

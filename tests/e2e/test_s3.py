@@ -53,6 +53,7 @@ def assert_user_error(proc: Any, *needles: str) -> None:
         assert needle in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_parquet_on_s3_round_trip_through_kdflow_run(s3_server: dict[str, str], s3_bucket: str,
                                                      workdir: Path) -> None:
     s3 = fs(s3_server)
