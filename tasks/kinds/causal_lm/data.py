@@ -27,6 +27,7 @@ import numpy as np
 
 from tasks.dataset import Dataset, read_parquet_table
 from tasks.errors import UserError
+from tasks.kinds.causal_lm.arithmetic import ARITHMETIC, arithmetic_table
 from tasks.kinds.causal_lm.spec import CausalLMData, TokenizerSpec
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
@@ -96,8 +97,7 @@ def _read_table(source: str, storage: Storage | None) -> Any:
     return read_parquet_table(source, storage, "source")
 
 
-def table_documents(data: CausalLMData, storage: Storage | None) -> list[Document]:
-    table = _read_table(data.source, storage)
+def table_documents(data: CausalLMData, table: Any) -> list[Document]:
     names = table.column_names
 
     def column(key: str) -> list[Any]:
@@ -115,17 +115,28 @@ def table_documents(data: CausalLMData, storage: Storage | None) -> list[Documen
     return [Document(str(t or "")) for t in column("text")]
 
 
-def read_documents(data: CausalLMData, storage: Storage | None) -> list[Document]:
-    """The corpus named by `source`, limited by `limit` documents; empty or whitespace-only text is refused."""
+def read_source(data: CausalLMData, storage: Storage | None) -> Any:
+    """The table `source` names (None for the built-in corpus)."""
     source = data.source
     if source == STDLIB:
-        docs = stdlib_documents(data.corpus.max_bytes, data.corpus.max_files)
-    elif source.endswith((".parquet", ".jsonl", ".json", ".ndjson")) or "*" in source or source.startswith("s3://") \
+        return None
+    if source == ARITHMETIC:
+        return arithmetic_table(data.corpus.conversations)
+    if source.endswith((".parquet", ".jsonl", ".json", ".ndjson")) or "*" in source or source.startswith("s3://") \
             or os.path.isdir(source):
-        docs = table_documents(data, storage)
-    else:
-        raise UserError(f"unknown LM source {source!r}: the built-in corpus is {STDLIB!r}, or a Parquet / "
-                        "JSON-lines file (local or s3://)", where="source")
+        return _read_table(source, storage)
+    raise UserError(f"unknown LM source {source!r}: the built-in corpora are {STDLIB!r} and {ARITHMETIC!r} "
+                    "(conversations), or a Parquet / JSON-lines file (local or s3://)", where="source")
+
+
+def read_documents(data: CausalLMData, storage: Storage | None, table: Any = None) -> list[Document]:
+    """The corpus named by `source` (or its `table`, read already), limited by `limit` documents; empty or
+    whitespace-only text is refused."""
+    source = data.source
+    if table is None and source != STDLIB:
+        table = read_source(data, storage)
+    docs = stdlib_documents(data.corpus.max_bytes, data.corpus.max_files) if table is None \
+        else table_documents(data, table)
     if data.limit:
         docs = docs[: data.limit]
     docs = [d for d in docs if (d.prompt + d.text).strip()]
@@ -183,29 +194,41 @@ def load_tokenizer_dir(path: str) -> Any:
     return Tokenizer.from_file(str(file))
 
 
-def get_tokenizer(spec: TokenizerSpec, train_docs: list[Document], storage: Storage | None) -> Any:
-    """A local tokenizer directory, or a BPE trained on the training documents, cached in the store by
-    (training text, vocab size) so reruns and searches reuse the very same one."""
-    if spec.path:
-        return load_tokenizer_dir(spec.path)
-    vocab = spec.vocab_size
-    h = hashlib.sha256(f"bpe-v1|{vocab}|".encode())
+def _bpe_path(spec: TokenizerSpec, train_docs: list[Document], storage: Storage) -> str:
+    """Where the BPE trained on these documents with this vocabulary is kept in the store."""
+    h = hashlib.sha256(f"bpe-v1|{spec.vocab_size}|".encode())
     for d in train_docs:
         h.update(d.prompt.encode())
         h.update(b"\0")
         h.update(d.text.encode())
         h.update(b"\1")
-    key = h.hexdigest()[:20]
+    return storage.path("tokenizers", h.hexdigest()[:20], "tokenizer.json")
+
+
+def get_tokenizer(spec: TokenizerSpec, train_docs: list[Document], storage: Storage | None, *, keep: bool = True
+                  ) -> Any:
+    """A local tokenizer directory, or a BPE trained on the training documents, cached in the store by
+    (training text, vocab size) so reruns and searches reuse the very same one (`keep` False: the caller
+    keeps it with `keep_tokenizer` once its rows are known to be good)."""
+    if spec.path:
+        return load_tokenizer_dir(spec.path)
     if storage is not None:
-        path = storage.path("tokenizers", key, "tokenizer.json")
+        path = _bpe_path(spec, train_docs, storage)
         if storage.exists(path):
             from tokenizers import Tokenizer
 
             return Tokenizer.from_str(storage.read_bytes(path).decode())
-    tok = train_bpe([d.prompt + d.text for d in train_docs], vocab)
-    if storage is not None:
-        storage.write_bytes(path, tok.to_str().encode())
+    tok = train_bpe([d.prompt + d.text for d in train_docs], spec.vocab_size)
+    if keep:
+        keep_tokenizer(spec, train_docs, tok, storage)
     return tok
+
+
+def keep_tokenizer(spec: TokenizerSpec, train_docs: list[Document], tok: Any, storage: Storage | None) -> None:
+    if storage is not None and not spec.path:
+        path = _bpe_path(spec, train_docs, storage)
+        if not storage.exists(path):
+            storage.write_bytes(path, tok.to_str().encode())
 
 
 # ---------------------------------------------------------------- packing
@@ -254,13 +277,22 @@ class TokenRows(Dataset):
     vocab_size: int
     seq_len: int
     documents: dict[str, int]  # documents per split (before packing)
+    chat_template: str | None = None  # conversations were rendered with it (chat.py); the served model keeps it
 
 
 def load_lm_data(data: CausalLMData, *, seed: int, storage: Storage | None) -> TokenRows:
     """Read, split by document, tokenize and pack; the fingerprint covers the packed rows, the tokenizer's
     hash, seq_len and the packing scheme."""
     seq_len = data.seq_len
-    docs = read_documents(data, storage)
+    table = read_source(data, storage)
+    if table is not None:
+        from tasks.kinds.causal_lm.chat import messages_column
+
+        if (column := messages_column(data, table.column_names)) is not None:
+            return load_chat_data(data, table, column, seed=seed, storage=storage)
+    elif data.messages:
+        raise UserError(f"the built-in corpus {STDLIB!r} holds no conversations", where="messages")
+    docs = read_documents(data, storage, table)
     parts = split_documents(docs, val=data.split.val, test=data.split.test, seed=seed)
     tok = get_tokenizer(data.tokenizer, parts["train"], storage)
     th = tokenizer_hash(tok)
@@ -279,10 +311,46 @@ def load_lm_data(data: CausalLMData, *, seed: int, storage: Storage | None) -> T
                      documents={k: len(v) for k, v in parts.items()})
 
 
-def save_tokenizer_dir(tok: Any, folder: str | Path) -> None:
-    """A transformers-loadable tokenizer directory (PreTrainedTokenizerFast) beside a model."""
+def load_chat_data(data: CausalLMData, table: Any, column: str, *, seed: int, storage: Storage | None
+                   ) -> TokenRows:
+    """Conversations split by conversation, rendered with the chat template, one per row, targets on the
+    assistant's tokens only (chat.py); the fingerprint covers the template, the tokenizer and the rows. The
+    trained BPE (if any) is kept only once every row is good: bad input writes nothing."""
+    from tasks.kinds.causal_lm import chat
+
+    convs = chat.read_conversations(table, column, data.limit)
+    parts = split_documents(convs, val=data.split.val, test=data.split.test, seed=seed)  # type: ignore[arg-type]
+    tok_docs: list[Document] = []
+    if not data.tokenizer.path:  # the BPE learns the rendered text, template markup included
+        plain = chat.chat_tokenizer(data, train_bpe([], 260), EOS)
+        tok_docs = [Document(chat.render(plain, c)[0]) for c in parts["train"]]
+    tok = get_tokenizer(data.tokenizer, tok_docs, storage, keep=False)
+    fast = chat.chat_tokenizer(data, tok, EOS)
+    eos = fast.eos_token_id if fast.eos_token_id is not None else 0
+    th = tokenizer_hash(tok)
+    h = hashlib.sha256(f"{chat.PACKING}|seq_len={data.seq_len}|tokenizer={th}|seed={seed}|truncation="
+                       f"{data.truncation}|template={chat.template_hash(fast.chat_template)}|".encode())
+    xs, ys = {}, {}
+    for name in ("train", "val", "test"):
+        xs[name], ys[name] = chat.rows_of(parts[name], fast, data.seq_len, data.truncation, eos)  # type: ignore
+        h.update(name.encode())
+        h.update(xs[name].tobytes())
+        h.update(ys[name].tobytes())
+    if int((ys["train"] >= 0).sum()) == 0:
+        raise UserError("the training split has no assistant tokens left", where="truncation")
+    keep_tokenizer(data.tokenizer, tok_docs, tok, storage)
+    return TokenRows(arrays=(xs, ys), fingerprint=h.hexdigest(), labeled_fingerprint=h.hexdigest(), tokenizer=tok,
+                     tokenizer_hash=th, vocab_size=tok.get_vocab_size(), seq_len=data.seq_len,
+                     documents={k: len(v) for k, v in parts.items()}, chat_template=fast.chat_template)
+
+
+def save_tokenizer_dir(tok: Any, folder: str | Path, chat_template: str | None = None) -> None:
+    """A transformers-loadable tokenizer directory (PreTrainedTokenizerFast, with the chat template conversations
+    were rendered with) beside a model."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+    if chat_template:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(folder))
     Path(folder, "kdflow_tokenizer.json").write_text(json.dumps({"hash": tokenizer_hash(tok)}))
