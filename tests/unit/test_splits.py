@@ -152,3 +152,29 @@ def test_a_folder_without_a_layout_names_the_source(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no test split") as err:
         load_dataset(str(tmp_path / "half"))
     assert err.value.where == "source"
+
+
+def test_a_real_datasets_save_to_disk_folder_is_read_lazily_per_file(tmp_path: Path) -> None:
+    """Written by Hugging Face `datasets` itself (a list column, a ClassLabel, text; two shards per split)."""
+    from datasets import ClassLabel, DatasetDict, Features, Sequence, Value
+    from datasets import Dataset as HFDataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    features = Features({"emb": Sequence(Value("float32")), "label": ClassLabel(names=["cat", "dog", "eel"]),
+                         "text": Value("string")})
+    rng = np.random.default_rng(0)
+    x = {k: rng.normal(size=(n, 4)).astype(np.float32) for k, n in SIZES.items()}
+    parts = {k: HFDataset.from_dict({"emb": x[k].tolist(), "label": rng.integers(0, 3, n).tolist(),
+                                     "text": [f"{k} document {i}" for i in range(n)]}, features=features)
+             for k, n in SIZES.items()}
+    DatasetDict(parts).save_to_disk(str(tmp_path / "hf"), num_shards={k: 2 for k in SIZES})
+
+    d = load_dataset(str(tmp_path / "hf"), features="emb")
+    assert d.counts == {"train": 40, "val": 9, "test": 11} and d.num_features == 4 and d.classes == [0, 1, 2]
+    pieces = d.source_rows["train"].pieces  # one per Arrow file, read when a reader asks
+    assert [p.split for p in pieces] == ["train", "train", "val", "val", "test", "test"]
+    np.testing.assert_allclose(d.x["test"], (x["test"] - d.mean) / d.std, rtol=1e-5, atol=1e-5)
+    lm = load_lm_data(CausalLMData(source=str(tmp_path / "hf"), seq_len=8, tokenizer={"vocab_size": 270}), seed=0,
+                      storage=None)
+    assert lm.documents == {"train": 40, "val": 9, "test": 11}
