@@ -65,7 +65,7 @@ LARGE = Size(4000, 400_000, {"layers": 4, "width": 128, "heads": 4, "ffn": 384},
 
 def corpus(name: str, size: Size) -> Any:
     if name == "chat":
-        data = CausalLMData(source="arithmetic-chat", corpus={"conversations": size.conversations}, seq_len=48,
+        data = CausalLMData(source="arithmetic-chat", corpus={"conversations": size.conversations}, seq_len=80,
                             chat_template=TEMPLATE, tokenizer={"vocab_size": 300}, split={"val": 0.1, "test": 0.1})
     else:
         data = CausalLMData(source="python-stdlib", corpus={"max_bytes": size.stdlib_bytes}, seq_len=64,
