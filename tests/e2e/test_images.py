@@ -21,24 +21,25 @@ from tests.conftest import BIN, free_port, kdflow, wait_for_http
 WORKFLOW = {
     "name": "images", "task": "image_classification", "seed": 0, "storage": {"root": ".kdflow"},
     "data": {"source": "digits.parquet", "image": "image", "label": "label"},
-    "teacher": {"model": "resnet", "params": {"depth": 8, "width": 8}, "train": {"epochs": 6, "batch_size": 64,
-                                                                                  "lr": 0.005}},
+    "teacher": {"model": "cnn", "params": {"channels": [16, 32]}, "train": {"epochs": 5, "batch_size": 32,
+                                                                             "lr": 0.01}},
     "soft_targets": {"shards": 2, "format": "topk", "top_k": 5, "dtype": "float16", "views": 2,
                      "augment": {"crop_scale": [0.7, 1.0], "hflip": False}},
-    "student": {"model": "cnn", "params": {"channels": [8, 16]}},
-    "train": {"epochs": 6, "batch_size": 64, "optimizer": {"name": "adamw", "lr": 0.01}, "workers": 1},
+    "student": {"model": "cnn", "params": {"channels": [8]}},
+    "train": {"epochs": 4, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.01}, "workers": 1},
     "registry": {"model": "images-student", "promote": {"gates": {"retention": ">= 0.5"}}},
 }
 
 
 def digit_pngs() -> tuple[list[bytes], list[str]]:
-    """sklearn's digits as PNG bytes, labels as folder-friendly strings, sorted as a folder tree lists them."""
+    """A third of sklearn's digits (every class) as PNG bytes, labels as folder-friendly strings, sorted as a folder
+    tree lists them."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     d = load_digits()
     rows = []
-    for i, (img, t) in enumerate(zip(d.images, d.target, strict=True)):
+    for i, (img, t) in enumerate(zip(d.images[::3], d.target[::3], strict=True)):
         buf = io.BytesIO()
         Image.fromarray(np.round(img * 255 / 16).astype(np.uint8), mode="L").save(buf, format="PNG")
         rows.append((str(t), f"{i:05d}.png", buf.getvalue()))
@@ -75,16 +76,16 @@ def test_images_from_parquet_and_folders_distil_register_and_serve_image_bytes(w
     first = run(workdir)
     t, s, st = first["teacher"], first["student"], first["soft_targets"]
     assert first["task"] == "image_classification" and first["status"] == "succeeded"
-    assert t["test_accuracy"] > 0.8 and s["test_accuracy"] > 0.7, (t, s)
+    assert t["test_accuracy"] > 0.8 and s["test_accuracy"] > 0.6, (t, s)
     assert st["views"] == 2 and st["bytes_per_view"] <= 40 and st["computed_shards"] >= 2
     assert first["registry"]["promoted"]
 
     # the same images as a binary column, then as a folder tree: the same rows, so the teacher and its stored
-    # views are reused and only the student trains
+    # views are reused and the same student comes out
     for source in ("binary.parquet", "tree"):
-        again = run(workdir, f"data.source={source}", "train.epochs=2")
-        assert again["soft_targets"]["reused"], source
-        assert again["student"]["test_accuracy"] > 0.5, source
+        again = run(workdir, f"data.source={source}")
+        assert again["soft_targets"]["reused"] and again["soft_targets"]["cache_key"] == st["cache_key"], source
+        assert again["student"]["test_accuracy"] == s["test_accuracy"], source
 
     uri = first["mlflow"]["tracking_uri"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

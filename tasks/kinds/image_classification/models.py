@@ -60,7 +60,8 @@ class CNN(nn.Module):
                 h, w = h // 2, w // 2
             prev = c
         self.features = nn.Sequential(*layers)
-        head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        head: list[nn.Module] = [nn.AdaptiveAvgPool2d(2), nn.Flatten()]  # a 2x2 grid keeps where strokes are
+        prev *= 4
         if hidden:
             head += [nn.Linear(prev, hidden), nn.ReLU()]
             prev = hidden
@@ -77,7 +78,7 @@ class CNN(nn.Module):
 def cnn(in_channels: int, image_height: int, image_width: int, num_classes: int,
         channels: list[int] | int | None = None, width: int | None = None, depth: int | None = None,
         hidden: int = 0, dropout: float = 0.0) -> nn.Module:
-    """Conv-BN-ReLU blocks (2x2 max-pool while the map is >= 4 pixels), global average pool, linear head:
+    """Conv-BN-ReLU blocks (2x2 max-pool while the map is >= 4 pixels), average-pooled to 2x2, linear head:
     `channels: [8, 16]`, or `width` channels doubling (up to 4x) over `depth` blocks."""
     return CNN(in_channels, image_height, image_width, num_classes, _chans(channels, width, depth), hidden, dropout)
 
