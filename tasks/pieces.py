@@ -103,6 +103,14 @@ class Piece:
     start: int  # the row index in the file of the piece's first row
     rows: int  # fewer than group_rows where a `limit` ends the source inside the row group
     group_rows: int = 0  # the row group's rows per the footer the listing read
+    # "" : its rows are split by the hash of their ids; a split name: every row is in that given split;
+    # tasks.splits.CARVE_VAL: a given training split whose val rows the hash cuts out (test fraction 0)
+    split: str = ""
+
+    @property
+    def arrow(self) -> bool:
+        """An Arrow IPC stream file (a `save_to_disk` folder's), read whole as one piece, not a row group."""
+        return self.path.endswith(".arrow")
 
 
 @dataclass
@@ -129,7 +137,6 @@ class Reader:
                 yield a, x[piece.start + a:piece.start + b], None if y is None else y[piece.start + a:piece.start + b]
             return
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from tasks.storage import S3_ERRORS, describe_s3_error, filesystem_for
 
@@ -137,28 +144,68 @@ class Reader:
         cols = ([self.columns] if isinstance(self.columns, str) else list(self.columns))
         cols += [self.label] if self.label else []
         try:
-            with fs.open(piece.path, "rb") as f:
-                # page by page, not whole column chunks: pyarrow's pre-buffering (on by default) reads the row
-                # group's chunks whole first, 264 MB against 142 MB without for a 1M-row group of 33 float
-                # columns, and no faster from local disk. On S3 it stays on: it coalesces the ranged GETs.
-                remote = self.url.startswith("s3://")
-                pf = pq.ParquetFile(f, buffer_size=1 << 20 if remote else 1 << 16, pre_buffer=remote)
-                if piece.row_group >= pf.num_row_groups \
-                        or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
-                    raise SourceChanged(piece, self.where)
-                at = 0
-                for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group], columns=cols,
-                                             use_threads=False):
-                    if at >= piece.rows:  # a `limit` can end a source inside a row group
-                        break
-                    table = pa.Table.from_batches([batch.slice(0, piece.rows - at)])
-                    x = table_features(table, self.columns, self.label, "")
-                    labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
-                    yield at, x, labels
-                    at += table.num_rows
+            at = 0
+            for table in self._tables(fs, piece, cols):
+                if at >= piece.rows:  # a `limit` can end a source inside a row group
+                    break
+                table = table.slice(0, piece.rows - at)
+                x = table_features(table, self.columns, self.label, "")
+                labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
+                yield at, x, labels
+                at += table.num_rows
         except (*S3_ERRORS, pa.ArrowException) as exc:
-            raise UserError(f"cannot read Parquet from {self.url}: {describe_s3_error(exc)}",
-                            where=self.where) from None
+            raise UserError(f"cannot read {'Arrow' if piece.arrow else 'Parquet'} from {self.url}: "
+                            f"{describe_s3_error(exc)}", where=self.where) from None
+
+    def _tables(self, fs: Any, piece: Piece, cols: list[str]) -> Iterator[Any]:
+        """The piece's columns `cols` as tables of at most CHUNK_ROWS rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        remote = self.url.startswith("s3://")
+        if piece.arrow:
+            yield from arrow_tables(fs, piece, cols, remote, self.where)
+            return
+        with fs.open(piece.path, "rb") as f:
+            # page by page, not whole column chunks: pyarrow's pre-buffering (on by default) reads the row
+            # group's chunks whole first, 264 MB against 142 MB without for a 1M-row group of 33 float
+            # columns, and no faster from local disk. On S3 it stays on: it coalesces the ranged GETs.
+            pf = pq.ParquetFile(f, buffer_size=1 << 20 if remote else 1 << 16, pre_buffer=remote)
+            if piece.row_group >= pf.num_row_groups \
+                    or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
+                raise SourceChanged(piece, self.where)
+            for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group], columns=cols,
+                                         use_threads=False):
+                yield pa.Table.from_batches([batch])
+
+
+def open_arrow(fs: Any, path: str, remote: bool) -> Any:
+    """An Arrow IPC file as pyarrow reads it without a copy: memory-mapped when local."""
+    import pyarrow as pa
+
+    return fs.open(path, "rb") if remote else pa.memory_map(path)
+
+
+def arrow_tables(fs: Any, piece: Piece, cols: list[str], remote: bool, where: str) -> Iterator[Any]:
+    """An Arrow IPC stream file's record batches (`cols` only) joined into tables of about CHUNK_ROWS rows, read
+    one batch at a time (memory-mapped locally: nothing is copied before a chunk is decoded); a file whose row
+    count is not the listing's raises `SourceChanged`."""
+    import pyarrow as pa
+
+    with open_arrow(fs, piece.path, remote) as f:
+        held: list[Any] = []
+        n = seen = 0
+        for batch in pa.ipc.open_stream(f):
+            held.append(batch.select(cols))
+            n += batch.num_rows
+            seen += batch.num_rows
+            if n >= CHUNK_ROWS:
+                yield pa.Table.from_batches(held)
+                held, n = [], 0
+        if held:
+            yield pa.Table.from_batches(held)
+    if seen != piece.group_rows:
+        raise SourceChanged(piece, where)
 
 
 class SourceChanged(UserError):
@@ -240,8 +287,13 @@ def _check_labels(labels: np.ndarray, label: str | None) -> None:
 
 
 def _codes(piece: Piece, offset: int, rows: int, split: bool, **fractions: Any) -> np.ndarray:
+    """The split of each of a piece's rows: its given split, else the hash's (`split` False: all train)."""
     if not split:
         return np.zeros(rows, np.int8)
+    if piece.split in SPLIT_CODES:
+        return np.full(rows, SPLIT_CODES[piece.split], np.int8)
+    if piece.split:  # a given training split, its val rows cut out by the val fraction (tasks.splits.CARVE_VAL)
+        fractions = {**fractions, "test": 0.0}
     return split_codes(piece.name, piece.start + offset, rows, **fractions)
 
 

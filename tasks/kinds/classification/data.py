@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tasks.dataset import Dataset, list_parquet
+from tasks.dataset import Dataset, Listed, list_parquet, list_source
 from tasks.errors import UserError
 from tasks.pieces import (
     SPLIT_CODES,
@@ -34,6 +35,7 @@ from tasks.pieces import (
     fill,
     scan,
 )
+from tasks.splits import Layout, resolve
 from tasks.storage import Storage
 
 BUILTINS = ("sklearn:digits", "mnist1d")
@@ -133,9 +135,17 @@ def _array_pieces(n: int) -> list[Piece]:
 
 
 def _limit(pieces: list[Piece], limit: int | None) -> list[Piece]:
-    """The first `limit` rows of the source, in piece order (a piece cut short where the limit falls)."""
+    """The first `limit` rows of the source, in piece order (a piece cut short where the limit falls); of
+    each given split's source, when the splits are given."""
     if not limit:
         return pieces
+    if pieces and pieces[0].split:
+        groups = {p.split: [q for q in pieces if q.split == p.split] for p in pieces}
+        return [p for g in groups.values() for p in _limit_rows(g, limit)]
+    return _limit_rows(pieces, limit)
+
+
+def _limit_rows(pieces: list[Piece], limit: int) -> list[Piece]:
     out, left = [], limit
     for p in pieces:
         if left <= 0:
@@ -154,17 +164,20 @@ class Sources:
     pieces: list[Piece]
     transfer: tuple[Reader, list[Piece]] | None
     names: list[str]
+    layout: Layout | None = None  # how a source's rows are split (None: a built-in, by fractions)
 
 
 def load_dataset(source: str, *, features: list[str] | str | None = None, label: str = "label",
                  val: float = 0.15, test: float = 0.15, transfer: int | str | None = None, seed: int = 0,
-                 limit: int | None = None, storage: Storage | None = None, threads: int | None = None) -> FeatureTable:
+                 limit: int | None = None, storage: Storage | None = None, threads: int | None = None,
+                 splits: dict[str, str] | None = None) -> FeatureTable:
     """Load, split (a hash of seed and row id, tasks/pieces.py) and standardize a dataset, piece by piece:
     a reduction pass (counts, train mean/std, classes, digests). The split arrays are read (`Fill`) the first
     time `Dataset.x`/`.y` is asked for: at once for a built-in, whose rows are in memory anyway; for a Parquet
     source only if a stage needs them (transfer rows, a cluster whose workers cannot open the source), so a
-    run whose workers read the pieces (`Dataset.source_rows`) holds metadata only."""
-    src = _sources(source, features, label, transfer, storage)
+    run whose workers read the pieces (`Dataset.source_rows`) holds metadata only. Splits given (`splits`, or
+    a folder's layout: tasks/splits.py) keep their rows; only a single table is cut by the fractions."""
+    src = _sources(source, features, label, transfer, storage, splits)
     pieces = _limit(src.pieces, limit)
     red = scan(src.reader, pieces, seed=seed, val=val, test=test, threads=threads)
     _release_arrow_pool()
@@ -181,7 +194,8 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     std = np.where(std64 < 1e-6, 1.0, std64).astype(np.float32)
 
     h = hashlib.sha256()
-    h.update(f"{PREPROCESSING}|{SPLIT_RULE}|seed={seed}|val={val}|test={test}|features={src.names}|".encode())
+    given = src.layout.identity() if src.layout is not None else ""  # "" for one table: today's keys stay
+    h.update(f"{PREPROCESSING}|{SPLIT_RULE}|seed={seed}|val={val}|test={test}|{given}features={src.names}|".encode())
     _hash_pieces(h, pieces, red.digests)
     labeled = h.hexdigest()
     counts = dict(red.counts)
@@ -207,9 +221,24 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     data = FeatureTable(num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
                    labeled_fingerprint=labeled, counts=counts, classes=classes, feature_names=names,
                    source_rows=rows, filler=filler)
+    data.sources = _split_uris(source, src.layout, counts, transfer=None if src.transfer is None else
+                               (transfer if isinstance(transfer, str) else f"{source} (generated)"))
+    data.columns = {**dict.fromkeys(names, "float"), label: "string" if isinstance(classes[0], str) else "long"}
     if not rows:  # a built-in: its rows are in memory already, and every consumer takes its arrays
         data.x  # noqa: B018 - fills them now, where a reading mistake belongs to the data stage
     return data
+
+
+def _split_uris(source: str, layout: Layout | None, counts: dict[str, int], transfer: str | None) -> dict[str, str]:
+    """Where each split's rows come from (the run's lineage): its given source, else the one table."""
+    out = {k: source for k in counts}
+    if layout is not None and layout.given:
+        out = {k: layout.sources.get(k, layout.sources["train"]).uri for k in counts}
+    elif layout is not None and layout.table is not None:
+        out = dict.fromkeys(counts, layout.table.uri)
+    if transfer is not None:
+        out["transfer"] = transfer
+    return out
 
 
 def _release_arrow_pool() -> None:
@@ -226,8 +255,10 @@ def _hash_pieces(h: Any, pieces: list[Piece], digests: list[str]) -> None:
 
 
 def _sources(source: str, features: list[str] | str | None, label: str, transfer: int | str | None,
-             storage: Storage | None) -> Sources:
+             storage: Storage | None, splits: dict[str, str] | None = None) -> Sources:
     """`source` (and `transfer`) as readers and pieces; every check that metadata allows runs here."""
+    if splits:
+        return _parquet(resolve(source, splits, storage), features, label, transfer, storage)
     if source == "sklearn:digits":
         if transfer is not None:
             raise UserError("sklearn:digits has no generator for transfer rows; give a Parquet source",
@@ -240,20 +271,35 @@ def _sources(source: str, features: list[str] | str | None, label: str, transfer
         x, y, extra = _mnist1d(int(transfer or 0))
         t = None if extra is None else (Reader(arrays=(extra, None), where="transfer"), _array_pieces(len(extra)))
         return Sources(Reader(arrays=(x, y)), _array_pieces(len(y)), t, [])
-    if source.endswith((".parquet", "/")) or "/" in source or source.startswith("s3://") or "*" in source:
-        return _parquet(source, features, label, transfer, storage)
+    if source.endswith((".parquet", "/")) or "/" in source or source.startswith("s3://") or "*" in source \
+            or os.path.isdir(source):
+        return _parquet(resolve(source, None, storage), features, label, transfer, storage)
     raise UserError(f"unknown source {source!r}: built-ins are {', '.join(BUILTINS)}, or a Parquet "
                     "file/folder/glob (local or s3://)", where="source")
 
 
-def _parquet(source: str, features: list[str] | str | None, label: str, transfer: Any,
+def _listed(layout: Layout, storage: Storage | None) -> list[Listed]:
+    """Each split source's listing (one for a single table)."""
+    srcs = list(layout.sources.values()) if layout.given else [layout.table]
+    return [list_source(s, storage, layout.carves_val) for s in srcs if s is not None]
+
+
+def _parquet(layout: Layout, features: list[str] | str | None, label: str, transfer: Any,
              storage: Storage | None) -> Sources:
-    listed = list_parquet(source, storage, "source")
+    listings = _listed(layout, storage)
+    listed, where = listings[0], (next(iter(layout.sources.values())).where if layout.given else "source")
+    source = listed.url
     if label not in listed.schema.names:
         raise UserError(f"label column {label!r} not in the table (columns: {listed.schema.names})", where="label")
     columns = feature_columns(listed.schema, features, label, "")
     check_feature_types(listed.schema, columns, "")
     wanted = [columns] if isinstance(columns, str) else columns
+    for other, src in zip(listings[1:], list(layout.sources.values())[1:], strict=True):
+        lacking = [c for c in [*wanted, label] if c not in other.schema.names]
+        if lacking:
+            raise UserError(f"the {src.split} split lacks the columns {lacking} (columns: {other.schema.names})",
+                            where=src.where)
+        check_feature_types(other.schema, columns, src.where)
     t = None
     if transfer is not None:
         if not isinstance(transfer, str):
@@ -268,7 +314,7 @@ def _parquet(source: str, features: list[str] | str | None, label: str, transfer
         check_feature_types(tl.schema, columns, "transfer")
         t = (Reader(url=transfer, s3_options=tl.s3_options, columns=columns, where="transfer"), tl.pieces)
     names = [] if isinstance(columns, str) else list(columns)
-    reader = Reader(url=source, s3_options=listed.s3_options, columns=columns, label=label)
-    return Sources(reader, listed.pieces, t, names)
+    reader = Reader(url=source, s3_options=listed.s3_options, columns=columns, label=label, where=where)
+    return Sources(reader, [p for x in listings for p in x.pieces], t, names, layout)
 
 
