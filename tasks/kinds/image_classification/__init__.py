@@ -42,6 +42,9 @@ class ImageClassification(Classification):
     spec = SPEC
 
     def check_workflow(self, workflow: Any) -> None:
+        if workflow.data.splits is not None:
+            raise ValueError("data.splits: image_classification reads one source (a table, a folder tree) and "
+                             "splits it by data.split; splits given as sources of their own are not read yet")
         st = workflow.soft_targets
         if st.mode == "online":
             raise ValueError("soft_targets.mode: online (the teacher in the training loop) is not built yet; use "

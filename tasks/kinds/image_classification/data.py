@@ -270,4 +270,12 @@ def load_images(d: Any, *, seed: int, views: int = 0, augment: dict[str, Any] | 
     return ImageTable(num_classes=len(classes), channels=channels, height=h, width=w, mean=mean, std=std,
                       views=views, augment=dict(augment or {}), classes=classes, size_policy=policy,
                       fingerprint=h_all.hexdigest() if views else labeled, labeled_fingerprint=labeled,
-                      arrays=(xs, {k: y[i] for k, i in ids.items()}))
+                      arrays=(xs, {k: y[i] for k, i in ids.items()}), sources=dict.fromkeys(ids, d.source),
+                      columns=_columns(raw, d))
+
+
+def _columns(raw: Raw, d: Any) -> dict[str, str]:
+    """The columns read, as MLflow names their types (the run's lineage); a folder tree has none."""
+    if raw.column == "source":
+        return {}
+    return {raw.column: "binary", d.label: "string" if any(isinstance(v, str) for v in raw.labels[:1]) else "long"}
