@@ -196,3 +196,13 @@ def test_the_kind_is_listed_and_its_workflow_validates() -> None:
     with pytest.raises(UserError) as err:
         validate({"name": "w", "task": "image_classification", "soft_targets": {"mode": "online"}})
     assert "soft_targets.mode" in str(err.value)
+    with pytest.raises(UserError) as err:
+        validate({"name": "w", "task": "image_classification",
+                  "search": {"trials": 2, "space": {"soft_targets.views": {"type": "categorical", "choices": [2, 4]}}}})
+    assert "search.space.soft_targets.views" in str(err.value)
+    searched = validate({"name": "w", "task": "image_classification",
+                         "search": {"trials": 2, "space": {"student.params.width": {"type": "int", "low": 4, "high": 16},
+                                                           "student.params.depth": {"type": "categorical",
+                                                                                    "choices": [8, 14]}},
+                                    }, "student": {"model": "resnet"}})
+    assert set(searched.search.space) == {"student.params.width", "student.params.depth"}

@@ -45,6 +45,10 @@ class ImageClassification(Classification):
         if workflow.data.splits is not None:
             raise ValueError("data.splits: image_classification reads one source (a table, a folder tree) and "
                              "splits it by data.split; splits given as sources of their own are not read yet")
+        searched = [k for k in (workflow.search.space if workflow.search else {}) if k.startswith("soft_targets.")]
+        if searched:
+            raise ValueError(f"search.space.{searched[0]}: a search distils from one store entry; views and augment "
+                             "are not search keys yet (the student's depth and width, temperature and alpha are)")
         st = workflow.soft_targets
         if st.mode == "online":
             raise ValueError("soft_targets.mode: online (the teacher in the training loop) is not built yet; use "
