@@ -151,7 +151,7 @@ class Reader:
                 table = table.slice(0, piece.rows - at)
                 x = table_features(table, self.columns, self.label, "")
                 labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
-                yield at, x, labels
+                yield at, x, None if labels is None else whole_labels(labels, self.label)
                 at += table.num_rows
         except (*S3_ERRORS, pa.ArrowException) as exc:
             raise UserError(f"cannot read {'Arrow' if piece.arrow else 'Parquet'} from {self.url}: "
@@ -208,6 +208,25 @@ def arrow_tables(fs: Any, piece: Piece, cols: list[str], remote: bool, where: st
         raise SourceChanged(piece, where)
 
 
+def whole_labels(labels: np.ndarray, label: str | None) -> np.ndarray:
+    """Float class labels that are whole numbers (1.0, 2.0: a Parquet writer's NaN-capable ints) as int64; a
+    fractional or infinite one is refused naming the column (missing ones are `_check_labels`' to name)."""
+    if labels.dtype.kind != "f" or np.isnan(labels).any():
+        return labels
+    whole = np.isfinite(labels) & (labels == np.round(labels))
+    if not whole.all():
+        raise UserError(f"label column {label!r} holds {float(labels[~whole][0])}: a class label is a whole number or "
+                        "a string (a fractional target is regression, not classification)", where="label")
+    return labels.astype(np.int64)
+
+
+def column_name(columns: list[str] | str, i: int) -> str:
+    """The user's name of feature `i`: a numeric column's, `emb[i]` of a list column, `feature i` of a built-in."""
+    if isinstance(columns, str):
+        return f"{columns}[{i}]"
+    return columns[i] if i < len(columns) else f"feature {i}"
+
+
 class SourceChanged(UserError):
     """A piece's rows are not what the reduction pass read (another row count, another digest)."""
 
@@ -247,6 +266,7 @@ class PieceStats:
     digest: str
     finite: bool
     num_features: int
+    nonfinite: str = ""  # where the first NaN or infinite feature value is: its column, row id and value
 
 
 def _chan(n: int, mean: np.ndarray, m2: np.ndarray, nb: int, mean_b: np.ndarray, m2_b: np.ndarray,
@@ -302,18 +322,19 @@ def scan_piece(reader: Reader, piece: Piece, *, seed: int, val: float, test: flo
     counts = dict.fromkeys(SPLIT_CODES, 0)
     n, mean, m2, width = 0, np.zeros(0), np.zeros(0), None
     seen: list[np.ndarray] = []
-    digest, finite = Digest(), True
+    digest, finite, nonfinite = Digest(), True, ""
     for offset, x, labels in reader.chunks(piece):
         if width is None:
             width, mean, m2 = x.shape[1], np.zeros(x.shape[1]), np.zeros(x.shape[1])
         elif x.shape[1] != width:
             raise UserError(f"rows have {x.shape[1]} and {width} features", where="features")
-        finite = finite and bool(np.isfinite(x).all())
+        if finite and not np.isfinite(x).all():
+            finite, nonfinite = False, _nonfinite(reader, piece, offset, x)
         codes = _codes(piece, offset, len(x), split, seed=seed, val=val, test=test)
         for k, c in SPLIT_CODES.items():
             counts[k] += int((codes == c).sum())
         train = x[codes == 0].astype(np.float64)
-        if len(train):
+        if len(train) and finite:  # a NaN makes the load fail (naming it): no statistics of it
             mb = train.mean(axis=0)
             n, mean, m2 = _chan(n, mean, m2, len(train), mb, ((train - mb) ** 2).sum(axis=0))
         if labels is not None:
@@ -321,7 +342,14 @@ def scan_piece(reader: Reader, piece: Piece, *, seed: int, val: float, test: flo
             seen.append(np.unique(labels))
         digest.update(x, labels)
     labels_seen = np.unique(np.concatenate(seen)) if seen else None
-    return PieceStats(counts, mean, m2, labels_seen, digest.hexdigest(), finite, width or 0)
+    return PieceStats(counts, mean, m2, labels_seen, digest.hexdigest(), finite, width or 0, nonfinite)
+
+
+def _nonfinite(reader: Reader, piece: Piece, offset: int, x: np.ndarray) -> str:
+    """`column 'f1' is nan at row 17 of part-0.parquet`: the first NaN or infinite value of a chunk."""
+    r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+    where = f" of {piece.name}" if piece.name else ""
+    return f"column {column_name(reader.columns, c)!r} is {x[r, c]} at row {piece.start + offset + r}{where}"
 
 
 @dataclass

@@ -31,6 +31,7 @@ from tasks.pieces import (
     Reduced,
     SplitRows,
     check_feature_types,
+    column_name,
     feature_columns,
     fill,
     scan,
@@ -181,8 +182,9 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     pieces = _limit(src.pieces, limit)
     red = scan(src.reader, pieces, seed=seed, val=val, test=test, threads=threads)
     _release_arrow_pool()
-    if not all(s.finite for s in red.per_piece):
-        raise UserError("features contain NaN or infinity", where="features")
+    bad = next((s.nonfinite for s in red.per_piece if not s.finite), None)
+    if bad is not None:
+        raise UserError(f"features contain NaN or infinity: {bad}", where="features")
     classes = [] if red.classes is None else red.classes.tolist()
     if len(classes) < 2:
         raise UserError(f"need at least 2 classes, found {len(classes)}", where="label")
@@ -199,25 +201,12 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     _hash_pieces(h, pieces, red.digests)
     labeled = h.hexdigest()
     counts = dict(red.counts)
-    transfer = None
-    if src.transfer is not None:
-        t_reader, t_pieces = src.transfer
-        t_red = scan(t_reader, t_pieces, seed=seed, val=val, test=test, split=False, threads=threads)
-        if t_red.per_piece and t_red.num_features != red.num_features:
-            raise UserError(f"transfer rows have {t_red.num_features} features, the data has {red.num_features}",
-                            where="transfer")
-        if not all(s.finite for s in t_red.per_piece):
-            raise UserError("transfer features contain NaN or infinity", where="transfer")
-        if t_red.counts["train"]:
-            transfer = (t_reader, t_pieces, t_red)
-            counts["transfer"] = t_red.counts["train"]
-            h.update(b"transfer")
-            _hash_pieces(h, t_pieces, t_red.digests)
-    names = src.names or _builtin_feature_names(source, red.num_features)
+    transfer_rows = _scan_transfer(src, red, h, counts, seed=seed, val=val, test=test, threads=threads)
+    names = _feature_names(src, source, red.num_features)
     rows = {} if src.reader.arrays is not None else {
         k: SplitRows(src.reader, k, pieces, [s.counts[k] for s in red.per_piece], red.digests, mean, std,
                      red.classes, red.num_features, seed, val, test) for k in SPLIT_CODES}
-    filler = Fill(src.reader, pieces, red, transfer, mean, std, seed, val, test, threads)
+    filler = Fill(src.reader, pieces, red, transfer_rows, mean, std, seed, val, test, threads)
     data = FeatureTable(num_classes=len(classes), mean=mean, std=std, fingerprint=h.hexdigest(),
                    labeled_fingerprint=labeled, counts=counts, classes=classes, feature_names=names,
                    source_rows=rows, filler=filler)
@@ -227,6 +216,35 @@ def load_dataset(source: str, *, features: list[str] | str | None = None, label:
     if not rows:  # a built-in: its rows are in memory already, and every consumer takes its arrays
         data.x  # noqa: B018 - fills them now, where a reading mistake belongs to the data stage
     return data
+
+
+def _scan_transfer(src: Sources, red: Reduced, h: Any, counts: dict[str, int], *, seed: int, val: float,
+                   test: float, threads: int | None) -> tuple[Reader, list[Piece], Reduced] | None:
+    """The transfer rows' reduction (None without any), checked against the labeled rows', hashed into `h` and
+    counted into `counts`."""
+    if src.transfer is None:
+        return None
+    t_reader, t_pieces = src.transfer
+    t_red = scan(t_reader, t_pieces, seed=seed, val=val, test=test, split=False, threads=threads)
+    if t_red.per_piece and t_red.num_features != red.num_features:
+        raise UserError(f"transfer rows have {t_red.num_features} features, the data has {red.num_features}",
+                        where="transfer")
+    bad = next((s.nonfinite for s in t_red.per_piece if not s.finite), None)
+    if bad is not None:
+        raise UserError(f"transfer features contain NaN or infinity: {bad}", where="transfer")
+    if not t_red.counts["train"]:
+        return None
+    counts["transfer"] = t_red.counts["train"]
+    h.update(b"transfer")
+    _hash_pieces(h, t_pieces, t_red.digests)
+    return t_reader, t_pieces, t_red
+
+
+def _feature_names(src: Sources, source: str, n: int) -> list[str]:
+    """The user's names of the features: its columns; a list/array column's as emb[0], emb[1], ... (in reports
+    and the served model's signature); a built-in's own."""
+    listed = src.reader.columns if isinstance(src.reader.columns, str) else None
+    return src.names or ([column_name(listed, i) for i in range(n)] if listed else _builtin_feature_names(source, n))
 
 
 def _split_uris(source: str, layout: Layout | None, counts: dict[str, int], transfer: str | None) -> dict[str, str]:
