@@ -206,3 +206,18 @@ def test_the_kind_is_listed_and_its_workflow_validates() -> None:
                                                                                     "choices": [8, 14]}},
                                     }, "student": {"model": "resnet"}})
     assert set(searched.search.space) == {"student.params.width", "student.params.depth"}
+
+
+def test_views_are_stored_top_k_per_view_with_one_label_per_image() -> None:
+    """A training row's targets [V, C] go through the store's per-position path with one label for the row."""
+    from tasks.kinds.image_classification.targets import per_view_logits
+    from tasks.store.shards import decode_rows, encode_rows
+
+    n, v, c = 6, 3, 10
+    logits = torch.randn(n, v, c)
+    x = np.zeros((n, 64 + v * PARAMS), np.uint8)
+    y = np.array([0, 1, 2, 3, 4, -1])  # a label -1 masks nothing here: it is one label for all the row's views
+    rows = decode_rows(encode_rows(np.arange(n), x, y, logits, "topk", "float32", c), "float32")
+    assert rows.targets["topk_values"].shape == (n, v * c) and rows.targets["tail_logmass"].shape == (n, v)
+    dense = per_view_logits(rows.targets, v, c)
+    assert torch.allclose(torch.log_softmax(dense, -1), torch.log_softmax(logits, -1), atol=1e-5)
