@@ -26,7 +26,8 @@ WORKFLOW = {
     "soft_targets": {"shards": 2, "format": "topk", "top_k": 5, "dtype": "float16", "views": 2,
                      "augment": {"crop_scale": [0.7, 1.0], "hflip": False}},
     "student": {"model": "cnn", "params": {"channels": [8]}},
-    "train": {"epochs": 4, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.01}, "workers": 1},
+    "train": {"epochs": 4, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.01}, "workers": 1,
+              "cpus_per_worker": 1},  # one torch thread: small convolutions on a busy 2-core machine
     "registry": {"model": "images-student", "promote": {"gates": {"retention": ">= 0.5"}}},
 }
 

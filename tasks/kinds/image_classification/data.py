@@ -74,7 +74,7 @@ def _digits() -> Raw:
     out = []
     for img in d.images:  # 0-16 -> 0-255 greys
         buf = io.BytesIO()
-        Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8), mode="L").save(buf, format="PNG")
+        Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8), mode="L").save(buf, format="PNG", compress_level=1)
         out.append(buf.getvalue())
     return Raw(out, d.target.tolist(), [f"row {i}" for i in range(len(out))], "image")
 
