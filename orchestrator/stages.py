@@ -32,7 +32,7 @@ def load_data(spec: Workflow, storage: Storage) -> Dataset:
     kind = spec.kind
     with progress.stage("data", spec.data.source):
         try:
-            data = kind.load_data(spec.data, seed=spec.seed, storage=storage)
+            data = kind.load_workflow_data(spec, storage=storage)
         except UserError as exc:
             raise exc.under("data") from None
         data.where = "data"  # a split read later (only where a stage needs the arrays) names data.source too

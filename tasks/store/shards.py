@@ -85,7 +85,8 @@ def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch
     flat = logits.reshape(-1, logits.shape[-1]) if seq else logits
     # a sequence row's masked positions (label -1: prompt, padding, a conversation's other turns) keep zeros,
     # which the compression all but removes: nothing is stored for a token that is never a target
-    masked = torch.from_numpy(np.asarray(y).reshape(-1) < 0) if seq else None
+    # (per-position labels only: rows whose one label covers several stored positions, an image's views, mask none)
+    masked = torch.from_numpy(np.asarray(y).reshape(-1) < 0) if seq and np.asarray(y).ndim == 2 else None
     if format == "logits":
         if masked is not None:
             flat = flat.masked_fill(masked[:, None], 0.0)
