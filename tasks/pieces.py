@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import UserError
+from tasks.retry import Retries
 
 SPLIT_RULE = "hash-splitmix64-v1"  # bump when split_codes changes: it is part of the fingerprint
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -118,6 +119,7 @@ class Reader:
     label: str | None = None
     arrays: tuple[np.ndarray, np.ndarray | None] | None = None
     where: str = "source"
+    retries: Retries = field(default_factory=Retries)  # an S3 outage mid-read (storage.retries)
 
     def chunks(self, piece: Piece) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """The piece's rows as (offset in the piece, float32 features, labels or None), at most CHUNK_ROWS at
@@ -129,36 +131,52 @@ class Reader:
                 yield a, x[piece.start + a:piece.start + b], None if y is None else y[piece.start + a:piece.start + b]
             return
         import pyarrow as pa
+
+        from tasks.retry import retried_stream
+        from tasks.storage import S3_ERRORS, describe_s3_error
+
+        try:
+            if not self.url.startswith("s3://"):
+                yield from self._chunks_from(piece, 0)
+                return
+            # an S3 outage mid-piece: wait, then go on from the last chunk that came through
+            yield from retried_stream(lambda n: self._chunks_from(piece, n), service="S3", retries=self.retries,
+                                      where=self.where)
+        except (*S3_ERRORS, pa.ArrowException) as exc:
+            raise UserError(f"cannot read Parquet from {self.url}: {describe_s3_error(exc)}",
+                            where=self.where) from None
+
+    def _chunks_from(self, piece: Piece, skip: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """`chunks` of a Parquet piece, from its `skip`-th chunk on."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from tasks.storage import S3_ERRORS, describe_s3_error, filesystem_for
+        from tasks.storage import filesystem_for
 
         fs = filesystem_for(self.url, self.s3_options)
         cols = ([self.columns] if isinstance(self.columns, str) else list(self.columns))
         cols += [self.label] if self.label else []
-        try:
-            with fs.open(piece.path, "rb") as f:
-                # page by page, not whole column chunks: pyarrow's pre-buffering (on by default) reads the row
-                # group's chunks whole first, 264 MB against 142 MB without for a 1M-row group of 33 float
-                # columns, and no faster from local disk. On S3 it stays on: it coalesces the ranged GETs.
-                remote = self.url.startswith("s3://")
-                pf = pq.ParquetFile(f, buffer_size=1 << 20 if remote else 1 << 16, pre_buffer=remote)
-                if piece.row_group >= pf.num_row_groups \
-                        or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
-                    raise SourceChanged(piece, self.where)
-                at = 0
-                for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group], columns=cols,
-                                             use_threads=False):
-                    if at >= piece.rows:  # a `limit` can end a source inside a row group
-                        break
-                    table = pa.Table.from_batches([batch.slice(0, piece.rows - at)])
+        with fs.open(piece.path, "rb") as f:
+            # page by page, not whole column chunks: pyarrow's pre-buffering (on by default) reads the row
+            # group's chunks whole first, 264 MB against 142 MB without for a 1M-row group of 33 float
+            # columns, and no faster from local disk. On S3 it stays on: it coalesces the ranged GETs.
+            remote = self.url.startswith("s3://")
+            pf = pq.ParquetFile(f, buffer_size=1 << 20 if remote else 1 << 16, pre_buffer=remote)
+            if piece.row_group >= pf.num_row_groups \
+                    or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
+                raise SourceChanged(piece, self.where)
+            at = 0
+            for n, batch in enumerate(pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group],
+                                                      columns=cols, use_threads=False)):
+                if at >= piece.rows:  # a `limit` can end a source inside a row group
+                    break
+                rows = min(batch.num_rows, piece.rows - at)
+                if n >= skip:
+                    table = pa.Table.from_batches([batch.slice(0, rows)])
                     x = table_features(table, self.columns, self.label, "")
                     labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
                     yield at, x, labels
-                    at += table.num_rows
-        except (*S3_ERRORS, pa.ArrowException) as exc:
-            raise UserError(f"cannot read Parquet from {self.url}: {describe_s3_error(exc)}",
-                            where=self.where) from None
+                at += rows
 
 
 class SourceChanged(UserError):

@@ -266,9 +266,11 @@ def _parquet(source: str, features: list[str] | str | None, label: str, transfer
             raise UserError(f"the transfer rows lack the feature columns {missing} (columns: {tl.schema.names})",
                             where="transfer")
         check_feature_types(tl.schema, columns, "transfer")
-        t = (Reader(url=transfer, s3_options=tl.s3_options, columns=columns, where="transfer"), tl.pieces)
+        t = (Reader(url=transfer, s3_options=tl.s3_options, columns=columns, where="transfer",
+                    retries=tl.retries), tl.pieces)
     names = [] if isinstance(columns, str) else list(columns)
-    reader = Reader(url=source, s3_options=listed.s3_options, columns=columns, label=label)
+    reader = Reader(url=source, s3_options=listed.s3_options, columns=columns, label=label,
+                    retries=listed.retries)
     return Sources(reader, listed.pieces, t, names)
 
 
