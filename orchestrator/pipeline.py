@@ -9,11 +9,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import progress, stages, tracking
+from orchestrator import lineage, progress, stages, tracking
 from orchestrator.cluster import check_joined
 from orchestrator.finish import Chosen, finish
 from orchestrator.fitting import Slot, run_slots
-from orchestrator.registry import prepare_model_logging
+from orchestrator.registry import prepare_model_logging, teacher_origins
 from orchestrator.runtime import LOCAL_MIN_CPUS, RayStart, ensure_ray, in_background, uses_ray_train
 from orchestrator.spec import Workflow
 from orchestrator.teachers import load_teachers
@@ -128,11 +128,14 @@ def run_stages(spec: Workflow, started: Started, source: str | None) -> dict[str
         mlflow.log_params(flat_params(spec))
         mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.task": spec.task,
                          "kdflow.data_fingerprint": data.fingerprint})
+        lineage.log_data_inputs(data)
         teachers = load_teachers(spec, data, storage, warm)
         for i, t in enumerate(teachers):
             log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")
         manifest, precompute = stages.compute_soft_targets(spec, data, teachers, storage, warm)
         mlflow.log_params({"soft_targets.key": manifest["key"]})
+        lineage.log_store_input(manifest, SoftTargetStore(storage).uri(manifest["key"]),
+                                teacher_origins(teachers))
         chosen = train_or_search(spec, manifest, storage, run_id, slots)
         for slot in slots[1:]:  # a search's other slots are done; the run's own actor may train variants
             slot.close()

@@ -381,6 +381,12 @@ def teacher_registry_versions(teachers: list[Any]) -> list[str]:
     return out
 
 
+def teacher_origins(teachers: list[Any]) -> list[str]:
+    """Where each teacher came from, a registered one as `models:/NAME/VERSION` (its alias resolved now)."""
+    registry = iter(teacher_registry_versions(teachers))
+    return [f"models:/{next(registry)}" if t.origin.startswith("models:/") else t.origin for t in teachers]
+
+
 def lineage_extras(spec: Workflow, source: str | None, teachers: list[Any]) -> dict[str, str]:
     """Lineage beyond the stage keys: the resolved workflow (artifact + hash), kdflow version, git commit,
     teacher digests in full and their registry versions."""

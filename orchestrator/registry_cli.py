@@ -164,6 +164,8 @@ def _models_show(client: Any, out: Any, args: argparse.Namespace) -> int:
     from orchestrator.registry import history
 
     versions = versions_of(client, args.name)
+    for v in versions:  # the data each version's run read: its MLflow dataset inputs
+        v["datasets"] = run_datasets(client, v["run_id"])
     moves = history(client, args.name)
     if args.json:
         print(json.dumps({"model": args.name, "versions": versions, "history": moves}))
@@ -213,6 +215,26 @@ def _print_version(out: Any, v: dict[str, Any]) -> None:
     width = max((len(k) for k in v["lineage"]), default=0)
     for k, val in sorted(v["lineage"].items()):
         out.print(f"  {k.removeprefix('kdflow.'):<{width}}  {val}")
+    _print_datasets(out, v.get("datasets", []))
+
+
+def run_datasets(client: Any, run_id: str | None) -> list[dict[str, Any]]:
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.lineage import dataset_lines
+
+    try:
+        return dataset_lines(client.get_run(run_id)) if run_id else []
+    except MlflowException:  # the run was deleted: the version keeps its tags
+        return []
+
+
+def _print_datasets(out: Any, datasets: list[dict[str, Any]]) -> None:
+    out.print("  data lineage (the run's MLflow dataset inputs):" if datasets else "  data lineage: none logged")
+    for d in datasets:
+        rows = f"{d['rows']} rows" if d["rows"] is not None else ""
+        came = f"  from {d['teachers']}" if d.get("teachers") else ""
+        out.print(f"    {d['context']:<12} {d['name']:<28} digest {d['digest']}  {rows}  {d['source']}{came}")
 
 
 def _value(v: Any) -> str:

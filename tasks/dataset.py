@@ -8,6 +8,7 @@ features and their standardization; causal_lm: the tokenizer) and says what the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import UserError
-from tasks.pieces import Piece, SplitRows
+from tasks.pieces import Piece, SplitRows, arrow_tables, open_arrow
 from tasks.retry import Retries, is_outage, retried
+from tasks.splits import CARVE_VAL, SplitSource
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 
@@ -40,6 +42,10 @@ class Dataset:
     filler: Callable[[], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] | None = None
     # the workflow section a late fill's error is named under (orchestrator: "data" -> "data.source")
     where: str = ""
+    # for the run's lineage (orchestrator/lineage.py): split -> where its rows come from (a path, s3:// URI
+    # or built-in), and the columns read, name -> MLflow type name (double, long, string)
+    sources: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.counts and self.arrays is not None:
@@ -165,6 +171,59 @@ def _list_parquet(source: str, storage: Storage | None, where: str) -> Listed:
             raise
         raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None
     return Listed(source, opts, pieces, schema)
+
+
+def list_arrow(src: SplitSource, storage: Storage | None) -> Listed:
+    """A `save_to_disk` split's Arrow stream files as pieces, one per file: its rows counted batch by batch
+    (memory-mapped locally, so nothing is decoded), its schema from the stream's header."""
+    import pyarrow as pa
+
+    opts = storage.s3_options() if storage is not None else {}
+    fs = filesystem_for(src.uri, opts)
+    remote = src.uri.startswith("s3://")
+    pieces: list[Piece] = []
+    schema = None
+    try:
+        for f in src.arrow_files:
+            if not fs.exists(f):
+                raise UserError(f"no such file: {f} (listed in its state.json)", where=src.where)
+            with open_arrow(fs, f, remote) as fh:
+                stream = pa.ipc.open_stream(fh)
+                schema = schema or stream.schema
+                rows = sum(b.num_rows for b in stream)
+            if rows:
+                pieces.append(Piece(name=f.rsplit("/", 1)[-1], path=f, row_group=0, start=0, rows=rows,
+                                    group_rows=rows))
+    except (*S3_ERRORS, pa.ArrowException) as exc:
+        raise UserError(f"cannot read Arrow from {src.uri}: {describe_s3_error(exc)}", where=src.where) from None
+    return Listed(src.uri, opts, pieces, schema)
+
+
+def list_source(src: SplitSource, storage: Storage | None, carve_val: bool = False) -> Listed:
+    """One split source's pieces (Parquet or Arrow); a given split's pieces carry it, their names prefixed
+    with it (so the fingerprint says which split a file was), and a training split that `carve_val`s is
+    hash-split into train and val."""
+    listed = list_arrow(src, storage) if src.arrow_files else list_parquet(src.uri, storage, src.where)
+    if src.split:
+        tag = CARVE_VAL if carve_val and src.split == "train" else src.split
+        listed.pieces = [dataclasses.replace(p, name=f"{src.split}/{p.name}", split=tag) for p in listed.pieces]
+    return listed
+
+
+def read_table(src: SplitSource, storage: Storage | None) -> Any:
+    """One split source read whole into a pyarrow Table, for a kind that reads its documents whole."""
+    import pyarrow as pa
+
+    if not src.arrow_files:
+        return read_parquet_table(src.uri, storage, src.where)
+    listed = list_arrow(src, storage)
+    fs = filesystem_for(src.uri, listed.s3_options)
+    try:
+        tables = [t for p in listed.pieces for t in arrow_tables(fs, p, listed.schema.names,
+                                                                  src.uri.startswith("s3://"), src.where)]
+    except (*S3_ERRORS, pa.ArrowException) as exc:
+        raise UserError(f"cannot read Arrow from {src.uri}: {describe_s3_error(exc)}", where=src.where) from None
+    return pa.concat_tables(tables) if tables else listed.schema.empty_table()
 
 
 def read_parquet_table(source: str, storage: Storage | None, where: str) -> Any:

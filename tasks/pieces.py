@@ -104,6 +104,14 @@ class Piece:
     start: int  # the row index in the file of the piece's first row
     rows: int  # fewer than group_rows where a `limit` ends the source inside the row group
     group_rows: int = 0  # the row group's rows per the footer the listing read
+    # "" : its rows are split by the hash of their ids; a split name: every row is in that given split;
+    # tasks.splits.CARVE_VAL: a given training split whose val rows the hash cuts out (test fraction 0)
+    split: str = ""
+
+    @property
+    def arrow(self) -> bool:
+        """An Arrow IPC stream file (a `save_to_disk` folder's), read whole as one piece, not a row group."""
+        return self.path.endswith(".arrow")
 
 
 @dataclass
@@ -136,47 +144,101 @@ class Reader:
         from tasks.storage import S3_ERRORS, describe_s3_error
 
         try:
-            if not self.url.startswith("s3://"):
+            if self.url.startswith("s3://"):  # an S3 outage mid-piece: wait, then go on from the last chunk
+                yield from retried_stream(lambda n: self._chunks_from(piece, n), service="S3",
+                                          retries=self.retries, where=self.where)
+            else:
                 yield from self._chunks_from(piece, 0)
-                return
-            # an S3 outage mid-piece: wait, then go on from the last chunk that came through
-            yield from retried_stream(lambda n: self._chunks_from(piece, n), service="S3", retries=self.retries,
-                                      where=self.where)
         except (*S3_ERRORS, pa.ArrowException) as exc:
-            raise UserError(f"cannot read Parquet from {self.url}: {describe_s3_error(exc)}",
-                            where=self.where) from None
+            raise UserError(f"cannot read {'Arrow' if piece.arrow else 'Parquet'} from {self.url}: "
+                            f"{describe_s3_error(exc)}", where=self.where) from None
 
     def _chunks_from(self, piece: Piece, skip: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """`chunks` of a Parquet piece, from its `skip`-th chunk on."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        """`chunks` of a file's piece, from its `skip`-th chunk on (the ones before are read, not decoded)."""
         from tasks.storage import filesystem_for
 
         fs = filesystem_for(self.url, self.s3_options)
         cols = ([self.columns] if isinstance(self.columns, str) else list(self.columns))
         cols += [self.label] if self.label else []
+        at = 0
+        for n, table in enumerate(self._tables(fs, piece, cols)):
+            if at >= piece.rows:  # a `limit` can end a source inside a row group
+                break
+            table = table.slice(0, piece.rows - at)
+            if n >= skip:
+                x = table_features(table, self.columns, self.label, "")
+                labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
+                yield at, x, None if labels is None else whole_labels(labels, self.label)
+            at += table.num_rows
+
+    def _tables(self, fs: Any, piece: Piece, cols: list[str]) -> Iterator[Any]:
+        """The piece's columns `cols` as tables of at most CHUNK_ROWS rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        remote = self.url.startswith("s3://")
+        if piece.arrow:
+            yield from arrow_tables(fs, piece, cols, remote, self.where)
+            return
         with fs.open(piece.path, "rb") as f:
             # page by page, not whole column chunks: pyarrow's pre-buffering (on by default) reads the row
             # group's chunks whole first, 264 MB against 142 MB without for a 1M-row group of 33 float
             # columns, and no faster from local disk. On S3 it stays on: it coalesces the ranged GETs.
-            remote = self.url.startswith("s3://")
             pf = pq.ParquetFile(f, buffer_size=1 << 20 if remote else 1 << 16, pre_buffer=remote)
             if piece.row_group >= pf.num_row_groups \
                     or pf.metadata.row_group(piece.row_group).num_rows != piece.group_rows:
                 raise SourceChanged(piece, self.where)
-            at = 0
-            for n, batch in enumerate(pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group],
-                                                      columns=cols, use_threads=False)):
-                if at >= piece.rows:  # a `limit` can end a source inside a row group
-                    break
-                rows = min(batch.num_rows, piece.rows - at)
-                if n >= skip:
-                    table = pa.Table.from_batches([batch.slice(0, rows)])
-                    x = table_features(table, self.columns, self.label, "")
-                    labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
-                    yield at, x, labels
-                at += rows
+            for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[piece.row_group], columns=cols,
+                                         use_threads=False):
+                yield pa.Table.from_batches([batch])
+
+
+def open_arrow(fs: Any, path: str, remote: bool) -> Any:
+    """An Arrow IPC file as pyarrow reads it without a copy: memory-mapped when local."""
+    import pyarrow as pa
+
+    return fs.open(path, "rb") if remote else pa.memory_map(path)
+
+
+def arrow_tables(fs: Any, piece: Piece, cols: list[str], remote: bool, where: str) -> Iterator[Any]:
+    """An Arrow IPC stream file's record batches (`cols` only) joined into tables of about CHUNK_ROWS rows, read
+    one batch at a time (memory-mapped locally: nothing is copied before a chunk is decoded); a file whose row
+    count is not the listing's raises `SourceChanged`."""
+    import pyarrow as pa
+
+    with open_arrow(fs, piece.path, remote) as f:
+        held: list[Any] = []
+        n = seen = 0
+        for batch in pa.ipc.open_stream(f):
+            held.append(batch.select(cols))
+            n += batch.num_rows
+            seen += batch.num_rows
+            if n >= CHUNK_ROWS:
+                yield pa.Table.from_batches(held)
+                held, n = [], 0
+        if held:
+            yield pa.Table.from_batches(held)
+    if seen != piece.group_rows:
+        raise SourceChanged(piece, where)
+
+
+def whole_labels(labels: np.ndarray, label: str | None) -> np.ndarray:
+    """Float class labels that are whole numbers (1.0, 2.0: a Parquet writer's NaN-capable ints) as int64; a
+    fractional or infinite one is refused naming the column (missing ones are `_check_labels`' to name)."""
+    if labels.dtype.kind != "f" or np.isnan(labels).any():
+        return labels
+    whole = np.isfinite(labels) & (labels == np.round(labels))
+    if not whole.all():
+        raise UserError(f"label column {label!r} holds {float(labels[~whole][0])}: a class label is a whole number or "
+                        "a string (a fractional target is regression, not classification)", where="label")
+    return labels.astype(np.int64)
+
+
+def column_name(columns: list[str] | str, i: int) -> str:
+    """The user's name of feature `i`: a numeric column's, `emb[i]` of a list column, `feature i` of a built-in."""
+    if isinstance(columns, str):
+        return f"{columns}[{i}]"
+    return columns[i] if i < len(columns) else f"feature {i}"
 
 
 class SourceChanged(UserError):
@@ -218,6 +280,7 @@ class PieceStats:
     digest: str
     finite: bool
     num_features: int
+    nonfinite: str = ""  # where the first NaN or infinite feature value is: its column, row id and value
 
 
 def _chan(n: int, mean: np.ndarray, m2: np.ndarray, nb: int, mean_b: np.ndarray, m2_b: np.ndarray,
@@ -258,8 +321,13 @@ def _check_labels(labels: np.ndarray, label: str | None) -> None:
 
 
 def _codes(piece: Piece, offset: int, rows: int, split: bool, **fractions: Any) -> np.ndarray:
+    """The split of each of a piece's rows: its given split, else the hash's (`split` False: all train)."""
     if not split:
         return np.zeros(rows, np.int8)
+    if piece.split in SPLIT_CODES:
+        return np.full(rows, SPLIT_CODES[piece.split], np.int8)
+    if piece.split:  # a given training split, its val rows cut out by the val fraction (tasks.splits.CARVE_VAL)
+        fractions = {**fractions, "test": 0.0}
     return split_codes(piece.name, piece.start + offset, rows, **fractions)
 
 
@@ -268,18 +336,19 @@ def scan_piece(reader: Reader, piece: Piece, *, seed: int, val: float, test: flo
     counts = dict.fromkeys(SPLIT_CODES, 0)
     n, mean, m2, width = 0, np.zeros(0), np.zeros(0), None
     seen: list[np.ndarray] = []
-    digest, finite = Digest(), True
+    digest, finite, nonfinite = Digest(), True, ""
     for offset, x, labels in reader.chunks(piece):
         if width is None:
             width, mean, m2 = x.shape[1], np.zeros(x.shape[1]), np.zeros(x.shape[1])
         elif x.shape[1] != width:
             raise UserError(f"rows have {x.shape[1]} and {width} features", where="features")
-        finite = finite and bool(np.isfinite(x).all())
+        if finite and not np.isfinite(x).all():
+            finite, nonfinite = False, _nonfinite(reader, piece, offset, x)
         codes = _codes(piece, offset, len(x), split, seed=seed, val=val, test=test)
         for k, c in SPLIT_CODES.items():
             counts[k] += int((codes == c).sum())
         train = x[codes == 0].astype(np.float64)
-        if len(train):
+        if len(train) and finite:  # a NaN makes the load fail (naming it): no statistics of it
             mb = train.mean(axis=0)
             n, mean, m2 = _chan(n, mean, m2, len(train), mb, ((train - mb) ** 2).sum(axis=0))
         if labels is not None:
@@ -287,7 +356,14 @@ def scan_piece(reader: Reader, piece: Piece, *, seed: int, val: float, test: flo
             seen.append(np.unique(labels))
         digest.update(x, labels)
     labels_seen = np.unique(np.concatenate(seen)) if seen else None
-    return PieceStats(counts, mean, m2, labels_seen, digest.hexdigest(), finite, width or 0)
+    return PieceStats(counts, mean, m2, labels_seen, digest.hexdigest(), finite, width or 0, nonfinite)
+
+
+def _nonfinite(reader: Reader, piece: Piece, offset: int, x: np.ndarray) -> str:
+    """`column 'f1' is nan at row 17 of part-0.parquet`: the first NaN or infinite value of a chunk."""
+    r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+    where = f" of {piece.name}" if piece.name else ""
+    return f"column {column_name(reader.columns, c)!r} is {x[r, c]} at row {piece.start + offset + r}{where}"
 
 
 @dataclass

@@ -33,7 +33,25 @@ class DataSpec(Strict):
 
     source: str
     split: SplitSpec = SplitSpec()
+    splits: dict[str, str] | None = Field(
+        None, description="the splits as given, each a source of its own: {train: SRC, val: SRC, test: SRC} "
+                          "(val optional: then cut from train by split.val); source is not read then")
     limit: int | None = Field(None, ge=1, description="use only the first N rows, for quick tries")
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        from tasks.splits import NAMES
+
+        unknown = [k for k in v if k not in NAMES]
+        if unknown:
+            raise ValueError(f"unknown split {unknown[0]!r}: use train, val (or validation) and test")
+        missing = [k for k in ("train", "test") if k not in {NAMES[n] for n in v}]
+        if missing:
+            raise ValueError(f"needs a {' and a '.join(missing)} split")
+        return v
 
 
 class ScheduleKeys(Strict):

@@ -107,3 +107,29 @@ def test_bad_data_input_names_the_key(tmp_path: Path, kwargs: dict, where: str, 
     with pytest.raises(UserError) as err:
         load_dataset(**kwargs)
     assert err.value.where == where and message in str(err.value)
+
+
+def test_columns_keep_the_users_names_and_bad_values_name_their_column_and_row(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 3)).astype(np.float32)
+    pq.write_table(pa.table({"emb": list(emb), "label": rng.integers(0, 2, 30).astype(np.float64)}),
+                   tmp_path / "emb.parquet")
+    d = load_dataset(str(tmp_path / "emb.parquet"), features="emb")
+    assert d.feature_names == ["emb[0]", "emb[1]", "emb[2]"]  # not x0, x1, ...: the served model's columns too
+    assert d.classes == [0, 1] and all(isinstance(c, int) for c in d.classes)  # whole floats are classes
+
+    emb[5, 2] = np.nan
+    pq.write_table(pa.table({"emb": list(emb), "label": [0, 1] * 15}), tmp_path / "emb.parquet")
+    with pytest.raises(UserError, match=r"column 'emb\[2\]' is nan at row 5 of emb.parquet") as err:
+        load_dataset(str(tmp_path / "emb.parquet"), features="emb")
+    assert err.value.where == "features"
+    f1 = rng.normal(size=30)
+    f1[17] = np.inf
+    pq.write_table(pa.table({"f0": rng.normal(size=30), "f1": f1, "label": [0, 1] * 15}), tmp_path / "t.parquet")
+    with pytest.raises(UserError, match="column 'f1' is inf at row 17 of t.parquet"):
+        load_dataset(str(tmp_path / "t.parquet"))
+
+    pq.write_table(pa.table({"f0": rng.normal(size=30), "label": [0.0, 1.5] * 15}), tmp_path / "t.parquet")
+    with pytest.raises(UserError, match="label column 'label' holds 1.5") as err:
+        load_dataset(str(tmp_path / "t.parquet"))
+    assert err.value.where == "label"

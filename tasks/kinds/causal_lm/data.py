@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dataset import Dataset, read_parquet_table
+from tasks.dataset import Dataset, read_table
 from tasks.errors import UserError
 from tasks.kinds.causal_lm.spec import CausalLMData, TokenizerSpec
+from tasks.splits import Layout, SplitSource, resolve
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 STDLIB = "python-stdlib"
@@ -77,33 +78,34 @@ def stdlib_documents(max_bytes: int | None, max_files: int | None) -> list[Docum
     return docs
 
 
-def _read_table(source: str, storage: Storage | None) -> Any:
-    """A Parquet file/folder/glob or a JSON-lines file (local or s3://) as a pyarrow Table."""
+def _read_table(src: SplitSource, storage: Storage | None) -> Any:
+    """A Parquet file/folder/glob, a JSON-lines file (local or s3://) or a save_to_disk split as a pyarrow Table."""
     import pyarrow as pa
     import pyarrow.json as pj
 
+    source = src.uri
     if source.endswith((".jsonl", ".json", ".ndjson")):
         fs = filesystem_for(source, storage.s3_options() if storage is not None else {})
         path = source.removeprefix("s3://")
         try:
             if not fs.exists(path):
-                raise UserError(f"no such file: {source}", where="source")
+                raise UserError(f"no such file: {source}", where=src.where)
             with fs.open(path, "rb") as f:
                 data = f.read()
             return pj.read_json(io.BytesIO(data))
         except (*S3_ERRORS, pa.ArrowException) as exc:
-            raise UserError(f"cannot read JSON lines from {source}: {describe_s3_error(exc)}", where="source") from None
-    return read_parquet_table(source, storage, "source")
+            raise UserError(f"cannot read JSON lines from {source}: {describe_s3_error(exc)}", where=src.where) from None
+    return read_table(src, storage)
 
 
-def table_documents(data: CausalLMData, storage: Storage | None) -> list[Document]:
-    table = _read_table(data.source, storage)
+def table_documents(data: CausalLMData, storage: Storage | None, src: SplitSource) -> list[Document]:
+    table = _read_table(src, storage)
     names = table.column_names
 
     def column(key: str) -> list[Any]:
         name = getattr(data, key) or ("text" if key == "text" else None)
         if name not in names:
-            raise UserError(f"no column {name!r} in {data.source} (columns: {', '.join(names)})", where=key)
+            raise UserError(f"no column {name!r} in {src.uri} (columns: {', '.join(names)})", where=key)
         return table.column(name).to_pylist()
 
     if data.prompt or data.completion:
@@ -115,17 +117,19 @@ def table_documents(data: CausalLMData, storage: Storage | None) -> list[Documen
     return [Document(str(t or "")) for t in column("text")]
 
 
-def read_documents(data: CausalLMData, storage: Storage | None) -> list[Document]:
-    """The corpus named by `source`, limited by `limit` documents; empty or whitespace-only text is refused."""
-    source = data.source
+def read_documents(data: CausalLMData, storage: Storage | None, src: SplitSource | None = None) -> list[Document]:
+    """The corpus named by `source` (or one given split's, `src`), limited by `limit` documents; empty or
+    whitespace-only text is refused."""
+    src = src or SplitSource("", data.source)
+    source = src.uri
     if source == STDLIB:
         docs = stdlib_documents(data.corpus.max_bytes, data.corpus.max_files)
     elif source.endswith((".parquet", ".jsonl", ".json", ".ndjson")) or "*" in source or source.startswith("s3://") \
-            or os.path.isdir(source):
-        docs = table_documents(data, storage)
+            or os.path.isdir(source) or src.arrow_files:
+        docs = table_documents(data, storage, src)
     else:
         raise UserError(f"unknown LM source {source!r}: the built-in corpus is {STDLIB!r}, or a Parquet / "
-                        "JSON-lines file (local or s3://)", where="source")
+                        "JSON-lines file (local or s3://)", where=src.where)
     if data.limit:
         docs = docs[: data.limit]
     docs = [d for d in docs if (d.prompt + d.text).strip()]
@@ -138,13 +142,28 @@ def read_documents(data: CausalLMData, storage: Storage | None) -> list[Document
 def split_documents(docs: list[Document], *, val: float, test: float, seed: int) -> dict[str, list[Document]]:
     n = len(docs)
     perm = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = max(1, round(n * test)), round(n * val)
+    n_test, n_val = max(1, round(n * test)) if test > 0 else 0, round(n * val)
     if val > 0:
         n_val = max(1, n_val)
     if n - n_test - n_val < 1:
         raise UserError(f"{n} documents are too few for this split", where="split")
     return {"test": [docs[i] for i in perm[:n_test]], "val": [docs[i] for i in perm[n_test:n_test + n_val]],
             "train": [docs[i] for i in perm[n_test + n_val:]]}
+
+
+def split_corpus(data: CausalLMData, seed: int, storage: Storage | None) -> tuple[dict[str, list[Document]], Layout]:
+    """The documents of each split, and what the fingerprint adds for given splits (tasks/splits.py): a single
+    corpus is split by a seeded permutation of its documents; given splits keep theirs, and without a val
+    split its documents are cut from the training split's by the val fraction."""
+    layout = resolve(data.source, data.splits, storage)
+    if not layout.given:
+        docs = read_documents(data, storage, layout.table)
+        return split_documents(docs, val=data.split.val, test=data.split.test, seed=seed), layout
+    parts = {k: read_documents(data, storage, src) for k, src in layout.sources.items()}
+    if layout.carves_val:
+        cut = split_documents(parts["train"], val=data.split.val, test=0.0, seed=seed)
+        parts["train"], parts["val"] = cut["train"], cut["val"]
+    return parts, layout
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -260,12 +279,11 @@ def load_lm_data(data: CausalLMData, *, seed: int, storage: Storage | None) -> T
     """Read, split by document, tokenize and pack; the fingerprint covers the packed rows, the tokenizer's
     hash, seq_len and the packing scheme."""
     seq_len = data.seq_len
-    docs = read_documents(data, storage)
-    parts = split_documents(docs, val=data.split.val, test=data.split.test, seed=seed)
+    parts, layout = split_corpus(data, seed, storage)
     tok = get_tokenizer(data.tokenizer, parts["train"], storage)
     th = tokenizer_hash(tok)
     xs, ys = {}, {}
-    h = hashlib.sha256(f"{PACKING}|seq_len={seq_len}|tokenizer={th}|seed={seed}|".encode())
+    h = hashlib.sha256(f"{PACKING}|seq_len={seq_len}|tokenizer={th}|seed={seed}|{layout.identity()}".encode())
     for name in ("train", "val", "test"):
         xs[name], ys[name] = pack(parts[name], tok, seq_len) if parts[name] else (
             np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), np.int64))
@@ -276,7 +294,11 @@ def load_lm_data(data: CausalLMData, *, seed: int, storage: Storage | None) -> T
         raise UserError("the training split has no target tokens", where="completion" if data.completion else "text")
     return TokenRows(arrays=(xs, ys), fingerprint=h.hexdigest(), labeled_fingerprint=h.hexdigest(), tokenizer=tok,
                      tokenizer_hash=th, vocab_size=tok.get_vocab_size(), seq_len=seq_len,
-                     documents={k: len(v) for k, v in parts.items()})
+                     documents={k: len(v) for k, v in parts.items()},
+                     sources={k: (layout.sources.get(k) or layout.sources["train"]).uri if layout.given
+                              else data.source for k in ("train", "val", "test")},
+                     columns=dict.fromkeys([data.prompt, data.completion] if data.prompt else [data.text or "text"],
+                                           "string"))
 
 
 def save_tokenizer_dir(tok: Any, folder: str | Path) -> None:

@@ -67,7 +67,8 @@ class Classification(TaskKind):
 
         d: Any = data
         return load_dataset(d.source, features=d.features, label=d.label, val=d.split.val, test=d.split.test,
-                            transfer=d.transfer, seed=seed, limit=d.limit, storage=storage)
+                            transfer=d.transfer, seed=seed, limit=d.limit, storage=storage,
+                            splits=d.splits)
 
     def describe(self, data: Any) -> str:
         return f"{data.num_features} features, {data.num_classes} classes"
