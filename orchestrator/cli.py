@@ -320,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
     sp.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's status")
     sp.add_argument("--forward-env", action="append", default=[], metavar="NAME",
-                    help="pass this environment variable of your shell to the job (repeatable)")
+                    help="pass this environment variable of your shell to the job (repeatable); "
+                    "never a secret: the job's environment is public on the cluster")
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
