@@ -107,6 +107,7 @@ class Services:
         self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
         self.mlflow: subprocess.Popen | None = None
         self.start_mlflow()
+        (root / "cluster").mkdir()
         self.cluster = TwoNodes(root / "cluster", cpus=4).start()
 
     def start_mlflow(self) -> None:

@@ -145,12 +145,8 @@ class Storage:
         self.write_bytes(path, buf.getvalue())
 
     def read_torch(self, path: str) -> Any:
-        """What `write_torch` wrote, on the CPU. Not weights_only: kdflow's own files hold plain Python values."""
-        import io
-
-        import torch
-
-        return torch.load(io.BytesIO(self.read_bytes(path)), map_location="cpu", weights_only=False)
+        """What `write_torch` wrote, on the CPU (`load_torch`: tensors and plain values only, never code)."""
+        return load_torch(self.read_bytes(path), self._display(path))
 
     def ls(self, path: str) -> list[str]:
         try:
@@ -208,6 +204,25 @@ class Storage:
 
     def _display(self, path: str) -> str:
         return f"s3://{path}" if self.is_s3 and not path.startswith("s3://") else path
+
+
+def load_torch(data: bytes | str, where: str) -> Any:
+    """A torch file kdflow wrote (weights, optimizer state, histories), from its bytes or path, on the CPU.
+
+    `weights_only=True`: tensors, numbers, strings, lists and dicts load; anything else (a pickled object,
+    code) is refused as not kdflow's, exit 2 naming the file, so a file planted in a shared store cannot
+    run code in the process that reads it."""
+    import io
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu",
+                          weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise UserError(f"not a file kdflow wrote (or damaged): {str(exc).splitlines()[0][:200]}",
+                        where=where) from None
 
 
 def env_endpoint() -> str | None:

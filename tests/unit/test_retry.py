@@ -106,3 +106,25 @@ def test_a_stream_that_never_comes_back_gives_up() -> None:
     with pytest.raises(UserError, match="unreachable after 4 attempts"):
         got.extend(retried_stream(open_from, service="S3", retries=FAST))
     assert got == [0, 1]
+
+
+class Planted:
+    def __reduce__(self):  # what a malicious file does: run code when unpickled
+        return (print, ("planted code ran",))
+
+
+def test_kdflow_reads_its_own_torch_files_without_running_code(tmp_path, capsys) -> None:
+    """A file in a shared store that holds a pickled object, not tensors and plain values, is refused
+    naming it, and its code never runs (weights_only loading)."""
+    import torch
+
+    from tasks.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    storage.write_torch(storage.path("ok.pt"), {"state_dict": {"w": torch.ones(2)}, "history": [{"loss": 0.5}]})
+    assert storage.read_torch(storage.path("ok.pt"))["history"] == [{"loss": 0.5}]
+    torch.save({"state_dict": Planted()}, tmp_path / "planted.pt")
+    with pytest.raises(UserError, match="not a file kdflow wrote") as exc:
+        storage.read_torch(storage.path("planted.pt"))
+    assert exc.value.where.endswith("planted.pt")
+    assert "planted code ran" not in capsys.readouterr().out
