@@ -206,6 +206,23 @@ class SearchSpec(Strict):
     select: str = "best"
     space: dict[str, SearchParam] = Field(min_length=1)
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _typed_params(cls, space: Any) -> Any:
+        """A parameter says its type; `{choices: [...]}` alone is categorical. Without one, a message
+        that says what to write (pydantic's own is "Unable to extract tag using discriminator")."""
+        if not isinstance(space, dict):
+            return space
+        out = {}
+        for key, param in space.items():
+            if isinstance(param, dict) and "type" not in param:
+                if "choices" not in param:
+                    raise ValueError(f"{key}: needs type: float (with low, high), int (low, high) or "
+                                     "categorical (choices)")
+                param = {"type": "categorical", **param}
+            out[key] = param
+        return out
+
     @field_validator("select")
     @classmethod
     def _known_rule(cls, v: str) -> str:
