@@ -199,4 +199,5 @@ def soft_targets_result(spec: Workflow, manifest: dict[str, Any], precompute: Pr
             "teacher_forward_rows": precompute.forward_rows, "rows": manifest["rows"], "bytes": manifest["bytes"],
             "format": manifest["format"], "dtype": manifest["dtype"],
             **({"top_k": manifest["top_k"]} if manifest["format"] == "topk" else {}),
+            **({"samples": manifest["samples"]} if manifest["format"] == "sampled" else {}),
             **spec.kind.targets_summary(manifest)}

@@ -32,7 +32,7 @@ def load_data(spec: Workflow, storage: Storage) -> Dataset:
     kind = spec.kind
     with progress.stage("data", spec.data.source):
         try:
-            data = kind.load_data(spec.data, seed=spec.seed, storage=storage)
+            data = kind.load_workflow_data(spec, storage=storage)
         except UserError as exc:
             raise exc.under("data") from None
         data.where = "data"  # a split read later (only where a stage needs the arrays) names data.source too
@@ -56,9 +56,10 @@ WARM_PRECOMPUTE_ROWS = 50_000
 
 
 def soft_target_key(spec: Workflow, data: Dataset, teachers: list[Teacher]) -> str:
-    """Teacher weights x data (rows, split, preprocessing) x format, dtype, top_k, ensemble; never temperature."""
+    """Teacher weights x data (rows, split, preprocessing) x format, dtype, top_k or samples, ensemble; never
+    temperature."""
     st = spec.soft_targets
-    return cache_key([t.digest for t in teachers], data.fingerprint, st.format, st.dtype, st.top_k, st.ensemble)
+    return cache_key([t.digest for t in teachers], data.fingerprint, st.format, st.dtype, st.kept, st.ensemble)
 
 
 def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
@@ -85,7 +86,7 @@ def compute_soft_targets(spec: Workflow, data: Dataset, teachers: list[Teacher],
         try:
             manifest, stats = precompute(
                 store, key, [t.model for t in teachers], splits,
-                encoding=Encoding(kind, st.format, st.dtype, st.top_k, st.ensemble), shards=st.shards,
+                encoding=Encoding(kind, st.format, st.dtype, st.kept, st.ensemble), shards=st.shards,
                 width=kind.target_width(kind.dims(meta)), meta=meta, max_retries=st.max_retries, on_shard=tick,
                 runner=runner)
         except ShardFailed as exc:

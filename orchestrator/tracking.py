@@ -6,14 +6,14 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
 
 from orchestrator.spec import Workflow
 from tasks.errors import UserError
-from tasks.layout import MLARTIFACTS, local_state_dir
+from tasks.layout import MLARTIFACTS, local_state_dir, sqlite_lock
 from tasks.storage import Storage
 
 
@@ -71,8 +71,7 @@ def connect(spec: Workflow, storage: Storage, checked: bool = False) -> str:
     # Two runs starting at once on a fresh sqlite store would both create its tables (one fails with
     # "table experiments already exists"), and both the experiment: a file lock beside the database
     # makes the first creation one at a time. A server serializes this itself.
-    lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else nullcontext()
-    with lock:
+    with sqlite_lock(uri):
         if uri.startswith("sqlite:///"):
             seed_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         if mlflow.get_experiment_by_name(spec.experiment) is None:

@@ -12,7 +12,9 @@ itself when it is local, ./.kdflow when the root is on S3 (sqlite needs a local 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from tasks.storage import Storage
 
@@ -41,3 +43,17 @@ def local_state_dir(storage: Storage) -> Path:
     folder = Path(storage.base) if not storage.is_s3 else Path(LOCAL_STATE_FOR_S3).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def sqlite_lock(url: str) -> AbstractContextManager[Any]:
+    """The file lock beside a sqlite store (`sqlite:///PATH` -> PATH.lock) that its first creation goes under:
+    two processes creating the same fresh store at once would both create its tables, and one fail. The
+    embedded MLflow store (orchestrator.tracking.connect) and an Optuna sqlite study (search.study.open_storage)
+    both take it; other URLs need none (a server serializes this itself)."""
+    if not url.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    path = Path(url.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")

@@ -75,7 +75,7 @@ def weights_digest(model: nn.Module) -> str:
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BatchNorm counters
     return h.hexdigest()
 
 

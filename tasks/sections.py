@@ -80,8 +80,9 @@ class TeacherSpec(ModelSpec):
 
 class SoftTargetSpec(Strict):
     shards: int = Field(4, ge=1)
-    format: Literal["logits", "topk"] = "logits"
+    format: Literal["logits", "topk", "sampled"] = "logits"
     top_k: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1, le=255, description="format sampled: teacher draws per target")
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     ensemble: Literal["mean_probs", "mean_logits"] = "mean_probs"
     max_retries: int = Field(3, ge=0)
@@ -90,7 +91,14 @@ class SoftTargetSpec(Strict):
     def _topk_needs_k(self) -> SoftTargetSpec:
         if self.format == "topk" and self.top_k is None:
             raise ValueError("format 'topk' needs top_k (the number of classes kept per row)")
+        if self.format == "sampled" and self.samples is None:
+            raise ValueError("format 'sampled' needs samples (the teacher draws stored per target)")
         return self
+
+    @property
+    def kept(self) -> int | None:
+        """The ids stored per target: top_k for topk, the draws for sampled, None for logits."""
+        return self.top_k if self.format == "topk" else self.samples if self.format == "sampled" else None
 
 
 class DistillSpec(Strict):

@@ -109,13 +109,16 @@ def _path(uri: str) -> str:
     return uri.removeprefix("s3://") if uri.startswith("s3://") else os.path.abspath(uri)
 
 
-def _is_folder(uri: str, opts: dict[str, Any]) -> bool:
+FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".ndjson")
+
+
+def _is_folder(uri: str, opts: dict[str, Any], fs: Any = None) -> bool:
     if not uri.startswith("s3://"):
         return os.path.isdir(uri)  # a built-in (sklearn:digits) or a glob is no folder
-    if any(c in uri for c in "*?["):
-        return False
+    if any(c in uri for c in "*?[") or uri.endswith(FILE_SUFFIXES):
+        return False  # no request to S3 for what is named as a file or glob
     try:
-        return bool(filesystem_for(uri, opts).isdir(_path(uri)))
+        return bool((fs or filesystem_for(uri, opts)).isdir(_path(uri)))
     except S3_ERRORS:
         return False
 
@@ -125,7 +128,7 @@ def _split_source(split: str, uri: str, opts: dict[str, Any], where: str) -> Spl
     fs = filesystem_for(uri, opts)
     path = _path(uri)
     try:
-        if _is_folder(uri, opts) and fs.exists(f"{path}/state.json"):
+        if _is_folder(uri, opts, fs) and fs.exists(f"{path}/state.json"):
             return SplitSource(split, uri, _state_files(fs, path, where), where)
     except (*S3_ERRORS, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {uri}: {describe_s3_error(exc)}", where=where) from None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import UserError
-from tasks.layout import local_state_dir
+from tasks.layout import local_state_dir, sqlite_lock
 
 if TYPE_CHECKING:
     from orchestrator.spec import SearchSpec, Workflow
@@ -46,9 +46,10 @@ def open_storage(url: str) -> Any:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    if url.startswith("sqlite"):
-        _sqlite_wal(storage.engine)
+    with sqlite_lock(url):  # a fresh file's tables are created once, as the MLflow store's are
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        if url.startswith("sqlite"):
+            _sqlite_wal(storage.engine)
     return storage
 
 

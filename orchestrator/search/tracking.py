@@ -30,8 +30,11 @@ class TrialRuns:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdflow-trial-runs")
         self.study = study
         self.parent_id = parent_id
+        self.inputs: list[Any] = []  # the workflow run's dataset inputs (data splits, soft targets): each trial's too
         if parent_id:
-            self.experiment_id = self.client.get_run(parent_id).info.experiment_id
+            parent = self.client.get_run(parent_id)
+            self.experiment_id = parent.info.experiment_id
+            self.inputs = list(parent.inputs.dataset_inputs) if parent.inputs else []
         else:
             found = mlflow.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
@@ -46,6 +49,8 @@ class TrialRuns:
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
         params = [Param(k, str(v)[:500]) for k, v in values.items()] + [Param("trial", str(number))]
         self.client.log_batch(run.info.run_id, params=params)
+        if self.inputs:
+            self.client.log_inputs(run.info.run_id, datasets=self.inputs)
         return run.info.run_id
 
     def start_later(self, number: int, values: dict[str, Any], on_id: Any) -> Future[str]:

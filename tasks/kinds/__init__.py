@@ -25,6 +25,7 @@ DEFAULT = "classification"  # the kind of a workflow that names no `task`
 BUILTIN = {
     "classification": "tasks.kinds.classification:Classification",
     "causal_lm": "tasks.kinds.causal_lm:CausalLM",
+    "image_classification": "tasks.kinds.image_classification:ImageClassification",
 }
 
 

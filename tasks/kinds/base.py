@@ -161,6 +161,12 @@ class TaskKind:
         """Read the data section's source and split it (train/val/test, seeded)."""
         raise NotImplementedError
 
+    def load_workflow_data(self, workflow: Any, *, storage: Storage | None) -> Dataset:
+        """The data a whole workflow trains on: `load_data` of its data section. A kind whose rows depend on
+        other sections too (image views drawn per `soft_targets.views`) reads them here; errors name keys
+        relative to the data section, as `load_data`'s do."""
+        return self.load_data(workflow.data, seed=workflow.seed, storage=storage)
+
     def describe(self, data: Dataset) -> str:
         """The data stage's line: the rows' shape in the kind's words."""
         raise NotImplementedError

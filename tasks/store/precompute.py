@@ -56,8 +56,13 @@ class Encoding:
     kind: TaskKind
     format: str
     dtype: str
-    top_k: int | None
+    top_k: int | None  # the ids kept per row: k for topk, the draws N for sampled
     ensemble: str
+
+    def kept(self) -> dict[str, int | None]:
+        """What the manifest says of the kept ids: top_k (None but for topk), and samples for sampled."""
+        return {"top_k": self.top_k if self.format == "topk" else None,
+                **({"samples": self.top_k} if self.format == "sampled" else {})}
 
     def write(self, storage: Storage, path: str, row_id_start: int, xs: np.ndarray, ys: np.ndarray,
               teachers: list[torch.nn.Module], t0: float) -> dict[str, Any]:
@@ -87,7 +92,8 @@ def row_bytes(x: Any, y: Any, width: int, format: str, dtype: str, top_k: int | 
     features = x.num_features if isinstance(x, SplitRows) else int(np.prod(x.shape[1:], dtype=np.int64))
     tokens = int(y.shape[1]) if getattr(y, "ndim", 1) == 2 else 1
     per_value = TORCH_DTYPES[dtype].itemsize
-    targets = width * per_value if format == "logits" else int(top_k or 1) * (per_value + 4) + 4
+    targets = width * per_value if format == "logits" else int(top_k or 1) * 5 if format == "sampled" \
+        else int(top_k or 1) * (per_value + 4) + 4
     return 8 + features * 4 + tokens * (8 + targets)
 
 
@@ -300,7 +306,7 @@ def precompute(store: SoftTargetStore, key: str, teachers: list[torch.nn.Module]
     run.raise_failures(max_retries)
     manifest = {
         "version": MANIFEST_VERSION, "key": key, "format": encoding.format, "dtype": encoding.dtype,
-        "top_k": encoding.top_k if encoding.format == "topk" else None, "ensemble": encoding.ensemble,
+        **encoding.kept(), "ensemble": encoding.ensemble,
         "shards": shards, "splits": {s: {"rows": len(splits[s][1]), "shards": layout.plan[s]} for s in SPLITS},
         "rows": sum(len(splits[s][1]) for s in SPLITS),
         "bytes": int(sum(e["bytes"] for s in SPLITS for e in layout.plan[s])),
@@ -321,7 +327,7 @@ def existing_entry(store: SoftTargetStore, key: str, encoding: Encoding, meta: d
     if existing is None:
         return None
     request = {"format": encoding.format, "dtype": encoding.dtype,
-               "top_k": encoding.top_k if encoding.format == "topk" else None,
+               **encoding.kept(),
                **{k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k in existing}}
     if teachers > 1:
         request["ensemble"] = encoding.ensemble

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.store.formats import encode_topk
+from tasks.store.formats import encode_sampled, encode_topk, id_type_bytes
 
 FLOAT16_MAX = 65504.0
 
@@ -40,11 +40,11 @@ def _value_type(dtype: str) -> pa.DataType:
 def shard_schema_problem(schema: pa.Schema, format: str, dtype: str) -> str | None:
     """Why a shard's columns do not hold `format` in `dtype`, or None when they do."""
     target = "logits" if format == "logits" else "topk_values"
-    want = {"row_id", "x", "label"} | ({"logits"} if format == "logits"
-                                        else {"topk_values", "topk_indices", "tail_logmass"})
+    want = {"row_id", "x", "label"} | {"logits": {"logits"}, "topk": {"topk_values", "topk_indices", "tail_logmass"},
+                                       "sampled": {"sample_ids", "sample_counts"}}[format]
     if set(schema.names) != want:
         return f"columns {sorted(schema.names)}, expected {sorted(want)} for format {format!r}"
-    if schema.field(target).type.value_type != _value_type(dtype):
+    if format != "sampled" and schema.field(target).type.value_type != _value_type(dtype):
         return f"{target} holds {schema.field(target).type.value_type}, expected {dtype}"
     return None
 
@@ -83,10 +83,18 @@ def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch
         "label": _label_array(y),
     }
     flat = logits.reshape(-1, logits.shape[-1]) if seq else logits
+    # a sequence row's masked positions (label -1: prompt, padding, a conversation's other turns) keep zeros,
+    # which the compression all but removes: nothing is stored for a token that is never a target
+    # (per-position labels only: rows whose one label covers several stored positions, an image's views, mask none)
+    masked = torch.from_numpy(np.asarray(y).reshape(-1) < 0) if seq and np.asarray(y).ndim == 2 else None
     if format == "logits":
         cols["logits"] = _store_array(flat.reshape(n, -1) if seq else flat, dtype)
+    elif format == "sampled":
+        cols.update(_sampled_columns(flat, n if seq else None, int(top_k or 1), int(row_ids[0]) if n else 0, masked))
     else:
         values, indices, tail = encode_topk(flat.float(), int(top_k or 1))
+        if masked is not None:
+            values[masked], indices[masked], tail[masked] = 0.0, 0, 0.0
         if seq:
             values, indices, tail = values.reshape(n, -1), indices.reshape(n, -1), tail.reshape(n, -1)
         cols["topk_values"] = _store_array(values, dtype)
@@ -98,8 +106,22 @@ def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch
     # float columns and the unique row ids pyarrow builds a dictionary, finds it too large and falls back,
     # which was half of a 50,000-row shard's encode (143 -> 80 ms) and made it 10% larger (RESULTS-scale.md)
     pq.write_table(pa.table(cols), buf, compression="zstd", use_dictionary=[
-        c for c in cols if c in ("label", "topk_indices") or (c == "x" and cols[c].type.value_type == pa.int32())])
+        c for c in cols if c in ("label", "topk_indices", "sample_ids") or (c == "x" and cols[c].type.value_type == pa.int32())])
     return buf.getvalue()
+
+
+def _sampled_columns(flat: torch.Tensor, rows: int | None, n: int, seed: int, masked: torch.Tensor | None
+                     ) -> dict[str, pa.Array]:
+    """N teacher draws per row (per token for sequence rows, `rows` of them): ids and counts columns."""
+    ids, counts = encode_sampled(flat, n, seed)
+    if masked is not None:
+        ids[masked], counts[masked] = 0, 0
+    if rows is not None:
+        ids, counts = ids.reshape(rows, -1), counts.reshape(rows, -1)
+    wide = id_type_bytes(flat.shape[-1]) == 4
+    return {"sample_ids": _fixed_list(ids.numpy().astype(np.int32 if wide else np.uint16),
+                                      pa.int32() if wide else pa.uint16()),
+            "sample_counts": _fixed_list(counts.numpy(), pa.uint8())}
 
 
 @dataclass
@@ -156,6 +178,11 @@ def decode_rows(data: bytes, dtype: str) -> TargetBatch:
     targets: dict[str, torch.Tensor] = {}
     if "logits" in table.column_names:
         targets["logits"] = _load_array(table.column("logits"), dtype)
+    elif "sample_ids" in table.column_names:
+        ids = table.column("sample_ids").combine_chunks()
+        flat = ids.values.to_numpy(zero_copy_only=False).astype(np.int32).reshape(-1, ids.type.list_size)
+        targets["sample_ids"] = torch.from_numpy(flat)
+        targets["sample_counts"] = _load_array(table.column("sample_counts"), "uint8")
     else:
         targets["topk_values"] = _load_array(table.column("topk_values"), dtype)
         targets["topk_indices"] = _load_array(table.column("topk_indices"), "int32")

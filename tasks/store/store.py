@@ -44,9 +44,11 @@ LISTED = ("format", "dtype", "top_k", "rows", "bytes", "created_at", "task", "te
 
 def cache_key(teacher_digests: list[str], data_fingerprint: str, format: str, dtype: str, top_k: int | None,
               ensemble: str) -> str:
-    """The entry's name: a hash of everything the stored rows depend on (teacher order does not matter)."""
+    """The entry's name: a hash of everything the stored rows depend on (teacher order does not matter);
+    `top_k` is the ids kept per row (k for topk, the draws N for sampled)."""
     payload = json.dumps({"v": MANIFEST_VERSION, "teachers": sorted(teacher_digests), "data": data_fingerprint,
                           "format": format, "dtype": dtype, "top_k": top_k if format == "topk" else None,
+                          **({"samples": top_k} if format == "sampled" else {}),
                           "ensemble": ensemble if len(teacher_digests) > 1 else None}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 

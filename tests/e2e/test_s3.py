@@ -171,3 +171,25 @@ def test_parquet_on_s3_loads_exactly_like_the_same_files_on_disk(s3_server: dict
     local = load_dataset(str(tmp_path / "part-*.parquet"), transfer=str(tmp_path / "rows.parquet"))
     assert remote.fingerprint == local.fingerprint and remote.rows("transfer") == 200
     assert remote.classes == [f"digit-{i}" for i in range(10)]
+
+
+def test_split_layouts_on_s3_read_like_the_same_folders_on_disk(s3_server: dict[str, str], s3_bucket: str,
+                                                                 tmp_path: Path) -> None:
+    """data.splits with s3:// sources, a folder layout found on S3, and a save_to_disk folder uploaded to S3."""
+    from tests.unit.test_splits import write_save_to_disk, write_splits
+
+    s3 = fs(s3_server)
+    write_splits(tmp_path / "files")
+    write_save_to_disk(tmp_path / "hf")
+    s3.put(str(tmp_path / "files"), f"{s3_bucket}/files", recursive=True)
+    s3.put(str(tmp_path / "hf"), f"{s3_bucket}/hf", recursive=True)
+    storage = Storage(f"s3://{s3_bucket}/runs")
+    local = load_dataset(str(tmp_path / "files"), features=["f0", "f1"])
+    for source in (f"s3://{s3_bucket}/files", f"s3://{s3_bucket}/hf"):
+        remote = load_dataset(source, features=["f0", "f1"], storage=storage)
+        assert remote.counts == {"train": 40, "val": 9, "test": 11}
+        np.testing.assert_allclose(remote.source_rows["test"].rows(0, 11)[0], local.x["test"], rtol=1e-6)
+    given = load_dataset("x", features=["f0", "f1"], storage=storage, splits={
+        "train": f"s3://{s3_bucket}/files/train.parquet", "validation": f"s3://{s3_bucket}/hf/validation",
+        "test": f"s3://{s3_bucket}/files/test.parquet"})
+    assert given.counts == {"train": 40, "val": 9, "test": 11}

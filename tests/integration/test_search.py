@@ -82,6 +82,11 @@ def test_search_tracks_every_trial_and_runs_the_teacher_once(workdir: Path, sear
         assert float(run.data.params["distill.temperature"]) == pytest.approx(t.params["distill.temperature"])
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
         assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 3
+        # each trial's run names the data and the soft targets it trained on, as the workflow's run does
+        inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset.digest
+                  for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+        assert sorted(inputs) == ["soft_targets", "test", "training", "validation"]
+        assert inputs["soft_targets"] == soft["cache_key"][:32]
     artifacts = {a.path for a in client.list_artifacts(out["mlflow"]["run_id"], "search")}
     assert {"search/history.png", "search/history.html", "search/importances.png"} <= artifacts
 

@@ -126,7 +126,7 @@ def test_example_workflows_validate(path: Path) -> None:
     ("teacher.train.epochs", 0, "teacher.train.epochs", "greater than or equal to 1"),
     ("train.batch_size", "big", "train.batch_size", "integer"),
     ("distill.loss", "kld", "distill.loss", "unknown loss"),
-    ("soft_targets.format", "probs", "soft_targets.format", "'logits' or 'topk'"),
+    ("soft_targets.format", "probs", "soft_targets.format", "'logits', 'topk' or 'sampled'"),
     ("distill.temprature", 4, "distill.temprature", "unknown key"),
     ("studnet", {}, "studnet", "unknown key"),
     ("registry.promote.gates.retention", "about 0.9", "registry.promote.gates.retention", "comparison"),

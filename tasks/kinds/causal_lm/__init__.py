@@ -58,7 +58,11 @@ class CausalLM(TaskKind):
         return f"{data.seq_len} tokens per row, vocabulary {data.vocab_size} (tokenizer {data.tokenizer_hash})"
 
     def manifest_meta(self, data: Any) -> dict[str, Any]:
+        from tasks.kinds.causal_lm.chat import template_hash
+
+        template = getattr(data, "chat_template", None)
         return {"seq_len": data.seq_len, "vocab_size": data.vocab_size, "tokenizer_hash": data.tokenizer_hash,
+                "chat_template": template_hash(template) if template else None,
                 "tokens": {k: int((v >= 0).sum()) for k, v in data.y.items()}}
 
     def dims(self, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,10 +178,14 @@ class CausalLM(TaskKind):
         """The student with its tokenizer (transformers directory, safetensors) as a pyfunc that generates."""
         from tasks.kinds.causal_lm.serving import log_lm_pyfunc
 
-        return log_lm_pyfunc(model, data.tokenizer, pip_requirements=[*pip_requirements, "transformers", "tokenizers"])
+        return log_lm_pyfunc(model, data.tokenizer, chat_template=getattr(data, "chat_template", None),
+                             pip_requirements=[*pip_requirements, "transformers", "tokenizers", "jinja2"])
 
     def lineage(self, manifest: Mapping[str, Any]) -> dict[str, str]:
-        return {"kdflow.tokenizer": str(manifest.get("tokenizer_hash"))}
+        tags = {"kdflow.tokenizer": str(manifest.get("tokenizer_hash"))}
+        if manifest.get("chat_template"):
+            tags["kdflow.chat_template"] = str(manifest["chat_template"])
+        return tags
 
     def load_registered(self, uri: str, manifest: Mapping[str, Any]) -> nn.Module | None:
         from tasks.kinds.causal_lm.models import build_lm

@@ -27,6 +27,7 @@ import numpy as np
 
 from tasks.dataset import Dataset, read_table
 from tasks.errors import UserError
+from tasks.kinds.causal_lm.arithmetic import ARITHMETIC, arithmetic_table
 from tasks.kinds.causal_lm.spec import CausalLMData, TokenizerSpec
 from tasks.splits import Layout, SplitSource, resolve
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
@@ -98,8 +99,9 @@ def _read_table(src: SplitSource, storage: Storage | None) -> Any:
     return read_table(src, storage)
 
 
-def table_documents(data: CausalLMData, storage: Storage | None, src: SplitSource) -> list[Document]:
-    table = _read_table(src, storage)
+def table_documents(data: CausalLMData, storage: Storage | None, src: SplitSource, table: Any = None
+                    ) -> list[Document]:
+    table = table if table is not None else _read_table(src, storage)
     names = table.column_names
 
     def column(key: str) -> list[Any]:
@@ -117,19 +119,26 @@ def table_documents(data: CausalLMData, storage: Storage | None, src: SplitSourc
     return [Document(str(t or "")) for t in column("text")]
 
 
-def read_documents(data: CausalLMData, storage: Storage | None, src: SplitSource | None = None) -> list[Document]:
-    """The corpus named by `source` (or one given split's, `src`), limited by `limit` documents; empty or
-    whitespace-only text is refused."""
+def is_table(src: SplitSource) -> bool:
+    """Whether a source names a table (a Parquet file, folder or glob, JSON lines, a save_to_disk split)."""
+    source = src.uri
+    return source.endswith((".parquet", ".jsonl", ".json", ".ndjson")) or "*" in source or \
+        source.startswith("s3://") or os.path.isdir(source) or bool(src.arrow_files)
+
+
+def read_documents(data: CausalLMData, storage: Storage | None, src: SplitSource | None = None, table: Any = None
+                   ) -> list[Document]:
+    """The corpus named by `source` (or one given split's, `src`; its `table` when read already), limited by
+    `limit` documents; empty or whitespace-only text is refused."""
     src = src or SplitSource("", data.source)
     source = src.uri
     if source == STDLIB:
         docs = stdlib_documents(data.corpus.max_bytes, data.corpus.max_files)
-    elif source.endswith((".parquet", ".jsonl", ".json", ".ndjson")) or "*" in source or source.startswith("s3://") \
-            or os.path.isdir(source) or src.arrow_files:
-        docs = table_documents(data, storage, src)
+    elif table is not None or is_table(src):
+        docs = table_documents(data, storage, src, table)
     else:
-        raise UserError(f"unknown LM source {source!r}: the built-in corpus is {STDLIB!r}, or a Parquet / "
-                        "JSON-lines file (local or s3://)", where=src.where)
+        raise UserError(f"unknown LM source {source!r}: the built-in corpora are {STDLIB!r} and {ARITHMETIC!r} "
+                        "(conversations), or a Parquet / JSON-lines file (local or s3://)", where=src.where)
     if data.limit:
         docs = docs[: data.limit]
     docs = [d for d in docs if (d.prompt + d.text).strip()]
@@ -151,19 +160,29 @@ def split_documents(docs: list[Document], *, val: float, test: float, seed: int)
             "train": [docs[i] for i in perm[n_test + n_val:]]}
 
 
-def split_corpus(data: CausalLMData, seed: int, storage: Storage | None) -> tuple[dict[str, list[Document]], Layout]:
-    """The documents of each split, and what the fingerprint adds for given splits (tasks/splits.py): a single
-    corpus is split by a seeded permutation of its documents; given splits keep theirs, and without a val
+def single_table(data: CausalLMData, layout: Layout, storage: Storage | None) -> Any:
+    """The one table a corpus without given splits is read from, read once (None for the built-in stdlib
+    corpus, given splits, or a source that names no table)."""
+    if layout.given or layout.table is None or data.source == STDLIB:
+        return None
+    if data.source == ARITHMETIC:
+        return arithmetic_table(data.corpus.conversations)
+    return _read_table(layout.table, storage) if is_table(layout.table) else None
+
+
+def split_corpus(data: CausalLMData, seed: int, storage: Storage | None, layout: Layout, table: Any = None
+                 ) -> dict[str, list[Document]]:
+    """The documents of each split (tasks/splits.py's `layout`): a single corpus (its `table` when read
+    already) is split by a seeded permutation of its documents; given splits keep theirs, and without a val
     split its documents are cut from the training split's by the val fraction."""
-    layout = resolve(data.source, data.splits, storage)
     if not layout.given:
-        docs = read_documents(data, storage, layout.table)
-        return split_documents(docs, val=data.split.val, test=data.split.test, seed=seed), layout
+        docs = read_documents(data, storage, layout.table, table)
+        return split_documents(docs, val=data.split.val, test=data.split.test, seed=seed)
     parts = {k: read_documents(data, storage, src) for k, src in layout.sources.items()}
     if layout.carves_val:
         cut = split_documents(parts["train"], val=data.split.val, test=0.0, seed=seed)
         parts["train"], parts["val"] = cut["train"], cut["val"]
-    return parts, layout
+    return parts
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -202,29 +221,41 @@ def load_tokenizer_dir(path: str) -> Any:
     return Tokenizer.from_file(str(file))
 
 
-def get_tokenizer(spec: TokenizerSpec, train_docs: list[Document], storage: Storage | None) -> Any:
-    """A local tokenizer directory, or a BPE trained on the training documents, cached in the store by
-    (training text, vocab size) so reruns and searches reuse the very same one."""
-    if spec.path:
-        return load_tokenizer_dir(spec.path)
-    vocab = spec.vocab_size
-    h = hashlib.sha256(f"bpe-v1|{vocab}|".encode())
+def _bpe_path(spec: TokenizerSpec, train_docs: list[Document], storage: Storage) -> str:
+    """Where the BPE trained on these documents with this vocabulary is kept in the store."""
+    h = hashlib.sha256(f"bpe-v1|{spec.vocab_size}|".encode())
     for d in train_docs:
         h.update(d.prompt.encode())
         h.update(b"\0")
         h.update(d.text.encode())
         h.update(b"\1")
-    key = h.hexdigest()[:20]
+    return storage.path("tokenizers", h.hexdigest()[:20], "tokenizer.json")
+
+
+def get_tokenizer(spec: TokenizerSpec, train_docs: list[Document], storage: Storage | None, *, keep: bool = True
+                  ) -> Any:
+    """A local tokenizer directory, or a BPE trained on the training documents, cached in the store by
+    (training text, vocab size) so reruns and searches reuse the very same one (`keep` False: the caller
+    keeps it with `keep_tokenizer` once its rows are known to be good)."""
+    if spec.path:
+        return load_tokenizer_dir(spec.path)
     if storage is not None:
-        path = storage.path("tokenizers", key, "tokenizer.json")
+        path = _bpe_path(spec, train_docs, storage)
         if storage.exists(path):
             from tokenizers import Tokenizer
 
             return Tokenizer.from_str(storage.read_bytes(path).decode())
-    tok = train_bpe([d.prompt + d.text for d in train_docs], vocab)
-    if storage is not None:
-        storage.write_bytes(path, tok.to_str().encode())
+    tok = train_bpe([d.prompt + d.text for d in train_docs], spec.vocab_size)
+    if keep:
+        keep_tokenizer(spec, train_docs, tok, storage)
     return tok
+
+
+def keep_tokenizer(spec: TokenizerSpec, train_docs: list[Document], tok: Any, storage: Storage | None) -> None:
+    if storage is not None and not spec.path:
+        path = _bpe_path(spec, train_docs, storage)
+        if not storage.exists(path):
+            storage.write_bytes(path, tok.to_str().encode())
 
 
 # ---------------------------------------------------------------- packing
@@ -273,13 +304,24 @@ class TokenRows(Dataset):
     vocab_size: int
     seq_len: int
     documents: dict[str, int]  # documents per split (before packing)
+    chat_template: str | None = None  # conversations were rendered with it (chat.py); the served model keeps it
 
 
 def load_lm_data(data: CausalLMData, *, seed: int, storage: Storage | None) -> TokenRows:
     """Read, split by document, tokenize and pack; the fingerprint covers the packed rows, the tokenizer's
     hash, seq_len and the packing scheme."""
     seq_len = data.seq_len
-    parts, layout = split_corpus(data, seed, storage)
+    layout = resolve(data.source, data.splits, storage)
+    table = single_table(data, layout, storage)
+    if table is not None:
+        from tasks.kinds.causal_lm.chat import messages_column
+
+        if (column := messages_column(data, table.column_names)) is not None:
+            return load_chat_data(data, table, column, seed=seed, storage=storage)
+    if data.messages:
+        raise UserError("conversations are read from one table: a Parquet / JSON-lines source (local or s3://) "
+                        f"or {ARITHMETIC!r}; not from {data.source!r} or given splits (yet)", where="messages")
+    parts = split_corpus(data, seed, storage, layout, table)
     tok = get_tokenizer(data.tokenizer, parts["train"], storage)
     th = tokenizer_hash(tok)
     xs, ys = {}, {}
@@ -301,10 +343,47 @@ def load_lm_data(data: CausalLMData, *, seed: int, storage: Storage | None) -> T
                                            "string"))
 
 
-def save_tokenizer_dir(tok: Any, folder: str | Path) -> None:
-    """A transformers-loadable tokenizer directory (PreTrainedTokenizerFast) beside a model."""
+def load_chat_data(data: CausalLMData, table: Any, column: str, *, seed: int, storage: Storage | None
+                   ) -> TokenRows:
+    """Conversations split by conversation, rendered with the chat template, one per row, targets on the
+    assistant's tokens only (chat.py); the fingerprint covers the template, the tokenizer and the rows. The
+    trained BPE (if any) is kept only once every row is good: bad input writes nothing."""
+    from tasks.kinds.causal_lm import chat
+
+    convs = chat.read_conversations(table, column, data.limit)
+    parts = split_documents(convs, val=data.split.val, test=data.split.test, seed=seed)  # type: ignore[arg-type]
+    tok_docs: list[Document] = []
+    if not data.tokenizer.path:  # the BPE learns the rendered text, template markup included
+        plain = chat.chat_tokenizer(data, train_bpe([], 260), EOS)
+        tok_docs = [Document(chat.render(plain, c)[0]) for c in parts["train"]]
+    tok = get_tokenizer(data.tokenizer, tok_docs, storage, keep=False)
+    fast = chat.chat_tokenizer(data, tok, EOS)
+    eos = fast.eos_token_id if fast.eos_token_id is not None else 0
+    th = tokenizer_hash(tok)
+    h = hashlib.sha256(f"{chat.PACKING}|seq_len={data.seq_len}|tokenizer={th}|seed={seed}|truncation="
+                       f"{data.truncation}|template={chat.template_hash(fast.chat_template)}|".encode())
+    xs, ys = {}, {}
+    for name in ("train", "val", "test"):
+        xs[name], ys[name] = chat.rows_of(parts[name], fast, data.seq_len, data.truncation, eos)  # type: ignore
+        h.update(name.encode())
+        h.update(xs[name].tobytes())
+        h.update(ys[name].tobytes())
+    if int((ys["train"] >= 0).sum()) == 0:
+        raise UserError("the training split has no assistant tokens left", where="truncation")
+    keep_tokenizer(data.tokenizer, tok_docs, tok, storage)
+    return TokenRows(arrays=(xs, ys), fingerprint=h.hexdigest(), labeled_fingerprint=h.hexdigest(), tokenizer=tok,
+                     tokenizer_hash=th, vocab_size=tok.get_vocab_size(), seq_len=data.seq_len,
+                     documents={k: len(v) for k, v in parts.items()}, chat_template=fast.chat_template,
+                     sources=dict.fromkeys(("train", "val", "test"), data.source))
+
+
+def save_tokenizer_dir(tok: Any, folder: str | Path, chat_template: str | None = None) -> None:
+    """A transformers-loadable tokenizer directory (PreTrainedTokenizerFast, with the chat template conversations
+    were rendered with) beside a model."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+    if chat_template:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(folder))
     Path(folder, "kdflow_tokenizer.json").write_text(json.dumps({"hash": tokenizer_hash(tok)}))

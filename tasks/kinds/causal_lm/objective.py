@@ -41,12 +41,18 @@ def teacher_buckets(values: Tensor, tail_logmass: Tensor, vocab: int, temperatur
     return F.log_softmax(torch.cat([values.float() / temperature, tail_t.unsqueeze(-1)], dim=-1), dim=-1)
 
 
-def student_buckets(student_logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
-    """The student's log-probabilities at T over the same k + 1 buckets (its full vocabulary, coarsened)."""
+def student_buckets(student_logits: Tensor, indices: Tensor, temperature: float, unused: Tensor | None = None,
+                    tail: bool = True) -> Tensor:
+    """The student's log-probabilities at T over the same k + 1 buckets (its full vocabulary, coarsened); an
+    `unused` slot (a sampled target's, which repeats a drawn id) is an empty bucket, and without `tail` the
+    student is renormalized over the k ids (its tail bucket empty)."""
     s = student_logits.float() / temperature
     idx = indices.long()
     top = s.gather(-1, idx)
-    tail = torch.logsumexp(s.scatter(-1, idx, NO_MASS), dim=-1, keepdim=True)
+    if unused is not None:
+        top = top.masked_fill(unused, NO_MASS)
+    tail = torch.logsumexp(s.scatter(-1, idx, NO_MASS), dim=-1, keepdim=True) if tail else \
+        torch.full_like(top[..., :1], NO_MASS)
     return F.log_softmax(torch.cat([top, tail], dim=-1), dim=-1)
 
 
@@ -54,7 +60,8 @@ def token_divergence(student_logits: Tensor, values: Tensor, indices: Tensor, ta
                      temperature: float, beta: float) -> Tensor:
     """Per-token divergence [B, S] (times T^2) between teacher and student over the top-k + tail buckets.
 
-    The teacher is never dense: [B, S, k] values and ids plus [B, S] tail log-mass. The registered
+    The teacher is never dense: [B, S, k] values and ids plus [B, S] tail log-mass (sampled targets: the
+    estimate's log-probabilities over the drawn ids, no tail). The registered
     sequence-level losses are reused on the bucket log-probabilities (log_softmax of log-probabilities is
     the identity, so they see exactly these distributions at T = 1, and the T^2 factor is applied here).
     """
@@ -62,7 +69,12 @@ def token_divergence(student_logits: Tensor, values: Tensor, indices: Tensor, ta
         raise ValueError(f"loss {loss!r} has no per-token form; known: {', '.join(TOKEN_LOSSES)}")
     vocab = student_logits.shape[-1]
     log_p = teacher_buckets(values, tail_logmass, vocab, temperature)
-    log_q = student_buckets(student_logits, indices, temperature)
+    # a sampled estimate has no tail: forward KL's unbiased form keeps the student's whole distribution (the
+    # tail term has no weight), while reverse KL and JSD, which would weigh an empty teacher bucket against
+    # the student's tail, compare both over the drawn ids
+    no_tail = indices.shape[-1] < vocab and bool((tail_logmass <= NO_MASS / 2).all())
+    log_q = student_buckets(student_logits, indices, temperature, unused=values <= NO_MASS / 2,
+                            tail=not (no_tail and loss != "kl"))
     flat = per_row(loss, log_q.reshape(-1, log_q.shape[-1]), log_p.reshape(-1, log_p.shape[-1]), 1.0, beta)
     return temperature**2 * flat.reshape(log_q.shape[:-1])
 

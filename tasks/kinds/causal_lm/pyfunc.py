@@ -6,23 +6,30 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 
 class KdflowLM(PythonModel):
-    """A `prompt` column in, a `completion` column (greedy, `max_new_tokens` tokens) out."""
+    """Prompts, a DataFrame with a `prompt` column, or conversations in (generation.py); a `completion` column
+    out. Params: max_new_tokens, temperature (0: greedy), top_p."""
 
     def load_context(self, context: Any) -> None:
         from tasks.kinds.causal_lm.serving import load_from_dir
 
         self.model, self.tokenizer = load_from_dir(context.artifacts["lm"])
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
-        from tasks.kinds.causal_lm.serving import generate
+    # no type hints: MLflow reads predict's hints as an input schema, and the three request forms have none
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        from tasks.kinds.causal_lm.generation import BadRequest, GenerationParams, generate_one, read_request
 
-        n = int((params or {}).get("max_new_tokens", 8))
-        rows = generate(self.model, self.tokenizer, [str(p) for p in model_input["prompt"]], n)
-        return pd.DataFrame({"completion": [r["completion"] for r in rows]})
+        try:
+            prompts, gp = read_request(model_input, self.tokenizer), GenerationParams.of(params)
+        except BadRequest as exc:  # the server's 400, not a 500 with a traceback
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        done = [self.tokenizer.decode(generate_one(self.model, self.tokenizer, p, gp)) for p in prompts]
+        return pd.DataFrame({"completion": done})
 
 
 mlflow.models.set_model(KdflowLM())

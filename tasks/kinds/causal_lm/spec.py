@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from tasks.kinds.base import KindSpec
 from tasks.sections import DataSpec, DistillSpec, ModelSpec, SoftTargetSpec, Strict, TeacherSpec
@@ -20,21 +22,35 @@ class TokenizerSpec(Strict):
 
 
 class CorpusSpec(Strict):
-    """The built-in corpus (source: python-stdlib): a deterministic subset of the interpreter's stdlib."""
+    """The built-in corpora: python-stdlib (a deterministic subset of the interpreter's stdlib) and
+    arithmetic-chat (generated conversations with verifiable answers)."""
 
     max_bytes: int | None = Field(2_000_000, ge=1000)
     max_files: int | None = Field(None, ge=1)
+    conversations: int = Field(2000, ge=10, description="arithmetic-chat: how many conversations")
 
 
 class CausalLMData(DataSpec):
-    source: str = Field("python-stdlib", description="python-stdlib, or a Parquet / JSON-lines file (local or s3://)")
+    source: str = Field("python-stdlib", description="python-stdlib, arithmetic-chat (conversations), or a Parquet / "
+                                                     "JSON-lines file (local or s3://)")
     limit: int | None = Field(None, ge=1, description="use only the first N documents, for quick tries")
     text: str | None = Field(None, description="the text column (default 'text')")
     prompt: str | None = Field(None, description="prompt column: its tokens are inputs, never targets")
     completion: str | None = Field(None, description="completion column (with prompt)")
+    messages: str | None = Field(None, description="a column of conversations ([{role, content}] lists; a source "
+                                                   "with a 'messages' column and no text column uses it)")
+    chat_template: str | None = Field(None, description="a Jinja chat template (default: the tokenizer directory's)")
+    truncation: Literal["drop", "truncate"] | None = Field(
+        None, description="a conversation longer than seq_len + 1 tokens: drop it, or truncate it (default: an error)")
     seq_len: int = Field(128, ge=2, description="tokens per packed row")
     tokenizer: TokenizerSpec = TokenizerSpec()
     corpus: CorpusSpec = CorpusSpec()
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> CausalLMData:
+        if self.messages and (self.text or self.prompt or self.completion):
+            raise ValueError("messages (conversations) is set alone, without text or prompt/completion")
+        return self
 
 
 class CausalLMModel(ModelSpec):

@@ -60,6 +60,11 @@ class Classification(TaskKind):
         known = [p for p in params if p not in ("num_features", "num_classes")]
         return f"{model} has no parameter {param!r} (it takes {', '.join(known)})"
 
+    def check_workflow(self, workflow: Any) -> None:
+        if workflow.soft_targets.format == "sampled":
+            raise ValueError("soft_targets.format: sampled is stored per token, for causal_lm; a classifier's "
+                             "targets are logits or topk")
+
     # ------------------------------------------------ data
 
     def load_data(self, data: DataSpec, *, seed: int, storage: Storage | None) -> Dataset:
