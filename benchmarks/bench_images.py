@@ -98,14 +98,15 @@ def plain_fit(model: torch.nn.Module, epochs: int, images: torch.Tensor, views: 
     return time.perf_counter() - t0
 
 
-def stored_targets(teacher: torch.nn.Module, train_x: np.ndarray, top_k: int) -> tuple[TargetBatch, dict[str, float], float]:
+def stored_targets(teacher: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, top_k: int
+                   ) -> tuple[TargetBatch, dict[str, float], float]:
     """The teacher's top-k float16 targets for every stored view, through the store's shard encoding; the
     Parquet bytes per view of the targets and of the views' parameters; the precompute's seconds."""
     t0 = time.perf_counter()
     logits = teacher_outputs([teacher], train_x, "mean_probs")
     seconds = time.perf_counter() - t0
     n = len(train_x)
-    data = encode_rows(np.arange(n), train_x, np.zeros(n, np.int64), logits, "topk", "float16", top_k)
+    data = encode_rows(np.arange(n), train_x, train_y, logits, "topk", "float16", top_k)
     meta = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(0)
     sizes = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).total_compressed_size
              for i in range(meta.num_columns)}
@@ -157,7 +158,8 @@ def prepare(args: Any) -> Bench:
     teacher.eval()
     x_test, y_test = torch.from_numpy(d.x["test"]), torch.from_numpy(d.y["test"])
     notes["teacher_acc"] = evaluate(teacher, x_test, y_test)
-    stored, sizes, notes["precompute_s"] = stored_targets(teacher, d.x["train"], args.top_k)
+    stored, sizes, notes["precompute_s"] = stored_targets(teacher, d.x["train"], d.y["train"], args.top_k)
+    assert torch.equal(stored.y, y_train), "the stored rows keep their labels"
     notes.update(sizes)
     notes["plain_precompute_s"] = plain_precompute(teacher, d.x["train"], d.num_features,
                                                    (d.channels, d.height, d.width))
