@@ -59,13 +59,14 @@ def _dataset(uri: str, name: str, fingerprint: str, rows: int, columns: dict[str
     return Described(_source(uri), name=name, digest=digest(fingerprint), schema=schema)
 
 
-def log_data_inputs(data: Dataset) -> None:
-    """Each split of the run's data as one dataset input of the active run, named `<source's name>:<split>`."""
+def log_data_inputs(data: Dataset, source: str) -> None:
+    """Each split of the run's data as one dataset input of the active run, named `<source's name>:<split>`;
+    `source` (data.source) stands for a split whose kind did not say where its rows came from."""
     import mlflow
 
     datasets, contexts, tags = [], [], []
     for split, rows in data.counts.items():
-        uri = data.sources.get(split, "")
+        uri = data.sources.get(split) or source
         name = uri.rstrip("/").rsplit("/", 1)[-1] or "data"
         datasets.append(_dataset(uri, f"{name}:{split}", data.fingerprint, rows, data.columns))
         contexts.append(CONTEXTS.get(split, split))

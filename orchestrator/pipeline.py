@@ -128,7 +128,7 @@ def run_stages(spec: Workflow, started: Started, source: str | None) -> dict[str
         mlflow.log_params(flat_params(spec))
         mlflow.set_tags({"kdflow.workflow": spec.name, "kdflow.task": spec.task,
                          "kdflow.data_fingerprint": data.fingerprint})
-        lineage.log_data_inputs(data)
+        lineage.log_data_inputs(data, spec.data.source)
         teachers = load_teachers(spec, data, storage, warm)
         for i, t in enumerate(teachers):
             log_history(t.meta.get("history", []), prefix=f"teacher{i}_" if len(teachers) > 1 else "teacher_")

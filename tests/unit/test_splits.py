@@ -178,3 +178,14 @@ def test_a_real_datasets_save_to_disk_folder_is_read_lazily_per_file(tmp_path: P
     lm = load_lm_data(CausalLMData(source=str(tmp_path / "hf"), seq_len=8, tokenizer={"vocab_size": 270}), seed=0,
                       storage=None)
     assert lm.documents == {"train": 40, "val": 9, "test": 11}
+
+
+def test_kdflow_validate_names_a_bad_data_splits_key() -> None:
+    from orchestrator.spec import validate
+    from tests.helpers import workflow
+
+    for splits, says in (({"train": "a.parquet", "exam": "b.parquet"}, "data.splits: unknown split 'exam'"),
+                         ({"train": "a.parquet"}, "data.splits: needs a test split")):
+        with pytest.raises(UserError, match=says):
+            validate(workflow(**{"data.splits": splits}))
+    assert validate(workflow(**{"data.splits": {"training": "a", "validation": "b", "test": "c"}})).data.splits
