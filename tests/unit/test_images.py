@@ -223,6 +223,28 @@ def test_views_are_stored_top_k_per_view_with_one_label_per_image() -> None:
     assert torch.allclose(torch.log_softmax(dense, -1), torch.log_softmax(logits, -1), atol=1e-5)
 
 
+def test_a_teacher_whose_channels_are_not_the_datas_is_refused_naming_its_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from tasks.kinds.image_classification import serving, teachers
+    from tasks.kinds.image_classification.models import build_model
+
+    rgb = {"channels": 3, "height": 8, "width": 8, "num_classes": 10, "mean": [0.0] * 3, "std": [1.0] * 3}
+    grey = {**rgb, "channels": 1, "mean": [0.0], "std": [1.0]}
+    torch.save(build_model("cnn", {"channels": [4]}, rgb).net.state_dict(), tmp_path / "rgb.pt")
+    spec = SimpleNamespace(model="cnn", params={"channels": [4]}, checkpoint=str(tmp_path / "rgb.pt"))
+    with pytest.raises(UserError) as err:
+        teachers.load_teacher(spec, grey)
+    assert err.value.where == "checkpoint" and "1-channel" in err.value.message
+    assert teachers.load_teacher(spec, rgb).image_shape == (3, 8, 8)  # the same file fits RGB images
+
+    monkeypatch.setattr(serving, "load_registered", lambda uri: (None, {"dims": rgb}))
+    with pytest.raises(UserError) as err:
+        teachers.load_teacher(SimpleNamespace(model="models:/t@champion", params={}, checkpoint=None), grey)
+    assert err.value.where == "model" and "3-channel" in err.value.message and "have 1" in err.value.message
+
+
 def test_images_keep_their_given_splits_from_folders_tables_and_save_to_disk(tmp_path: Path) -> None:
     import json
 
