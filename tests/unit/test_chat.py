@@ -90,6 +90,8 @@ def test_only_assistant_tokens_are_targets_and_the_template_enters_the_key(tmp_p
             assert x[0] != rows.tokenizer.token_to_id(EOS)  # one conversation per row, from its start
     meta = CausalLM().manifest_meta(rows)
     assert meta["chat_template"] and meta["tokens"]["train"] == int((rows.y["train"] >= 0).sum())
+    summary = CausalLM().targets_summary({**meta, "bytes": 1000 * targets, "rows": 20})
+    assert summary["bytes_per_target_token"] == 1000 and summary["bytes_per_token"] == 1000 * targets / (20 * 96)
 
     other = load_lm_data(chat_data(tmp_path, chat_template=TEMPLATE.replace("|>\n", "|> ")), seed=0, storage=None)
     assert other.fingerprint != rows.fingerprint  # another template, another store key
