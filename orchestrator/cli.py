@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,18 +22,55 @@ from tasks.errors import UserError
 
 @contextmanager
 def stdout_to_stderr() -> Iterator[Any]:
-    """While work runs, fd 1 points at stderr (libraries and Ray workers print); results use the saved fd."""
+    """While work runs, fd 1 points at stderr (libraries and Ray workers print); results use the saved fd.
+
+    And Python's sys.stdout and sys.stderr are one locked, line-flushed stream meanwhile: Ray prints worker
+    lines from its own thread while the progress lines come from the main one, and two text streams on one
+    descriptor (or one text stream written from two threads: io.TextIOWrapper is not thread-safe) glued a
+    stage line to the end of a worker's line, or lost it, on a busy machine."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     out = os.fdopen(os.dup(saved), "w")
+    streams = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = LockedLines(sys.stderr)
     try:
         yield out
     finally:
+        sys.stdout, sys.stderr = streams
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
         out.flush()
+
+
+class LockedLines(io.TextIOBase):
+    """A text stream that many threads may write: each write whole under a lock, flushed at a newline."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            n = self._target.write(text)
+            if "\n" in text:
+                self._target.flush()
+        return n
+
+    def flush(self) -> None:
+        with self._lock:
+            self._target.flush()
+
+    def isatty(self) -> bool:
+        return self._target.isatty()
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._target.encoding
 
 
 def emit(out: Any, result: dict[str, Any], as_json: bool) -> None:
@@ -127,6 +166,12 @@ def ended(exc: BaseException) -> tuple[BaseException, str, str]:
         exc = mistake.under("data") if isinstance(mistake, SourceChanged) else mistake
     if isinstance(exc, StageFailed):
         return exc, exc.stage, str(exc).split(" failed: ", 1)[-1]
+    if mistake is None and isinstance(exc, Exception) and "mlflow" in sys.modules:
+        import mlflow
+
+        from orchestrator.mlflow_http import outage
+
+        exc = outage(exc, mlflow.get_tracking_uri()) or exc
     if isinstance(exc, UserError):
         return exc, stage, str(exc)
     if isinstance(exc, KeyboardInterrupt):
@@ -163,7 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             exc, stage, message = ended(exc)
             if os.environ.get("KDFLOW_DEBUG"):
                 traceback.print_exc()
-            mark_failed(stage, message, since)
+            if getattr(exc, "where", None) != "tracking.uri":  # not when the server is what failed
+                mark_failed(stage, message, since)
             if args.json:
                 emit(out, {"workflow": spec.name, "status": "failed", "stage": stage, "message": message}, True)
             if isinstance(exc, (UserError, KeyboardInterrupt)):
@@ -274,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
     sp.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's status")
     sp.add_argument("--forward-env", action="append", default=[], metavar="NAME",
-                    help="pass this environment variable of your shell to the job (repeatable)")
+                    help="pass this environment variable of your shell to the job (repeatable); "
+                    "never a secret: the job's environment is public on the cluster")
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")

@@ -34,6 +34,7 @@ def submit(args: argparse.Namespace) -> int:
 
     spec = load_workflow(args.file, args.set)  # bad input fails here, before anything is sent
     # Only variables the user names travel: a laptop's 127.0.0.1 endpoints would be wrong on the cluster.
+    refuse_secrets(args.forward_env)
     missing = [k for k in args.forward_env if k not in os.environ]
     if missing:
         raise UserError(f"not set in this shell: {', '.join(missing)}", where="--forward-env")
@@ -65,6 +66,23 @@ def submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     return follow(c, job_id)
+
+
+# Names of variables that hold secrets: a job's runtime_env is public on the cluster (the Jobs API,
+# `ray job list`, the dashboard show it to everyone who can reach it), so these never travel in it.
+SECRET_WORDS = ("SECRET", "PASSWORD", "PASSWD", "TOKEN", "CREDENTIAL", "PRIVATE", "API_KEY", "APIKEY",
+                "ACCESS_KEY", "SESSION_KEY", "AUTH")
+
+
+def refuse_secrets(names: list[str]) -> None:
+    """Exit 2 if --forward-env names a secret: its value would be published to every user of the cluster."""
+    secret = [n for n in names if any(w in n.upper() for w in SECRET_WORDS)]
+    if secret:
+        raise UserError(
+            f"will not forward {', '.join(secret)}: a job's environment is shown to everyone on the cluster "
+            "(Ray's Jobs API, `ray job list`, the dashboard). Give the cluster its credentials itself - the "
+            "nodes' environment or a Kubernetes Secret (envFrom), an instance role / IRSA for S3 - as "
+            "docs/operations.md, 'Credentials on a cluster', shows", where="--forward-env")
 
 
 def result_line(logs: str) -> str | None:

@@ -206,7 +206,6 @@ def failed_reason(failed: list[dict[str, Any]]) -> str:
 def register(spec: Workflow, model_uri: str, run_id: str, metrics: dict[str, Any], manifest: dict[str, Any],
              storage: Storage, lineage: dict[str, str]) -> dict[str, Any]:
     """A new version of registry.model with lineage tags, set as challenger; the alias moves only if every gate holds."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -218,12 +217,7 @@ def register(spec: Workflow, model_uri: str, run_id: str, metrics: dict[str, Any
     if promote:
         tags["kdflow.gates"] = json.dumps({"alias": promote.alias, "gates": gates}, default=str)
         tags.update({f"kdflow.gate.{g['gate']}": gate_line(g) for g in gates})
-    try:
-        with no_mlflow_eprint():
-            mv = mlflow.register_model(model_uri, name, tags=tags)
-    except mlflow.exceptions.MlflowException as exc:
-        raise UserError(f"cannot register {name!r}: {exc.message}", where="registry.model") from None
-    version = int(mv.version)
+    version = registered_version(client, name, model_uri, run_id, tags)
     move_alias(client, name, CHALLENGER, version, f"registered by run {run_id}", "run")
     promoted = False
     if promote:
@@ -242,6 +236,33 @@ def register(spec: Workflow, model_uri: str, run_id: str, metrics: dict[str, Any
     aliases = sorted(client.get_model_version(name, str(version)).aliases)
     return {"model": name, "version": version, "aliases": aliases, "promoted": promoted,
             "gates": {g["gate"]: g for g in gates}, "run_id": run_id}
+
+
+def registered_version(client: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> int:
+    """The version of `name` that run `run_id` registers: exactly one, whatever happened before. A run
+    resumed after its driver died at this step, or a create call MLflow retried after the server had done
+    it but the reply was lost, finds the version already there; a second one made by such a retry is
+    deleted, so a run never leaves two versions."""
+    import mlflow
+
+    def mine() -> list[int]:
+        try:
+            found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        except mlflow.exceptions.MlflowException:  # no such registered model yet
+            return []
+        return sorted(int(v.version) for v in found)
+
+    versions = mine()
+    if not versions:
+        try:
+            with no_mlflow_eprint():
+                mlflow.register_model(model_uri, name, tags=tags)
+        except mlflow.exceptions.MlflowException as exc:
+            raise UserError(f"cannot register {name!r}: {exc.message}", where="registry.model") from None
+        versions = mine()
+    for extra in versions[1:]:
+        client.delete_model_version(name, str(extra))
+    return versions[0]
 
 
 def fmt_tag(v: Any) -> str:

@@ -31,6 +31,7 @@ from pydantic import (
 
 from tasks.errors import UserError
 from tasks.kinds import DEFAULT, TaskKind, kind_for, kinds
+from tasks.retry import Retries
 from tasks.sections import DataSpec, DistillSpec, ModelSpec, ScheduleKeys, SoftTargetSpec, Strict, TeacherSpec
 
 # what every kind's gates can compare besides its own metrics (the driver records them for every student)
@@ -45,14 +46,26 @@ class S3Options(Strict):
     anon: bool = False
 
 
+class RetrySpec(Strict):
+    """How long to wait for a service that is away: `attempts` tries, waits doubling up to `max_wait_s`."""
+
+    attempts: int = Field(8, ge=1, le=100)
+    max_wait_s: float = Field(15.0, gt=0, le=600)
+
+    def policy(self) -> Retries:
+        return Retries(attempts=self.attempts, max_wait_s=self.max_wait_s)
+
+
 class StorageSpec(Strict):
     root: str = ".kdflow"
     s3: S3Options | None = None
+    retries: RetrySpec = RetrySpec()  # an S3 server away for a while: retried, then exit 2 naming it
 
 
 class TrackingSpec(Strict):
     uri: str | None = None
     experiment: str | None = None
+    retries: RetrySpec = RetrySpec()  # the MLflow server away for a while: retried, then exit 2 naming it
 
 
 class OptimizerSpec(ScheduleKeys):
@@ -192,6 +205,23 @@ class SearchSpec(Strict):
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
     select: str = "best"
     space: dict[str, SearchParam] = Field(min_length=1)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _typed_params(cls, space: Any) -> Any:
+        """A parameter says its type; `{choices: [...]}` alone is categorical. Without one, a message
+        that says what to write (pydantic's own is "Unable to extract tag using discriminator")."""
+        if not isinstance(space, dict):
+            return space
+        out = {}
+        for key, param in space.items():
+            if isinstance(param, dict) and "type" not in param:
+                if "choices" not in param:
+                    raise ValueError(f"{key}: needs type: float (with low, high), int (low, high) or "
+                                     "categorical (choices)")
+                param = {"type": "categorical", **param}
+            out[key] = param
+        return out
 
     @field_validator("select")
     @classmethod

@@ -61,8 +61,12 @@ def connect(spec: Workflow, storage: Storage, checked: bool = False) -> str:
 
     uri = tracking_uri(spec, storage)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a run's stderr
-    if uri.startswith(("http://", "https://")) and not checked:
-        check_server(uri, where="tracking.uri")
+    if uri.startswith(("http://", "https://")):
+        if not checked:
+            check_server(uri, where="tracking.uri")
+        from orchestrator.mlflow_http import install
+
+        install(spec.tracking.retries.policy())
     mlflow.set_tracking_uri(uri)
     # Two runs starting at once on a fresh sqlite store would both create its tables (one fails with
     # "table experiments already exists"), and both the experiment: a file lock beside the database

@@ -13,7 +13,8 @@ from tasks.storage import Storage
 def storage_for(spec: Workflow) -> Storage:
     s3 = spec.storage.s3
     return Storage(spec.storage.root, endpoint_url=s3.endpoint_url if s3 else None,
-                   region=s3.region if s3 else None, anon=bool(s3 and s3.anon))
+                   region=s3.region if s3 else None, anon=bool(s3 and s3.anon),
+                   retries=spec.storage.retries.policy())
 
 
 def precheck(spec: Workflow) -> Storage:

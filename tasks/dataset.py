@@ -18,6 +18,7 @@ import numpy as np
 
 from tasks.errors import UserError
 from tasks.pieces import Piece, SplitRows, arrow_tables, open_arrow
+from tasks.retry import Retries, is_outage, retried
 from tasks.splits import CARVE_VAL, SplitSource
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
@@ -105,11 +106,27 @@ class Listed:
     s3_options: dict[str, Any]
     pieces: list[Piece]
     schema: Any
+    retries: Retries = field(default_factory=Retries)  # for the readers of its pieces (storage.retries)
 
 
 def list_parquet(source: str, storage: Storage | None, where: str) -> Listed:
     """The files of a Parquet file, folder or glob (local or s3://), sorted, as pieces: one per row group,
-    from the footers only. A file's name (its path under the source's root) is part of its rows' ids."""
+    from the footers only. A file's name (its path under the source's root) is part of its rows' ids.
+    An S3 outage while listing is waited for (`storage.retries`)."""
+    retries = storage.retries if storage is not None else Retries()
+    listed = on_s3(source, retries, where, lambda: _list_parquet(source, storage, where))
+    listed.retries = retries
+    return listed
+
+
+def on_s3(source: str, retries: Retries, where: str, call: Callable[[], Any]) -> Any:
+    """`call()`, riding out an S3 outage when `source` is on S3; a local source is read once."""
+    if not source.startswith("s3://"):
+        return call()
+    return retried(call, service="S3", retries=retries, where=where)
+
+
+def _list_parquet(source: str, storage: Storage | None, where: str) -> Listed:
     import pyarrow as pa
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
@@ -150,6 +167,8 @@ def list_parquet(source: str, storage: Storage | None, where: str) -> Listed:
                     pieces.append(Piece(name=name, path=f, row_group=g, start=start, rows=rows, group_rows=rows))
                 start += rows
     except (*S3_ERRORS, pa.ArrowException) as exc:
+        if is_outage(exc):
+            raise
         raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None
     return Listed(source, opts, pieces, schema)
 
@@ -215,11 +234,14 @@ def read_parquet_table(source: str, storage: Storage | None, where: str) -> Any:
 
     listed = list_parquet(source, storage, where)
     fs = filesystem_for(source, listed.s3_options)
+
+    def read(f: str) -> Any:
+        with fs.open(f, "rb") as fh:
+            return pq.read_table(fh)
+
     try:
-        tables = []
-        for f in dict.fromkeys(p.path for p in listed.pieces):
-            with fs.open(f, "rb") as fh:
-                tables.append(pq.read_table(fh))
+        tables = [on_s3(source, listed.retries, where, lambda f=f: read(f))
+                  for f in dict.fromkeys(p.path for p in listed.pieces)]
         return pa.concat_tables(tables, promote_options="default") if tables else listed.schema.empty_table()
     except (*S3_ERRORS, pa.ArrowException) as exc:
         raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where=where) from None

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import UserError
+from tasks.retry import Retries
 
 SPLIT_RULE = "hash-splitmix64-v1"  # bump when split_codes changes: it is part of the fingerprint
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -126,6 +127,7 @@ class Reader:
     label: str | None = None
     arrays: tuple[np.ndarray, np.ndarray | None] | None = None
     where: str = "source"
+    retries: Retries = field(default_factory=Retries)  # an S3 outage mid-read (storage.retries)
 
     def chunks(self, piece: Piece) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """The piece's rows as (offset in the piece, float32 features, labels or None), at most CHUNK_ROWS at
@@ -138,24 +140,36 @@ class Reader:
             return
         import pyarrow as pa
 
-        from tasks.storage import S3_ERRORS, describe_s3_error, filesystem_for
+        from tasks.retry import retried_stream
+        from tasks.storage import S3_ERRORS, describe_s3_error
+
+        try:
+            if self.url.startswith("s3://"):  # an S3 outage mid-piece: wait, then go on from the last chunk
+                yield from retried_stream(lambda n: self._chunks_from(piece, n), service="S3",
+                                          retries=self.retries, where=self.where)
+            else:
+                yield from self._chunks_from(piece, 0)
+        except (*S3_ERRORS, pa.ArrowException) as exc:
+            raise UserError(f"cannot read {'Arrow' if piece.arrow else 'Parquet'} from {self.url}: "
+                            f"{describe_s3_error(exc)}", where=self.where) from None
+
+    def _chunks_from(self, piece: Piece, skip: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """`chunks` of a file's piece, from its `skip`-th chunk on (the ones before are read, not decoded)."""
+        from tasks.storage import filesystem_for
 
         fs = filesystem_for(self.url, self.s3_options)
         cols = ([self.columns] if isinstance(self.columns, str) else list(self.columns))
         cols += [self.label] if self.label else []
-        try:
-            at = 0
-            for table in self._tables(fs, piece, cols):
-                if at >= piece.rows:  # a `limit` can end a source inside a row group
-                    break
-                table = table.slice(0, piece.rows - at)
+        at = 0
+        for n, table in enumerate(self._tables(fs, piece, cols)):
+            if at >= piece.rows:  # a `limit` can end a source inside a row group
+                break
+            table = table.slice(0, piece.rows - at)
+            if n >= skip:
                 x = table_features(table, self.columns, self.label, "")
                 labels = table.column(self.label).to_numpy(zero_copy_only=False) if self.label else None
                 yield at, x, None if labels is None else whole_labels(labels, self.label)
-                at += table.num_rows
-        except (*S3_ERRORS, pa.ArrowException) as exc:
-            raise UserError(f"cannot read {'Arrow' if piece.arrow else 'Parquet'} from {self.url}: "
-                            f"{describe_s3_error(exc)}", where=self.where) from None
+            at += table.num_rows
 
     def _tables(self, fs: Any, piece: Piece, cols: list[str]) -> Iterator[Any]:
         """The piece's columns `cols` as tables of at most CHUNK_ROWS rows."""

@@ -22,6 +22,7 @@ import fsspec
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tasks.errors import UserError
+from tasks.retry import Retries, retried
 
 # what reaching S3 can raise besides FileNotFoundError: s3fs maps most replies to OSError subclasses,
 # botocore raises its own for missing credentials and unreachable endpoints
@@ -35,6 +36,7 @@ class Storage:
     endpoint_url: str | None = None
     region: str | None = None
     anon: bool = False
+    retries: Retries = field(default_factory=Retries)  # an S3 server away for a while (storage.retries)
     _fs: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,15 +88,22 @@ class Storage:
         p = self.path(*parts)
         return f"s3://{p}" if self.is_s3 else p
 
+    def _s3(self, call: Any, path: str) -> Any:
+        """`call()`, riding out an S3 outage under `retries` (a local folder is called once)."""
+        if not self.is_s3:
+            return call()
+        return retried(call, service=f"S3 ({self.endpoint_url or 'AWS'})", retries=self.retries,
+                       where=self._display(path))
+
     def exists(self, path: str) -> bool:
         try:
-            return self.fs.exists(path)
+            return self._s3(lambda: self.fs.exists(path), path)
         except S3_ERRORS as exc:  # missing credentials, denied access: name the object, not the stack
             raise UserError(f"cannot check: {describe_s3_error(exc)}", where=self._display(path)) from None
 
     def read_bytes(self, path: str) -> bytes:
         try:
-            return self.fs.cat_file(path)
+            return self._s3(lambda: self.fs.cat_file(path), path)
         except FileNotFoundError:
             raise UserError("no such object", where=self._display(path)) from None
         except S3_ERRORS as exc:
@@ -103,7 +112,7 @@ class Storage:
     def size(self, path: str) -> int | None:
         """Size in bytes, or None when there is no such object."""
         try:
-            return int(self.fs.size(path))
+            return int(self._s3(lambda: self.fs.size(path), path))
         except FileNotFoundError:
             return None
         except S3_ERRORS as exc:
@@ -111,8 +120,11 @@ class Storage:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole object atomically (temp + rename locally; one PUT on S3)."""
-        if self.is_s3:
-            self.fs.pipe_file(path, data)
+        if self.is_s3:  # one PUT, so a retried write replaces, never duplicates
+            try:
+                self._s3(lambda: self.fs.pipe_file(path, data), path)
+            except S3_ERRORS as exc:
+                raise UserError(f"cannot write: {describe_s3_error(exc)}", where=self._display(path)) from None
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
@@ -133,16 +145,12 @@ class Storage:
         self.write_bytes(path, buf.getvalue())
 
     def read_torch(self, path: str) -> Any:
-        """What `write_torch` wrote, on the CPU. Not weights_only: kdflow's own files hold plain Python values."""
-        import io
-
-        import torch
-
-        return torch.load(io.BytesIO(self.read_bytes(path)), map_location="cpu", weights_only=False)
+        """What `write_torch` wrote, on the CPU (`load_torch`: tensors and plain values only, never code)."""
+        return load_torch(self.read_bytes(path), self._display(path))
 
     def ls(self, path: str) -> list[str]:
         try:
-            return sorted(p.rstrip("/") for p in self.fs.ls(path, detail=False))
+            return sorted(p.rstrip("/") for p in self._s3(lambda: self.fs.ls(path, detail=False), path))
         except FileNotFoundError:
             return []
         except S3_ERRORS as exc:
@@ -163,8 +171,8 @@ class Storage:
         return removed
 
     def rm(self, path: str) -> None:
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        if self.exists(path):
+            self._s3(lambda: self.fs.rm(path, recursive=True), path)
 
     def pyarrow_fs(self) -> Any:
         """A pyarrow filesystem for libraries that want one (Ray Train checkpoints)."""
@@ -188,7 +196,7 @@ class Storage:
             return
         bucket = self.base.split("/")[0]
         try:
-            self.fs.ls(bucket, refresh=True)
+            self.fs.ls(bucket, refresh=True)  # not retried: before any work, unreachable is most often a typo
         except FileNotFoundError:
             raise UserError(f"bucket {bucket!r} does not exist") from None
         except S3_ERRORS as exc:  # name the cause, not the stack
@@ -196,6 +204,25 @@ class Storage:
 
     def _display(self, path: str) -> str:
         return f"s3://{path}" if self.is_s3 and not path.startswith("s3://") else path
+
+
+def load_torch(data: bytes | str, where: str) -> Any:
+    """A torch file kdflow wrote (weights, optimizer state, histories), from its bytes or path, on the CPU.
+
+    `weights_only=True`: tensors, numbers, strings, lists and dicts load; anything else (a pickled object,
+    code) is refused as not kdflow's, exit 2 naming the file, so a file planted in a shared store cannot
+    run code in the process that reads it."""
+    import io
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu",
+                          weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise UserError(f"not a file kdflow wrote (or damaged): {str(exc).splitlines()[0][:200]}",
+                        where=where) from None
 
 
 def env_endpoint() -> str | None:
@@ -217,8 +244,14 @@ def filesystem_for(url: str, s3_options: dict[str, Any] | None = None) -> fsspec
         import s3fs
 
         opts = dict(s3_options or {})
+        # An outage is kdflow's to ride out (tasks/retry.py: storage.retries, a line on stderr per retry):
+        # s3fs's and botocore's own silent retries (5 x 5 attempts by default) are cut to a couple of quick
+        # ones, so a blip still passes unseen but a real outage is said and bounded by the workflow's policy.
+        opts.setdefault("config_kwargs", {"retries": {"max_attempts": 2, "mode": "standard"}})
         # no listings cache: objects that Ray workers write must be visible to the driver at once
-        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **opts)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **opts)
+        fs.retries = 2  # a class attribute in s3fs (5), not a constructor argument
+        return fs
     return fsspec.filesystem("file", auto_mkdir=True)
 
 

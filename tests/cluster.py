@@ -193,6 +193,17 @@ class TwoNodes:
     def worker(self) -> Node:
         return self.nodes[1]
 
+    def restart_worker(self, timeout: float = 300) -> None:
+        """The second node lost (SIGKILL of its whole process group, as a machine that dies) and a new one
+        joined in its place, on fresh ports and a fresh temp dir."""
+        node = self.nodes.pop(1)
+        node.kill()
+        shutil.rmtree(node.temp, ignore_errors=True)
+        deadline = time.monotonic() + 60
+        while len(self.alive_nodes()) > 1 and time.monotonic() < deadline:  # the GCS sees it gone
+            time.sleep(1)
+        self._join(timeout)
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()

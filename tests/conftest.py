@@ -32,7 +32,10 @@ os.environ.pop("RAY_ADDRESS", None)
 # moto's test credentials for every process from the start: Ray workers take their environment when the
 # session's Ray starts (often before the S3 server fixture), and they read S3 with their own credentials,
 # as a cluster node does (the endpoint travels with the Storage value; credentials never do).
-for _var, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+# The secret is random per session: a test that greps every output of a run for it (tests/e2e/test_jobs.py)
+# must not find it by chance, and a fixed word like "testing" would match ordinary text.
+SECRET_KEY = "kdflow-secret-" + os.urandom(12).hex()
+for _var, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
                      ("AWS_DEFAULT_REGION", "us-east-1")):
     os.environ.setdefault(_var, _value)
 
@@ -98,7 +101,7 @@ def s3_server() -> Iterator[dict[str, str]]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     wait_for_http(endpoint, proc=proc)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

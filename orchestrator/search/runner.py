@@ -14,6 +14,8 @@ gets a nested run per trial and the study's plots on the workflow's run (`tracki
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -141,21 +143,18 @@ class Search:
     def resume(self) -> int:
         """Fail the trials a killed driver left RUNNING; return how many trials are still to run.
 
-        One driver per study at a time: a RUNNING trial here can only be a leftover of a killed driver.
+        A study may be shared: several users' searches (search.study, search.storage) run its trials at
+        once. A RUNNING trial is failed only when the driver that runs it is gone (its `driver` attribute:
+        a process on this host that no longer exists, or a trial from before drivers were recorded); one
+        on another host is left to its driver, and counts towards the study's trials.
         """
-        from mlflow.exceptions import MlflowException
         from optuna.trial import TrialState
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.trials.fail(t, "interrupted: the driver stopped during this trial")
-            if t.user_attrs.get("mlflow_run_id"):
-                try:
-                    self.runs.client.set_terminated(t.user_attrs["mlflow_run_id"], "KILLED")
-                except MlflowException as exc:  # e.g. the old run lives in another tracking server
-                    progress.info(f"  [dim]MLflow run of trial #{t.number} left as it was: {exc}[/]")
-            if t.user_attrs.get("ray_train_run"):  # its half-trained checkpoints are of no use
-                self.storage.rm(checkpoints_path(self.storage, t.user_attrs["ray_train_run"]))
-            progress.info(f"  trial #{t.number} was interrupted: marked failed, it does not count")
+            if driver_alive(t.user_attrs.get("driver")):
+                progress.info(f"  trial #{t.number} is running in another search ({t.user_attrs['driver']})")
+                continue
+            self.fail_interrupted(t)
         self.finished = {t.number: t for t in self.study.get_trials(
             deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
         done = len(self.finished)
@@ -163,12 +162,33 @@ class Search:
             progress.info(f"  resuming study {self.name}: {done} of {self.search.trials} trials already done")
         return max(0, self.search.trials - done)
 
+    def fail_interrupted(self, t: Any) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.trials.fail(t, "interrupted: the driver stopped during this trial")
+        if t.user_attrs.get("mlflow_run_id"):
+            try:
+                self.runs.client.set_terminated(t.user_attrs["mlflow_run_id"], "KILLED")
+            except MlflowException as exc:  # e.g. the old run lives in another tracking server
+                progress.info(f"  [dim]MLflow run of trial #{t.number} left as it was: {exc}[/]")
+        if t.user_attrs.get("ray_train_run"):  # its half-trained checkpoints are of no use
+            self.storage.rm(checkpoints_path(self.storage, t.user_attrs["ray_train_run"]))
+        progress.info(f"  trial #{t.number} was interrupted: marked failed, it does not count")
+
+    def study_full(self) -> bool:
+        """The study has its trials, counting those other searches on it are running now."""
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        return len(self.study.get_trials(deepcopy=False, states=states)) >= self.search.trials
+
     # ------------------------------------------------ one trial
 
     def objective(self, trial: Any, slot: Slot | None = None) -> float | tuple[float, ...]:
         """One trial: its values applied, one student trained on Ray, its weights kept when it completes.
 
         On a slot, the trial's monitor (and for a single CPU worker, its fit) runs on the slot's warm actors."""
+        trial.set_user_attr("driver", DRIVER)  # whose trial this is, for a search that resumes the study
         with span("suggest", trial=trial.number):
             values = self.space.suggest(trial)
         started = self.runs.start_later(trial.number, values, functools.partial(trial.set_user_attr, "mlflow_run_id"))
@@ -459,7 +479,7 @@ class Search:
                     slot.ready()
                 while True:
                     with lock:
-                        if left[0] == 0 or errors:
+                        if left[0] == 0 or errors or self.study_full():
                             return
                         left[0] -= 1
                     try:
@@ -504,6 +524,28 @@ class Search:
                                       run_name=f"{self.name}-retrain-{trial.number}-{uuid.uuid4().hex[:6]}",
                                       warm=self.slots[0] if self.slots else None)
         return result, "retrained"
+
+
+DRIVER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_alive(driver: str | None) -> bool:
+    """Whether the search process `driver` ("host:pid") may still be running: another host's is taken
+    as alive (it cannot be checked from here); this host's, if its process exists and is not this one."""
+    if not driver or ":" not in driver:
+        return False
+    host, _, pid = driver.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def run_search(spec: Workflow, manifest: dict[str, Any], storage: Storage, parent_run_id: str | None,

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from tasks.layout import checkpoints_path
-from tasks.storage import Storage
+from tasks.storage import Storage, load_torch
 from tasks.train.config import FitConfig
 from tasks.train.loop import train_loop
 from tasks.train.result import FitResult, fit_result
@@ -43,5 +41,5 @@ def fit(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
-        saved = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+        saved = load_torch(os.path.join(d, STATE), f"checkpoint of {run_name}")
     return fit_result(saved, result.metrics or {}, res.workers)

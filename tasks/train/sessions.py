@@ -3,7 +3,6 @@ the `Reporter` that sends a worker's reports and checkpoints without holding up 
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from tasks.layout import checkpoints_path
-from tasks.storage import Storage
+from tasks.storage import Storage, load_torch
 
 STATE = "state.pt"
 
@@ -46,7 +45,7 @@ class RayTrainSession:
         if not ckpt:
             return None
         with ckpt.as_directory() as d:
-            return dict(torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False))
+            return dict(load_torch(os.path.join(d, STATE), "checkpoint"))
 
     def report(self, metrics: dict[str, Any], folder: str | None) -> None:
         import ray.train
@@ -108,8 +107,7 @@ class LocalSession:
     def checkpoint(self) -> dict[str, Any] | None:
         if not self.storage.exists(self.path):
             return None
-        return dict(torch.load(io.BytesIO(self.storage.read_bytes(self.path)), map_location="cpu",
-                               weights_only=False))
+        return dict(self.storage.read_torch(self.path))
 
     def report(self, metrics: dict[str, Any], folder: str | None) -> None:
         self.metrics = metrics

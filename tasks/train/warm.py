@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tasks.storage import Storage
+from tasks.storage import Storage, load_torch
 from tasks.store.shards import TargetBatch
 from tasks.train.config import FitConfig
 from tasks.train.loop import train_loop
@@ -93,5 +93,5 @@ def fit_here(cfg: FitConfig, *, storage: Storage, run_name: str) -> FitResult:
         session.saved = storage.read_bytes(session.path)
     if session.saved is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
-    saved = torch.load(io.BytesIO(session.saved), map_location="cpu", weights_only=False)
+    saved = load_torch(session.saved, f"checkpoint of {run_name}")
     return fit_result(saved, session.metrics, 1)

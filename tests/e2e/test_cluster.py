@@ -23,7 +23,8 @@ from tests.helpers import write_workflow
 
 pytestmark = pytest.mark.slow
 
-AWS = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"]
+# the nodes have their own credentials (started from this environment); only what is not secret travels
+AWS = ["AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"]
 FORWARD = [a for k in AWS for a in ("--forward-env", k)]
 EPOCHS = 30  # the lost-node student: long enough to kill a node in the middle
 

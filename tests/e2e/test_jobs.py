@@ -1,4 +1,5 @@
-"""Submitting a workflow to a real Ray cluster (`ray start --head` on loopback) through the Jobs API."""
+"""Submitting workflows to a real Ray cluster (`ray start --head` on loopback) through the Jobs API: several
+users at once on one cluster, and no secret of theirs in anything the cluster or kdflow shows or writes."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import BIN, free_port, kdflow, wait_for_http
-from tests.helpers import at_once, write_workflow
+from tests.conftest import BIN, SECRET_KEY, free_port, kdflow, wait_for_http
+from tests.helpers import SPACE, at_once, workflow, write_workflow
+
+MLFLOW_PASSWORD = "kdflow-mlflow-" + os.urandom(12).hex()
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +30,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):  # jobs inherit the head's environment
         env.pop(inherited, None)
+    # the cluster's own credentials, as a RayCluster's Secret gives them: jobs must never echo them
+    env.update(MLFLOW_TRACKING_USERNAME="team", MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD)
     # every port with a fixed default gets a free one: another Ray on the machine must not collide
     ports = [f"--{name}={free_port()}" for name in (
         "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -49,21 +56,106 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_submit_waits_for_the_job_and_prints_its_result(workdir: Path, ray_head: str) -> None:
-    path = write_workflow(workdir, **{"storage.root": str(workdir / "store"), "train.epochs": 3})
-    proc = kdflow("submit", path.name, "--address", ray_head, "--wait", "--set", "distill.alpha=0.5", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    job_id, result = lines[0], json.loads(lines[-1])
-    assert result["status"] == "succeeded" and result["student"]["test_accuracy"] > 0.3
-    assert (workdir / "store" / "soft_targets" / result["soft_targets"]["cache_key"] / "manifest.json").exists()
+def users(workdir: Path, teacher: Path) -> dict[str, Path]:
+    """Five users' workflows in one folder: ana and ben share a store root, cat and dan one search study
+    (search.study on a shared journal), eve's job runs long enough to be stopped."""
+    shared = workdir / "shared"
+    tiny = {"train.epochs": 2, "teacher.train.epochs": 3}
+    ready = {"train.epochs": 2, "teacher": {"model": "mlp", "params": {"hidden": [64]}, "checkpoint": str(teacher)}}
+    study = {"trials": 3, "concurrency": 1, "pruner": "none", "study": "team-search",
+             "storage": f"journal://{shared / 'team.journal'}", "space": SPACE}
+    specs = {
+        "ana": {**tiny, "storage.root": str(shared)},
+        "ben": {**tiny, "storage.root": str(shared), "distill.alpha": 0.5},
+        "cat": {**ready, "storage.root": str(workdir / "cat"), "search": study},
+        "dan": {**ready, "storage.root": str(workdir / "dan"), "search": study},
+        "eve": {"storage.root": str(workdir / "eve"), "train.epochs": 2000},
+    }
+    paths = {}
+    for user, spec in specs.items():
+        paths[user] = workdir / f"{user}.yaml"
+        paths[user].write_text(yaml.safe_dump(workflow(**{"name": f"{user}-digits",
+                                                          "registry.model": f"{user}-student", **spec})))
+    return paths
 
-    # three read-only commands on the finished job: their processes at once
-    listed, status, logs = at_once(*(lambda args=args: kdflow("jobs", *args, "--address", ray_head, cwd=workdir)
-                                     for args in (("list",), ("status", job_id), ("logs", job_id))))
-    assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    assert status.stdout.strip() == "SUCCEEDED"
-    assert "soft targets" in logs.stdout
+
+def test_users_at_once_share_the_cluster_and_no_secret_leaks(workdir: Path, ray_head: str,
+                                                             search_teacher: Path) -> None:
+    """Five workflows submitted at once to one cluster all run (jobs queue for CPUs, none fails for want of
+    them); two searches on one study share its trials without failing each other's; `kdflow jobs stop` ends
+    eve's job only; and the cluster's secrets appear nowhere: job metadata and logs, MLflow, files."""
+    paths = users(workdir, search_teacher)
+    # ana follows her job (--wait: its logs on stderr, the run's JSON result on stdout); the others return
+    subs = at_once(*(lambda u=u, p=p: kdflow("submit", p.name, "--address", ray_head, *(["--wait"] if u == "ana" else []),
+                                             cwd=workdir) for u, p in paths.items()))
+    assert all(s.returncode == 0 for s in subs), [s.stderr[-2000:] for s in subs]
+    ids = dict(zip(paths, (s.stdout.strip().splitlines()[0] for s in subs), strict=True))
+    result = json.loads(subs[0].stdout.strip().splitlines()[-1])
+    assert result["status"] == "succeeded" and result["student"]["test_accuracy"] > 0.3
+    assert (workdir / "shared" / "soft_targets" / result["soft_targets"]["cache_key"] / "manifest.json").exists()
+
+    def status(job: str) -> str:
+        return kdflow("jobs", "status", job, "--address", ray_head, cwd=workdir).stdout.strip()
+
+    deadline = time.monotonic() + 600
+    while status(ids["eve"]) != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    stop = kdflow("jobs", "stop", ids["eve"], "--address", ray_head, cwd=workdir)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    while (states := {u: status(j) for u, j in ids.items()}) and \
+            any(s not in ("SUCCEEDED", "FAILED", "STOPPED") for s in states.values()):
+        assert time.monotonic() < deadline, states
+        time.sleep(2)
+    logs = {u: kdflow("jobs", "logs", j, "--address", ray_head, cwd=workdir).stdout for u, j in ids.items()}
+    assert states == {"ana": "SUCCEEDED", "ben": "SUCCEEDED", "cat": "SUCCEEDED", "dan": "SUCCEEDED",
+                      "eve": "STOPPED"}, {u: logs[u][-1500:] for u in ids}
+    listed = kdflow("jobs", "list", "--address", ray_head, cwd=workdir).stdout
+    for user, job in ids.items():
+        assert any(job in line and states[user] in line and f"{user}-digits" in line for line in listed.splitlines())
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="team-search", storage=JournalStorage(JournalFileBackend(
+        str(workdir / "shared" / "team.journal"))))
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state.name == "FAIL"], [t.user_attrs for t in trials]
+    assert 3 <= sum(t.state.name == "COMPLETE" for t in trials) <= 4  # two drivers may race for the last one
+    assert all(t.user_attrs.get("driver") for t in trials)  # whose trial it is: what a resume asks
+
+    leak_check(workdir, ray_head, logs, listed)
+
+
+def leak_check(workdir: Path, ray_head: str, logs: dict[str, str], listed: str) -> None:
+    """The cluster's secrets in nothing anyone can read: job details (runtime_env, metadata, entrypoint), job
+    logs, `kdflow jobs list`, MLflow's stores (params, tags, artifacts) and every file the runs wrote."""
+    from ray.job_submission import JobSubmissionClient
+
+    from orchestrator.cluster import auth_headers
+
+    token = auth_headers().get("Authorization", "").removeprefix("Bearer ")
+    secrets = {"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
+               **({"RAY_AUTH_TOKEN": token} if len(token) >= 16 else {})}
+    details = repr(JobSubmissionClient(ray_head, headers=auth_headers()).list_jobs())
+    texts = {"job details": details, "jobs list": listed, **{f"{u}'s job logs": t for u, t in logs.items()}}
+    files = {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert any(b"ana-digits" in data for data in files.values()) and "ana-digits" in details  # the grep sees
+    for name, secret in secrets.items():
+        assert not [where for where, text in texts.items() if secret in text], f"{name} leaked"
+        assert not [path for path, data in files.items() if secret.encode() in data], f"{name} leaked"
+
+
+def test_forwarding_a_secret_is_refused_and_says_what_to_do(workdir: Path) -> None:
+    """A job's runtime_env is public on the cluster: --forward-env of a secret exits 2 before anything is
+    sent, names the variable (never its value) and points at the documented way."""
+    path = write_workflow(workdir)
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN", "HF_TOKEN"):
+        proc = kdflow("submit", path.name, "--address", "http://127.0.0.1:9", "--forward-env", name,
+                      cwd=workdir, env={name: SECRET_KEY})
+        assert proc.returncode == 2 and f"--forward-env: will not forward {name}" in proc.stderr, proc.stderr
+        assert "Credentials on a cluster" in proc.stderr and SECRET_KEY not in proc.stderr + proc.stdout
+        assert "Traceback" not in proc.stderr
 
 
 def test_submit_rejects_a_bad_workflow_before_sending(workdir: Path) -> None:

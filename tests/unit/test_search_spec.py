@@ -164,3 +164,16 @@ def test_bad_search_specs_exit_2_naming_the_key(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / ".kdflow").exists()  # nothing ran
+
+
+def test_a_parameter_without_its_type_says_what_to_write() -> None:
+    """`{low, high}` without a type is refused with the three types spelled out (not pydantic's
+    "Unable to extract tag using discriminator"); `{choices: [...]}` alone is categorical."""
+    from tasks.errors import UserError
+
+    with pytest.raises(UserError) as exc:
+        validate(workflow(search={"trials": 2, "space": {"distill.alpha": {"low": 0.1, "high": 0.9}}}))
+    assert "distill.alpha: needs type: float (with low, high), int (low, high) or categorical (choices)" \
+        in str(exc.value) and "discriminator" not in str(exc.value)
+    spec = validate(workflow(search={"trials": 2, "space": {"distill.temperature": {"choices": [2, 4]}}}))
+    assert spec.search.space["distill.temperature"].type == "categorical"

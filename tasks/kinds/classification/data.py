@@ -330,9 +330,11 @@ def _parquet(layout: Layout, features: list[str] | str | None, label: str, trans
             raise UserError(f"the transfer rows lack the feature columns {missing} (columns: {tl.schema.names})",
                             where="transfer")
         check_feature_types(tl.schema, columns, "transfer")
-        t = (Reader(url=transfer, s3_options=tl.s3_options, columns=columns, where="transfer"), tl.pieces)
+        t = (Reader(url=transfer, s3_options=tl.s3_options, columns=columns, where="transfer",
+                    retries=tl.retries), tl.pieces)
     names = [] if isinstance(columns, str) else list(columns)
-    reader = Reader(url=source, s3_options=listed.s3_options, columns=columns, label=label, where=where)
+    reader = Reader(url=source, s3_options=listed.s3_options, columns=columns, label=label, where=where,
+                    retries=listed.retries)
     return Sources(reader, [p for x in listings for p in x.pieces], t, names, layout)
 
 

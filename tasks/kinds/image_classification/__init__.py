@@ -42,6 +42,7 @@ class ImageClassification(Classification):
     spec = SPEC
 
     def check_workflow(self, workflow: Any) -> None:
+        super().check_workflow(workflow)  # a classifier's formats: logits or topk, never sampled
         if workflow.data.splits is not None:
             raise ValueError("data.splits: image_classification reads one source (a table, a folder tree) and "
                              "splits it by data.split; splits given as sources of their own are not read yet")
