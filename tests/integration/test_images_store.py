@@ -47,7 +47,7 @@ def test_an_image_precompute_that_lost_shards_resumes_only_those(ray_session: No
     train_rows = store.read(whole, "train")
     assert train_rows.targets["topk_values"].shape == (n, 3 * 3) and train_rows.targets["tail_logmass"].shape == (n, 3)
 
-    first, _ = precompute(store, "lost", [teacher], splits, kind=kind, runner=in_process, **ARGS)
+    precompute(store, "lost", [teacher], splits, kind=kind, runner=in_process, **ARGS)
     entry = workdir / ".kdflow" / "soft_targets" / "lost"
     (entry / "manifest.json").unlink()
     files = sorted(entry.rglob("*.parquet"))
