@@ -56,15 +56,16 @@ def apply_views(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Images [B, C, H, W] (any dtype, 0-255 scale) seen through views [B, 6] -> float32 [B, C, H, W]."""
     x = images.float()
     b, _, hgt, wid = x.shape
-    p = params.to(torch.float32)
+    p = params.to(x.device, torch.float32)
     cx, cy = p[:, 0] * (2.0 / UNITS) - 1.0, p[:, 1] * (2.0 / UNITS) - 1.0  # the crop's center in [-1, 1]
     sx = p[:, 2] / UNITS * (1.0 - 2.0 * p[:, 4])  # half-extent of the crop (normalized); negative: flipped
     sy = p[:, 3] / UNITS
     theta = (p[:, 5] - 128.0) * (math.pi / 360.0)
     cos, sin = torch.cos(theta), torch.sin(theta)
     # the output grid's pixel centers in [-1, 1] (align_corners=False), mapped elementwise to the source
-    u = ((torch.arange(wid, dtype=torch.float32) * 2.0 + 1.0) / wid - 1.0).view(1, 1, wid)
-    v = ((torch.arange(hgt, dtype=torch.float32) * 2.0 + 1.0) / hgt - 1.0).view(1, hgt, 1)
+    # (on the images' device: a share held on a GPU makes its views there)
+    u = ((torch.arange(wid, dtype=torch.float32, device=x.device) * 2.0 + 1.0) / wid - 1.0).view(1, 1, wid)
+    v = ((torch.arange(hgt, dtype=torch.float32, device=x.device) * 2.0 + 1.0) / hgt - 1.0).view(1, hgt, 1)
     su, sv = sx.view(b, 1, 1) * u, sy.view(b, 1, 1) * v
     gx = cos.view(b, 1, 1) * su - sin.view(b, 1, 1) * sv + cx.view(b, 1, 1)
     gy = sin.view(b, 1, 1) * su + cos.view(b, 1, 1) * sv + cy.view(b, 1, 1)
