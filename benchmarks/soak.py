@@ -180,6 +180,8 @@ class Soak:
         w = WORKFLOWS[run.workflow]
         sets = {**w["sets"], "storage.root": f"s3://soak/{run.workflow}-{run.n}", "tracking.uri":
                 self.services.mlflow_uri, "name": f"soak-{run.workflow}", "registry.model": f"soak-{run.workflow}"}
+        if run.workflow == "search":  # a multi-node cluster needs a study store the head keeps
+            sets["search.storage"] = f"journal://{self.root / f'search-{run.n}.journal'}"
         args = [str(BIN / "kdflow"), "run", str(REPO / w["file"]), "--json"]
         for k, v in sets.items():
             args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
