@@ -78,8 +78,11 @@ def split_name(name: str, where: str) -> str:
     return NAMES[name]
 
 
-def resolve(source: str, splits: dict[str, str] | None, storage: Storage | None) -> Layout:
-    """The layout of a data section: its `splits` as given, else `source`'s folder layout, else one table."""
+def resolve(source: str, splits: dict[str, str] | None, storage: Storage | None, *,
+            any_folder: bool = False) -> Layout:
+    """The layout of a data section: its `splits` as given, else `source`'s folder layout, else one table.
+    `any_folder`: a folder with no layout and no Parquet files is one table too (a kind that reads folders
+    of its own, such as a tree of images), not an error."""
     opts = storage.s3_options() if storage is not None else {}
     if splits:
         if len({uri.startswith("s3://") for uri in splits.values()}) > 1:
@@ -94,7 +97,7 @@ def resolve(source: str, splits: dict[str, str] | None, storage: Storage | None)
         return _complete(Layout("splits", given), "splits")
     if not _is_folder(source, opts):
         return Layout("fractions", table=SplitSource("", source))
-    return _discover(source, opts)
+    return _discover(source, opts, any_folder)
 
 
 def _complete(layout: Layout, where: str) -> Layout:
@@ -148,7 +151,7 @@ def _uri(source: str, path: str) -> str:
     return f"s3://{path}" if source.startswith("s3://") else path
 
 
-def _discover(source: str, opts: dict[str, Any]) -> Layout:
+def _discover(source: str, opts: dict[str, Any], any_folder: bool = False) -> Layout:
     """A folder's layout (the module's list, in order); one table when it has Parquet files and no layout."""
     fs = filesystem_for(source, opts)
     root = _path(source).rstrip("/")
@@ -167,7 +170,7 @@ def _discover(source: str, opts: dict[str, Any]) -> Layout:
         if files:
             return _complete(Layout("files", {k: SplitSource(k, _uri(source, p)) for k, p in files.items()}),
                              "source")
-        if not any(p.endswith(".parquet") for p in fs.find(root)):
+        if not any_folder and not any(p.endswith(".parquet") for p in fs.find(root)):
             raise UserError(f"{source} holds no Parquet files and no train/validation/test layout (split files "
                             "or folders, data/<split>-*.parquet, a save_to_disk folder)", where="source")
     except (*S3_ERRORS, json.JSONDecodeError) as exc:

@@ -88,6 +88,8 @@ def encode_rows(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray, logits: torch
     # (per-position labels only: rows whose one label covers several stored positions, an image's views, mask none)
     masked = torch.from_numpy(np.asarray(y).reshape(-1) < 0) if seq and np.asarray(y).ndim == 2 else None
     if format == "logits":
+        if masked is not None:
+            flat = flat.masked_fill(masked[:, None], 0.0)
         cols["logits"] = _store_array(flat.reshape(n, -1) if seq else flat, dtype)
     elif format == "sampled":
         cols.update(_sampled_columns(flat, n if seq else None, int(top_k or 1), int(row_ids[0]) if n else 0, masked))

@@ -243,3 +243,33 @@ def test_a_teacher_whose_channels_are_not_the_datas_is_refused_naming_its_key(
     with pytest.raises(UserError) as err:
         teachers.load_teacher(SimpleNamespace(model="models:/t@champion", params={}, checkpoint=None), grey)
     assert err.value.where == "model" and "3-channel" in err.value.message and "have 1" in err.value.message
+
+
+def test_images_keep_their_given_splits_from_folders_tables_and_save_to_disk(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+
+    images, labels = digits(60)
+    # root/<split>/<class>/<file>: a folder tree per split, found as the folder's layout
+    for split, rows in (("train", range(40)), ("test", range(40, 60))):
+        for i in rows:
+            (tmp_path / "tree" / split / f"d{labels[i]}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "tree" / split / f"d{labels[i]}" / f"{i}.png").write_bytes(images[i])
+    t = load_images(data(str(tmp_path / "tree")), seed=0)
+    assert t.counts["test"] == 20 and t.counts["train"] + t.counts["val"] == 40 and t.counts["val"] > 0
+    # a Parquet split and a save_to_disk split (an Arrow stream, the image as a struct of bytes and path)
+    write_table(tmp_path / "train.parquet", images[:40], [f"d{v}" for v in labels[:40]], True)
+    (tmp_path / "hf" / "test").mkdir(parents=True)
+    table = pa.table({"img": pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images[40:])]),
+                      "digit": [f"d{v}" for v in labels[40:]]})
+    with pa.OSFile(str(tmp_path / "hf" / "test" / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=7)
+    (tmp_path / "hf" / "test" / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    given = load_images(data("x", splits={"train": str(tmp_path / "train.parquet"),
+                                          "test": str(tmp_path / "hf" / "test")}), seed=0)
+    assert given.counts["test"] == 20 and given.classes == t.classes
+    np.testing.assert_array_equal(np.sort(given.x["test"], axis=0), np.sort(t.x["test"], axis=0))
+    assert given.fingerprint != load_images(data(str(tmp_path / "train.parquet")), seed=0).fingerprint

@@ -92,6 +92,7 @@ def test_sampled_needs_samples_and_is_for_causal_lm() -> None:
     assert validate(raw).soft_targets.kept == 12
     with pytest.raises(Exception, match="needs samples"):
         validate({**raw, "soft_targets": {"format": "sampled"}})
-    with pytest.raises(Exception, match="sampled is stored per token"):
-        validate({"name": "c", "data": {"source": "sklearn:digits"}, "soft_targets": {"format": "sampled",
-                                                                                      "samples": 4}})
+    for task in ("classification", "image_classification"):
+        with pytest.raises(Exception, match="sampled is stored per token"):
+            validate({"name": "c", "task": task, "data": {"source": "sklearn:digits"},
+                      "soft_targets": {"format": "sampled", "samples": 4}})

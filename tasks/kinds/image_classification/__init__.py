@@ -42,9 +42,7 @@ class ImageClassification(Classification):
     spec = SPEC
 
     def check_workflow(self, workflow: Any) -> None:
-        if workflow.data.splits is not None:
-            raise ValueError("data.splits: image_classification reads one source (a table, a folder tree) and "
-                             "splits it by data.split; splits given as sources of their own are not read yet")
+        super().check_workflow(workflow)  # a classifier's formats: logits or topk, never sampled
         searched = [k for k in (workflow.search.space if workflow.search else {}) if k.startswith("soft_targets.")]
         if searched:
             raise ValueError(f"search.space.{searched[0]}: a search distils from one store entry; views and augment "

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dataset import Dataset, list_parquet
+from tasks.dataset import Dataset, list_parquet, read_table
 from tasks.errors import UserError
 from tasks.pieces import SPLIT_CODES, SPLIT_RULE, split_codes
+from tasks.splits import Layout, resolve
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 PREPROCESSING = "image-uint8-v1"
@@ -94,28 +95,64 @@ def _image_bytes(col: Any, column: str) -> list[bytes | None]:
     return col.to_pylist()
 
 
+def _check_columns(names: list[str], image: str, label: str) -> None:
+    for key, col in (("image", image), ("label", label)):
+        if col not in names:
+            raise UserError(f"column {col!r} not in the table (columns: {names})", where=key)
+
+
+def _add_table(raw: Raw, table: Any, image: str, label: str, name: str) -> None:
+    values = _image_bytes(table.column(image).combine_chunks(), image)
+    raw.images += values
+    raw.labels += table.column(label).to_pylist()
+    raw.names += [f"{name} row {i}" for i in range(len(values))]
+
+
 def _parquet(source: str, image: str, label: str, storage: Storage | None) -> Raw:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     listed = list_parquet(source, storage, "source")
-    for key, col in (("image", image), ("label", label)):
-        if col not in listed.schema.names:
-            raise UserError(f"column {col!r} not in the table (columns: {listed.schema.names})", where=key)
+    _check_columns(listed.schema.names, image, label)
     fs = filesystem_for(source, listed.s3_options)
     raw = Raw([], [], [], image)
     try:
         for path in dict.fromkeys(p.path for p in listed.pieces):
             with fs.open(path, "rb") as fh:
                 table = pq.read_table(fh, columns=[image, label])
-            name = next(p.name for p in listed.pieces if p.path == path)
-            values = _image_bytes(table.column(image).combine_chunks(), image)
-            raw.images += values
-            raw.labels += table.column(label).to_pylist()
-            raw.names += [f"{name} row {i}" for i in range(len(values))]
+            _add_table(raw, table, image, label, next(p.name for p in listed.pieces if p.path == path))
     except (*S3_ERRORS, pa.ArrowException) as exc:
         raise UserError(f"cannot read Parquet from {source}: {describe_s3_error(exc)}", where="source") from None
     return raw
+
+
+def _given(d: Any, storage: Storage | None, seed: int) -> tuple[Raw, np.ndarray | None, Layout | None]:
+    """The images, and with splits as given (`data.splits`, a folder's layout: tasks/splits.py) each row's split
+    code and the layout (None, None: one source, split by `data.split`'s fractions as before). A split is a
+    Parquet source, a `save_to_disk` split (Arrow) or a folder tree `<split>/<class>/<file>`."""
+    if d.source == "sklearn:digits" and not d.splits:
+        return _read(d, storage), None, None
+    layout = resolve(d.source, d.splits, storage, any_folder=True)
+    if not layout.given:
+        return _read(d, storage), None, None
+    raw, codes = Raw([], [], [], d.image), []
+    for k, src in layout.sources.items():
+        if src.arrow_files:
+            table = read_table(src, storage)
+            _check_columns(table.column_names, d.image, d.label)
+            part = Raw([], [], [], d.image)
+            _add_table(part, table, d.image, d.label, k)
+        else:
+            part = _read(d.model_copy(update={"source": src.uri}), storage)
+        n = min(len(part.images), d.limit or len(part.images))
+        raw = Raw(raw.images + part.images[:n], raw.labels + part.labels[:n],
+                  raw.names + [f"{k}/{name}" for name in part.names[:n]], part.column)
+        codes.append(np.full(n, SPLIT_CODES[k], np.int8))
+    code = np.concatenate(codes)
+    if layout.carves_val:  # no val split given: its rows are cut from train's by the val fraction
+        train = code == SPLIT_CODES["train"]
+        code[train] = split_codes("train", 0, int(train.sum()), seed=seed, val=d.split.val, test=0.0)
+    return raw, code, layout
 
 
 def _folder(root: str) -> Raw:
@@ -243,12 +280,12 @@ def load_images(d: Any, *, seed: int, views: int = 0, augment: dict[str, Any] | 
                 augment_spec: Any = None, storage: Storage | None = None) -> ImageTable:
     """Read, decode, split (a hash of seed and row id, as every kind) and describe the images of data section
     `d`; with `views`, draw every training image's views (`augment_spec`, its keys `augment`)."""
-    raw = _read(d, storage)
-    if d.limit:
+    raw, given, layout = _given(d, storage, seed)
+    if d.limit and given is None:
         raw = Raw(raw.images[:d.limit], raw.labels[:d.limit], raw.names[:d.limit], raw.column)
     x, channels, (h, w) = _pixels(raw, d)
     classes, y = _classes(raw.labels)
-    codes = split_codes("", 0, len(y), seed=seed, val=d.split.val, test=d.split.test)
+    codes = split_codes("", 0, len(y), seed=seed, val=d.split.val, test=d.split.test) if given is None else given
     ids = {k: np.flatnonzero(codes == c) for k, c in SPLIT_CODES.items()}
     if len(ids["train"]) < 2 or len(ids["test"]) < 1:
         raise UserError(f"{len(y)} images are too few for this split", where="split")
@@ -265,12 +302,16 @@ def load_images(d: Any, *, seed: int, views: int = 0, augment: dict[str, Any] | 
                  f"{json.dumps(policy)}|{json.dumps([mean, std])}|{json.dumps(classes, default=str)}|".encode())
     h_all.update(np.ascontiguousarray(x).tobytes())
     h_all.update(y.tobytes())
+    if layout is not None:  # splits as given: which split each row is in (one table's keys stay as they were)
+        h_all.update(f"{layout.identity()}".encode() + codes.tobytes())
     labeled = h_all.hexdigest()
     h_all.update(f"views={views}|{json.dumps(augment or {}, sort_keys=True)}".encode())
     return ImageTable(num_classes=len(classes), channels=channels, height=h, width=w, mean=mean, std=std,
                       views=views, augment=dict(augment or {}), classes=classes, size_policy=policy,
                       fingerprint=h_all.hexdigest() if views else labeled, labeled_fingerprint=labeled,
-                      arrays=(xs, {k: y[i] for k, i in ids.items()}), sources=dict.fromkeys(ids, d.source),
+                      arrays=(xs, {k: y[i] for k, i in ids.items()}),
+                      sources={k: (layout.sources.get(k) or layout.sources["train"]).uri if layout else d.source
+                               for k in ids},
                       columns=_columns(raw, d))
 
 
