@@ -63,7 +63,7 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
                "faults": FAULTS, "deterministic": False},
     "lm": {"file": "workflows/lm-stdlib.yaml",
            "sets": {"data.corpus.max_bytes": 60000, "teacher.train.epochs": 2, "train.epochs": 2,
-                    "soft_targets.shards": 4, "baseline": False},
+                    "soft_targets.shards": 4, "distill.baseline": False},
            "faults": FAULTS[:2] + FAULTS[3:], "deterministic": False},
 }
 
