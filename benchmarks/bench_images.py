@@ -231,7 +231,8 @@ def throughput(b: Bench) -> tuple[float, float]:
 
 def report(b: Bench, results: dict[str, list[tuple[float, float]]], kd_s: float, plain_s: float) -> None:
     a, m, n = b.args, b.notes, len(b.y_train)
-    print(f"| digits 8x8, {n} train / {len(b.y_test)} test, {a.seeds} seeds, {a.epochs} epochs | test accuracy "
+    print(f"| digits 8x8, {n} train / {len(b.y_test)} test, {a.seeds} seeds, {a.epochs} epochs, crop_scale "
+          f"[{a.crop_min}, 1], rotate 10 | test accuracy "
           "mean | spread (min-max) | train s (mean) |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| teacher (ResNet-8 x16, {a.teacher_epochs} epochs on the stored views) | {m['teacher_acc']:.4f} | | "
@@ -256,7 +257,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--teacher-epochs", type=int, default=12)
     ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--crop-min", type=float, default=0.35, help="augment.crop_scale's lower end")
     args = ap.parse_args()
+    global AUGMENT
+    AUGMENT = AugmentSpec(crop_scale=[args.crop_min, 1.0], hflip=False, rotate=10)
     torch.set_num_threads(1)
     b = prepare(args)
     print(f"teacher test accuracy {b.notes['teacher_acc']:.4f}", file=sys.stderr)

@@ -11,9 +11,10 @@ from typing import Any
 
 from orchestrator.spec import OptimizerSpec, TrainSpec, Workflow
 from tasks.dataset import Dataset
+from tasks.layout import online_teacher_path
 from tasks.sections import DistillSpec, TeacherSpec
 from tasks.storage import Storage
-from tasks.train.config import EarlyStopping, FitConfig, LossConfig, OptimizerConfig, Resources
+from tasks.train.config import EarlyStopping, FitConfig, LossConfig, OnlineTeacher, OptimizerConfig, Resources
 from tasks.train.sources import ArraySource, RowSource, ShardSource, SourceRows
 
 
@@ -97,7 +98,7 @@ def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConf
         loss=None, data=train, val=val,
         early_stopping=None, checkpoint_every=spec.train.checkpoint_every,
         checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec.train), epoch_hook=None,
-        hold_share_bytes=int(spec.train.hold_share_mb * 2**20))
+        hold_share_bytes=int(spec.train.hold_share_mb * 2**20), online_teacher=None)
 
 
 def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storage,
@@ -115,4 +116,13 @@ def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storag
         early_stopping=EarlyStopping(es.metric, es.patience, es.direction == "max") if es else None,
         checkpoint_every=spec.train.checkpoint_every, checkpoint_interval_s=spec.train.checkpoint_interval_s,
         resources=_resources(spec.train, concurrent), epoch_hook=epoch_hook,
-        hold_share_bytes=int(spec.train.hold_share_mb * 2**20))
+        hold_share_bytes=int(spec.train.hold_share_mb * 2**20), online_teacher=online_teacher(spec, manifest, storage))
+
+
+def online_teacher(spec: Workflow, manifest: dict[str, Any], storage: Storage) -> OnlineTeacher | None:
+    """The entry's teachers for the student's workers to run in the loop, when the kind says so
+    (`teacher_in_loop`); they were put on storage by the teacher stage (orchestrator/teachers.py)."""
+    if not spec.kind.teacher_in_loop(spec):
+        return None
+    paths = [online_teacher_path(storage, t["digest"]) for t in manifest["teachers"]]
+    return OnlineTeacher(storage, paths, manifest["ensemble"])

@@ -200,4 +200,6 @@ def soft_targets_result(spec: Workflow, manifest: dict[str, Any], precompute: Pr
             "format": manifest["format"], "dtype": manifest["dtype"],
             **({"top_k": manifest["top_k"]} if manifest["format"] == "topk" else {}),
             **({"samples": manifest["samples"]} if manifest["format"] == "sampled" else {}),
-            **spec.kind.targets_summary(manifest)}
+            **spec.kind.targets_summary(manifest),
+            # the teachers ran in the student's training loop; the entry's stored targets served val and test
+            **({"teacher_in_loop": True} if spec.kind.teacher_in_loop(spec) else {})}

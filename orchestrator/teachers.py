@@ -19,7 +19,7 @@ from orchestrator.spec import Workflow
 from orchestrator.workspace import digest
 from tasks.dataset import Dataset
 from tasks.errors import UserError
-from tasks.layout import TEACHERS, teacher_path
+from tasks.layout import TEACHERS, online_teacher_path, teacher_path
 from tasks.models import weights_digest
 from tasks.sections import TeacherSpec
 from tasks.storage import Storage
@@ -83,4 +83,15 @@ def load_teachers(spec: Workflow, data: Dataset, storage: Storage, warm: Slot | 
                 out.append(_external(spec, t, data, where))
             else:
                 out.append(_trained(spec, t, data, storage, warm, where))
+            if spec.kind.teacher_in_loop(spec):
+                for_workers(spec, t, out[-1], storage)
     return out
+
+
+def for_workers(spec: Workflow, t: TeacherSpec, teacher: Teacher, storage: Storage) -> None:
+    """Put the teacher where an online student's workers rebuild it (`tasks.train.loop.online_teachers`): the
+    kind's recipe and the weights, keyed by their digest, written once."""
+    path = online_teacher_path(storage, teacher.digest)
+    if not storage.exists(path):
+        model, params = spec.kind.teacher_recipe(t, teacher.model)
+        storage.write_torch(path, {"model": model, "params": params, "state_dict": teacher.model.state_dict()})

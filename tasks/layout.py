@@ -2,6 +2,7 @@
 
     soft_targets/<key>/manifest.json, <split>/part-*.parquet   the soft-target store (soft_targets.py)
     teachers/<key>/model.pt                                   teachers trained by a workflow
+    teachers/online/<weights digest>.pt                       a teacher an online student's workers rebuild
     checkpoints/<ray train run>/                              Ray Train checkpoints of a running fit
     search/<study>/trial-<n>.pt                               the best weights of each finished trial
     mlartifacts/                                              MLflow artifacts (embedded tracking only)
@@ -28,6 +29,11 @@ LOCAL_STATE_FOR_S3 = ".kdflow"
 
 def teacher_path(storage: Storage, key: str) -> str:
     return storage.path(TEACHERS, key, "model.pt")
+
+
+def online_teacher_path(storage: Storage, digest: str) -> str:
+    """A teacher's {model, params, state_dict} for the workers of an online student, keyed by its weights."""
+    return storage.path(TEACHERS, "online", f"{digest}.pt")
 
 
 def checkpoints_path(storage: Storage, run: str = "") -> str:

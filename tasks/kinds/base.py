@@ -215,6 +215,21 @@ class TaskKind:
     def place(self, rows: TargetBatch, dims: Mapping[str, Any], device: torch.device) -> Share:
         raise NotImplementedError
 
+    def teacher_in_loop(self, workflow: Any) -> bool:
+        """Whether the student's workers run the teachers on each batch themselves (an online teacher, on exactly
+        the inputs the student gets) instead of reading stored training targets; default: stored."""
+        return False
+
+    def teacher_recipe(self, teacher: TeacherSpec, model: nn.Module) -> tuple[str, dict[str, Any]]:
+        """The (model, params) that `build_model` rebuilds a loaded teacher from on a worker (its weights travel
+        through storage, never a pickled module); default: the teacher section's."""
+        return teacher.model, dict(teacher.params)
+
+    def with_teacher(self, share: Share, teachers: list[nn.Module], rule: str, dims: Mapping[str, Any]) -> Share:
+        """`share` (as `place` made it) whose batches carry the (ensembled, by `rule`) teachers' outputs on the
+        very inputs each batch gives the student (`teacher_in_loop`)."""
+        raise NotImplementedError(f"{self.name} has no online teacher")
+
     # ------------------------------------------------ objective
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor, teacher: Any, loss: LossConfig | None

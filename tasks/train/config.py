@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tasks.kinds.base import TaskKind
+    from tasks.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class OnlineTeacher:
+    """Teachers a student's workers run in the training loop (the kind's `teacher_in_loop`): each one's
+    {model, params, state_dict} on storage (tasks/layout.py:online_teacher_path), rebuilt there by the kind."""
+
+    storage: Storage
+    paths: list[str]
+    rule: str  # how several teachers are ensembled (soft_targets.ensemble)
+
+
+@dataclass(frozen=True)
 class FitConfig:
     log_prefix: str  # "teacher" or "student": the tag of this fit's progress lines
     kind: TaskKind  # builds the model, places rows, scores a batch (tasks/kinds)
@@ -81,3 +92,4 @@ class FitConfig:
     resources: Resources
     epoch_hook: Any  # the search's pruner (`hook.ask(epoch, metrics)() -> stop`, picklable; train.EpochHook), or None
     hold_share_bytes: int  # a worker holds its share when its stored rows take at most this; else it streams
+    online_teacher: OnlineTeacher | None  # teachers run on each batch by the workers; None: targets are stored

@@ -139,8 +139,11 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
         device = torch.device("cpu")
     n = cfg.data.rows()
     a, b = shard_ranges(n, world)[rank]
-    train_stream = stream.streamed(cfg.data, a, b, cfg.hold_share_bytes)
+    # an online teacher labels the held share's batches (a streamed share is not built for it yet)
+    train_stream = None if cfg.online_teacher else stream.streamed(cfg.data, a, b, cfg.hold_share_bytes)
     share = cfg.kind.place(cfg.data.load(a, b), cfg.dims, device) if train_stream is None else None
+    if cfg.online_teacher is not None:
+        share = cfg.kind.with_teacher(share, online_teachers(cfg, device), cfg.online_teacher.rule, cfg.dims)
     val_rows, val_stream = None, None
     if cfg.val is not None:
         va, vb = shard_ranges(cfg.val.rows(), world)[rank]
@@ -159,6 +162,18 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
     return Worker(cfg, rank, world, device, share, n // world, val_rows, model, core,
                   make_optimizer(model, cfg.optimizer),
                   torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), train_stream, val_stream)
+
+
+def online_teachers(cfg: FitConfig, device: torch.device) -> list[nn.Module]:
+    """The fit's online teachers, rebuilt by the kind from their recipe and weights on storage, in eval mode."""
+    assert cfg.online_teacher is not None
+    out = []
+    for path in cfg.online_teacher.paths:
+        saved = cfg.online_teacher.storage.read_torch(path)
+        model = cfg.kind.build_model(saved["model"], saved["params"], cfg.dims)
+        model.load_state_dict(saved["state_dict"])
+        out.append(model.to(device).eval())
+    return out
 
 
 def resume(w: Worker, session: Session | None = None) -> LoopState:

@@ -90,6 +90,8 @@ def test_only_assistant_tokens_are_targets_and_the_template_enters_the_key(tmp_p
             assert x[0] != rows.tokenizer.token_to_id(EOS)  # one conversation per row, from its start
     meta = CausalLM().manifest_meta(rows)
     assert meta["chat_template"] and meta["tokens"]["train"] == int((rows.y["train"] >= 0).sum())
+    summary = CausalLM().targets_summary({**meta, "bytes": 1000 * targets, "rows": 20})
+    assert summary["bytes_per_target_token"] == 1000 and summary["bytes_per_token"] == 1000 * targets / (20 * 96)
 
     other = load_lm_data(chat_data(tmp_path, chat_template=TEMPLATE.replace("|>\n", "|> ")), seed=0, storage=None)
     assert other.fingerprint != rows.fingerprint  # another template, another store key
@@ -138,6 +140,23 @@ def test_bad_conversations_name_the_row_and_key_and_write_nothing(tmp_path: Path
     cut = load_lm_data(CausalLMData(**opts, truncation="truncate"), seed=0, storage=None)
     assert sum(dropped.documents.values()) == 11 and dropped.fingerprint != cut.fingerprint
     assert sum(len(y) for y in dropped.y.values()) == 10 and sum(len(y) for y in cut.y.values()) == 11
+
+
+def test_a_workflows_bad_conversation_names_its_yaml_key(tmp_path: Path) -> None:
+    """Through the driver's data stage, as `kdflow run` reports it (exit 2): the key under `data`."""
+    from orchestrator.spec import validate
+    from orchestrator.stages import load_data
+    from tasks.storage import Storage
+    from tests.unit.test_lm import lm_workflow
+
+    convs = [*arithmetic(6), [{"role": "user", "content": "hi"}]]
+    raw = lm_workflow(source=write_chat(tmp_path / "c.parquet", convs), chat_template=TEMPLATE, seq_len=96)
+    with pytest.raises(UserError, match="row 6: no assistant turn") as exc:
+        load_data(validate(raw), Storage(str(tmp_path / "store")))
+    assert exc.value.where == "data.messages"
+    with pytest.raises(UserError, match="conversations are read from one table") as exc:
+        load_data(validate(lm_workflow(messages="messages")), Storage(str(tmp_path / "store")))
+    assert exc.value.where == "data.messages"
 
 
 def test_messages_and_text_keys_are_one_layout() -> None:

@@ -166,6 +166,34 @@ def test_a_replayed_view_is_bit_identical_to_the_one_the_teacher_labelled() -> N
         assert torch.equal(tb, logits[idx, which])
 
 
+def test_the_online_teacher_labels_exactly_the_fresh_view_the_student_gets() -> None:
+    """soft_targets.mode: online: each batch draws a fresh view per image (the stored views' draw, `apply_views`),
+    and the teacher's logits are its output on those very pixels, without autograd; a new epoch, new views."""
+    from tasks.kinds import kind_for
+    from tasks.kinds.image_classification.models import build_model
+    from tasks.store.shards import TargetBatch
+
+    kind = kind_for("image_classification")
+    dims = {"channels": 1, "height": 8, "width": 8, "num_classes": 4, "mean": [100.0], "std": [50.0],
+            "augment": {"crop_scale": [0.3, 0.6], "hflip": True, "rotate": 10.0}}
+    n = 24
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, 64)).astype(np.uint8))
+    rows = TargetBatch(torch.arange(n), pixels, torch.arange(n) % 4, {})
+    torch.manual_seed(0)
+    teacher = Recording(build_model("cnn", {"channels": [4]}, dims).eval())
+    share = kind.with_teacher(kind.place(rows, dims, torch.device("cpu")), [teacher], "mean_logits", dims)
+    idx = torch.tensor([3, 0, 23, 7, 7])
+    xb, yb, tb = share.batch(idx)
+    assert len(teacher.seen) == 1 and torch.equal(teacher.seen[0], xb), "the teacher saw other pixels"
+    with torch.no_grad():
+        assert torch.equal(tb, teacher.model(xb).float())
+    assert not tb.requires_grad and torch.equal(yb, idx % 4) and len(share) == n
+    whole = pixels[idx].view(-1, 1, 8, 8).float()
+    assert not torch.equal(xb, whole), "an augmented view, not the stored image"
+    again, _, _ = share.batch(idx)
+    assert not torch.equal(again, xb), "a fresh view each time an image comes up"
+
+
 def test_model_families_take_depth_and_width_and_say_what_they_do_not() -> None:
     from tasks.kinds.image_classification.models import build_model, unknown_param
     from tasks.models import num_params
@@ -193,9 +221,11 @@ def test_the_kind_is_listed_and_its_workflow_validates() -> None:
     summary = kind.targets_summary({"views": 4, "dtype": "float16", "format": "topk", "top_k": 5,
                                     "num_classes": 10})
     assert summary["bytes_per_view"] <= 40
-    with pytest.raises(UserError) as err:
-        validate({"name": "w", "task": "image_classification", "soft_targets": {"mode": "online"}})
-    assert "soft_targets.mode" in str(err.value)
+    online = validate({"name": "w", "task": "image_classification", "soft_targets": {"mode": "online"}})
+    assert kind.teacher_in_loop(online) and not kind.teacher_in_loop(wf)
+    with pytest.raises(UserError) as err:  # stored views mean nothing to an online teacher
+        validate({"name": "w", "task": "image_classification", "soft_targets": {"mode": "online", "views": 4}})
+    assert "soft_targets.views" in str(err.value)
     with pytest.raises(UserError) as err:
         validate({"name": "w", "task": "image_classification",
                   "search": {"trials": 2, "space": {"soft_targets.views": {"type": "categorical", "choices": [2, 4]}}}})

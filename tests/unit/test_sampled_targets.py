@@ -67,23 +67,28 @@ def test_the_losses_train_on_each_format() -> None:
     x = np.zeros((rows, seq), dtype=np.int64)
     y = np.ones((rows, seq), dtype=np.int64)
     teacher = torch.randn(rows, seq, vocab) * 2
-    for fmt, k in (("logits", None), ("topk", 8), ("sampled", 12)):
-        stored = decode_rows(encode_rows(np.arange(rows), x, y, teacher, fmt, "float32", k), "float32").targets
-        values, ids, tail = teacher_tuple(stored, seq, vocab)
-        for loss in ("kl", "reverse_kl", "jsd"):
-            student = torch.zeros(rows, seq, vocab, requires_grad=True)
-            opt = torch.optim.Adam([student], lr=0.2)
-            first = None
-            for _ in range(60):
-                d = token_divergence(student, values, ids, tail, loss=loss, temperature=1.0, beta=0.5).mean()
-                assert torch.isfinite(d), (fmt, loss)
-                first = float(d) if first is None else first
-                opt.zero_grad()
-                d.backward()
-                opt.step()
-            assert float(d) < 0.5 * first, (fmt, loss, first, float(d))
-            agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
-            assert agree > 0.6, (fmt, loss, agree)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only spins (60 s instead of 2 on a loaded box)
+    try:
+        for fmt, k in (("logits", None), ("topk", 8), ("sampled", 12)):
+            stored = decode_rows(encode_rows(np.arange(rows), x, y, teacher, fmt, "float32", k), "float32").targets
+            values, ids, tail = teacher_tuple(stored, seq, vocab)
+            for loss in ("kl", "reverse_kl", "jsd"):
+                student = torch.zeros(rows, seq, vocab, requires_grad=True)
+                opt = torch.optim.Adam([student], lr=0.3)
+                first = None
+                for _ in range(30):
+                    d = token_divergence(student, values, ids, tail, loss=loss, temperature=1.0, beta=0.5).mean()
+                    assert torch.isfinite(d), (fmt, loss)
+                    first = float(d) if first is None else first
+                    opt.zero_grad()
+                    d.backward()
+                    opt.step()
+                assert float(d) < 0.5 * first, (fmt, loss, first, float(d))
+                agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
+                assert agree > 0.6, (fmt, loss, agree)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sampled_needs_samples_and_is_for_causal_lm() -> None:

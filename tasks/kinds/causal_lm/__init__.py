@@ -164,9 +164,12 @@ class CausalLM(TaskKind):
         return summary_table(teacher, student)
 
     def targets_summary(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Per token: the sequence length, the tokenizer, and the stored bytes per token position."""
+        """Per token: the sequence length, the tokenizer, and the stored bytes per token position and per target
+        token (what a conversation's assistant says: the rest stores nothing)."""
+        targets = sum((manifest.get("tokens") or {}).values())
         return {"seq_len": manifest["seq_len"], "tokenizer_hash": manifest["tokenizer_hash"],
-                "bytes_per_token": manifest["bytes"] / max(1, manifest["rows"] * manifest["seq_len"])}
+                "bytes_per_token": manifest["bytes"] / max(1, manifest["rows"] * manifest["seq_len"]),
+                **({"bytes_per_target_token": manifest["bytes"] / targets} if targets else {})}
 
     def rate(self, student: Mapping[str, Any]) -> str:
         return f"{student['tokens_per_s']:,.0f} tokens/s"

@@ -48,9 +48,9 @@ class ImageClassification(Classification):
             raise ValueError(f"search.space.{searched[0]}: a search distils from one store entry; views and augment "
                              "are not search keys yet (the student's depth and width, temperature and alpha are)")
         st = workflow.soft_targets
-        if st.mode == "online":
-            raise ValueError("soft_targets.mode: online (the teacher in the training loop) is not built yet; use "
-                             "stored views (soft_targets.views)")
+        if st.mode == "online" and st.views:
+            raise ValueError("soft_targets.views: stored views are for mode: stored; an online teacher labels a fresh "
+                             "view of each image every time the student sees it (set views: 0)")
 
     def unknown_param(self, model: str, param: str) -> str | None:
         from tasks.kinds.image_classification.models import unknown_param
@@ -84,7 +84,8 @@ class ImageClassification(Classification):
     def dims(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         return {"num_classes": int(meta["num_classes"]), "channels": int(meta["channels"]),
                 "height": int(meta["height"]), "width": int(meta["width"]), "mean": [float(v) for v in meta["mean"]],
-                "std": [float(v) for v in meta["std"]], "views": int(meta.get("views", 0))}
+                "std": [float(v) for v in meta["std"]], "views": int(meta.get("views", 0)),
+                "augment": dict(meta.get("augment") or {})}
 
     # ------------------------------------------------ models
 
@@ -108,6 +109,18 @@ class ImageClassification(Classification):
         return load_teacher(teacher, self.dims(self.manifest_meta(data)))
 
     # ------------------------------------------------ targets
+
+    def teacher_in_loop(self, workflow: Any) -> bool:
+        return bool(workflow.soft_targets.mode == "online")
+
+    def teacher_recipe(self, teacher: TeacherSpec, model: nn.Module) -> tuple[str, dict[str, Any]]:
+        recipe = getattr(model, "kdflow_recipe", None)  # a registered model: its own factory and params
+        return recipe if recipe is not None else (teacher.model, dict(teacher.params))
+
+    def with_teacher(self, share: Share, teachers: list[nn.Module], rule: str, dims: Mapping[str, Any]) -> Share:
+        from tasks.kinds.image_classification.targets import OnlineShare
+
+        return OnlineShare.around(share, teachers, rule, dims)
 
     def teacher_outputs(self, teachers: list[nn.Module], x: np.ndarray, rule: str) -> torch.Tensor:
         from tasks.kinds.image_classification.targets import teacher_outputs

@@ -18,7 +18,7 @@ from torch import nn
 
 from tasks.kinds.base import HeldRows
 from tasks.kinds.classification.targets import DENSE_TARGETS_BYTES, teacher_logits
-from tasks.kinds.image_classification.views import PARAMS, apply_views, split_rows
+from tasks.kinds.image_classification.views import PARAMS, apply_views, draw, split_rows
 from tasks.models import ensemble, teacher_forward
 from tasks.store.shards import TargetBatch
 
@@ -118,3 +118,35 @@ def place_share(rows: TargetBatch, dims: Mapping[str, Any], device: torch.device
     put = (lambda t: t.to(device)) if device.type == "cuda" else (lambda t: t)
     return ViewShare(put(images), put(rows.y), None if views is None else put(views),
                      None if dense is None else put(dense), {k: put(t) for k, t in kept.items()}, c, device, gen)
+
+
+@dataclass
+class OnlineShare(HeldRows):
+    """A worker's training images [n, C, H, W] (uint8), each seen through a fresh view every time it comes up
+    (drawn as the stored views are, made by `apply_views`) and labelled right here by the teachers, under
+    no_grad, on exactly the pixels the student gets (soft_targets.mode: online)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teachers: list[nn.Module]
+    rule: str
+    augment: Any  # an AugmentSpec: what `draw` reads
+    gen: torch.Generator
+    device: torch.device
+
+    @classmethod
+    def around(cls, share: Any, teachers: list[nn.Module], rule: str, dims: Mapping[str, Any]) -> OnlineShare:
+        from tasks.kinds.image_classification.spec import AugmentSpec
+
+        return cls(share.x, share.y, teachers, rule, AugmentSpec(**dims.get("augment", {})), share.gen, share.device)
+
+    def views(self, n: int, device: torch.device) -> torch.Tensor:
+        """[n, 6] fresh view parameters: one seed from the share's generator per batch, so every epoch differs."""
+        seed = int(torch.randint(2**62, (1,), generator=self.gen))
+        return torch.from_numpy(draw(np.random.default_rng(seed), n, self.augment)).to(device)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = apply_views(self.x.index_select(0, idx), self.views(len(idx), idx.device))
+        with torch.no_grad():
+            teacher = ensemble([t(x).float() for t in self.teachers], self.rule)
+        return x, self.y.index_select(0, idx), teacher

@@ -32,6 +32,7 @@ def _registered(uri: str, dims: Mapping[str, Any]) -> nn.Module:
         raise UserError(f"{uri} takes {d['height']}x{d['width']} images over {d['num_classes']} classes; the data "
                         f"has {dims['height']}x{dims['width']} over {dims['num_classes']} (set data.size)",
                         where="model")
+    module.kdflow_recipe = (recipe["factory"], dict(recipe["params"]))  # what a worker rebuilds it from (online)
     return module
 
 

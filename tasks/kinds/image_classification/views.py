@@ -28,21 +28,27 @@ def draw_views(row_ids: np.ndarray, views: int, augment: Any, seed: int) -> np.n
     out = np.empty((n, views, PARAMS), np.int32)
     base = int.from_bytes(hashlib.sha256(f"views|{seed}".encode()).digest()[:8], "little")
     for i, rid in enumerate(row_ids):
-        rng = np.random.default_rng([base, int(rid)])
-        scale = rng.uniform(augment.crop_scale[0], augment.crop_scale[1], views)
-        log_r = rng.uniform(math.log(augment.crop_ratio[0]), math.log(augment.crop_ratio[1]), views)
-        ratio = np.exp(log_r)
-        w = np.clip(np.sqrt(scale * ratio), 0.0, 1.0)
-        h = np.clip(np.sqrt(scale / ratio), 0.0, 1.0)
-        wq, hq = np.maximum(1, np.round(w * UNITS)), np.maximum(1, np.round(h * UNITS))
-        cx = rng.uniform(wq / 2, UNITS - wq / 2)
-        cy = rng.uniform(hq / 2, UNITS - hq / 2)
-        flip = rng.random(views) < 0.5 if augment.hflip else np.zeros(views, bool)
-        angle = rng.uniform(-augment.rotate, augment.rotate, views) if augment.rotate else np.zeros(views)
-        out[i, :, 0], out[i, :, 1] = np.round(cx), np.round(cy)
-        out[i, :, 2], out[i, :, 3] = wq, hq
-        out[i, :, 4] = flip
-        out[i, :, 5] = np.clip(np.round(angle * 2), -127, 127) + 128
+        out[i] = draw(np.random.default_rng([base, int(rid)]), views, augment)
+    return out
+
+
+def draw(rng: np.random.Generator, n: int, augment: Any) -> np.ndarray:
+    """[n, 6] int32 view parameters drawn from `rng` (`augment`'s keys: crop_scale, crop_ratio, hflip, rotate)."""
+    out = np.empty((n, PARAMS), np.int32)
+    scale = rng.uniform(augment.crop_scale[0], augment.crop_scale[1], n)
+    log_r = rng.uniform(math.log(augment.crop_ratio[0]), math.log(augment.crop_ratio[1]), n)
+    ratio = np.exp(log_r)
+    w = np.clip(np.sqrt(scale * ratio), 0.0, 1.0)
+    h = np.clip(np.sqrt(scale / ratio), 0.0, 1.0)
+    wq, hq = np.maximum(1, np.round(w * UNITS)), np.maximum(1, np.round(h * UNITS))
+    cx = rng.uniform(wq / 2, UNITS - wq / 2)
+    cy = rng.uniform(hq / 2, UNITS - hq / 2)
+    flip = rng.random(n) < 0.5 if augment.hflip else np.zeros(n, bool)
+    angle = rng.uniform(-augment.rotate, augment.rotate, n) if augment.rotate else np.zeros(n)
+    out[:, 0], out[:, 1] = np.round(cx), np.round(cy)
+    out[:, 2], out[:, 3] = wq, hq
+    out[:, 4] = flip
+    out[:, 5] = np.clip(np.round(angle * 2), -127, 127) + 128
     return out
 
 
