@@ -4,8 +4,9 @@ long as it is given (hours for 100 faults on 2 cores).
 
 Each run is a workflow (`clf`: digits with an S3 root; `search`: a 4-trial search; `lm`: a tiny causal LM)
 started as a user starts it (`kdflow run`, joining the cluster through RAY_ADDRESS, as inside a Ray job), with
-its own store prefix so that every stage happens for real. During it, `--per-run` faults fire at times drawn
-from the seed, each one of:
+its own store prefix so that every stage happens for real. During it, `--per-run` faults fire, each aimed by
+the seed at a stage where it can hit (a worker kill where workers work, the rest anywhere) and a delay after
+the stage starts, each one of:
 
   train_worker   SIGKILL a training worker (a warm TrialWorker or a Ray Train worker)
   precompute     SIGKILL a worker computing soft-target shards (a TrialWorker shard call or a shard task)
@@ -62,16 +63,24 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
                "faults": FAULTS, "deterministic": False},
     "lm": {"file": "workflows/lm-stdlib.yaml",
            "sets": {"data.corpus.max_bytes": 60000, "teacher.train.epochs": 2, "train.epochs": 2,
-                    "soft_targets.shards": 4, "baseline": False},
+                    "soft_targets.shards": 4, "distill.baseline": False},
            "faults": FAULTS[:2] + FAULTS[3:], "deterministic": False},
 }
+
+
+STAGES = ("data", "tracking", "teacher", "soft targets", "student", "search", "evaluate", "register")
+# where each fault is aimed: a worker kill where workers work, the services and the node anywhere
+AIM = {"train_worker": ("teacher", "student", "search"), "precompute": ("soft targets",), "slot": ("search",),
+       "node": STAGES[2:], "driver": STAGES, "mlflow": STAGES, "s3": STAGES}
 
 
 @dataclass
 class Fault:
     kind: str
-    at_s: float
-    stage: str = "-"
+    aim: str  # the stage it fires in, `delay_s` after the stage starts (if the stage lasts that long)
+    delay_s: float
+    stage: str = "-"  # where it fired ("-": the run never reached it)
+    at_s: float = 0.0
     hit: str = ""  # what it killed or cut ("" = nothing to kill at that moment)
 
 
@@ -171,6 +180,8 @@ class Soak:
         w = WORKFLOWS[run.workflow]
         sets = {**w["sets"], "storage.root": f"s3://soak/{run.workflow}-{run.n}", "tracking.uri":
                 self.services.mlflow_uri, "name": f"soak-{run.workflow}", "registry.model": f"soak-{run.workflow}"}
+        if run.workflow == "search":  # a multi-node cluster needs a study store the head keeps
+            sets["search.storage"] = f"journal://{self.root / f'search-{run.n}.journal'}"
         args = [str(BIN / "kdflow"), "run", str(REPO / w["file"]), "--json"]
         for k, v in sets.items():
             args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
@@ -191,14 +202,20 @@ class Soak:
             out_holder: list[str] = []
             reader = threading.Thread(target=lambda: out_holder.append(proc.stdout.read()), daemon=True)
             reader.start()
-            pending = sorted(faults, key=lambda f: f.at_s)
+            pending = list(faults)
             killed = False
-            while proc.poll() is None:
-                if pending and time.monotonic() - t0 >= pending[0].at_s:
-                    fault = pending.pop(0)
-                    fault.stage = current_stage(log.read_text(errors="replace"))
-                    killed |= self.fire(fault, proc)
-                time.sleep(0.2)
+            entered: dict[str, float] = {}
+            while proc.poll() is None and not killed:
+                stage = current_stage(log.read_text(errors="replace"))
+                entered.setdefault(stage, time.monotonic())
+                for fault in [f for f in pending if f.aim == stage]:
+                    if time.monotonic() - entered[stage] >= fault.delay_s:
+                        pending.remove(fault)
+                        fault.stage, fault.at_s = stage, time.monotonic() - t0
+                        killed |= self.fire(fault, proc)
+                        if killed:
+                            break
+                time.sleep(0.1)
             reader.join(timeout=30)
         return (None if killed else proc.returncode), "".join(out_holder), log.read_text(errors="replace")
 
@@ -216,6 +233,7 @@ class Soak:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             fault.hit = "driver"
+            say_fault(fault)
             return True
         elif fault.kind == "mlflow":
             self.services.kill_mlflow(down)
@@ -223,8 +241,7 @@ class Soak:
         elif fault.kind == "s3":
             self.services.s3.away_for(down)
             fault.hit = f"endpoint, {down:.0f} s"
-        print(f"  fault {fault.kind} at {fault.at_s:.0f} s ({fault.stage}): {fault.hit or 'nothing to hit'}",
-              file=sys.stderr, flush=True)
+        say_fault(fault)
         return False
 
     def run_one(self, run: Run, faults: list[Fault]) -> None:
@@ -265,7 +282,7 @@ class Soak:
             if len(mine) != 1:
                 run.problems.append(f"registry: {len(mine)} versions from run {reg['run_id']}")
             metrics = client.get_run(reg["run_id"]).data.metrics
-            if "test_accuracy" not in metrics and "test_perplexity" not in metrics and "test_loss" not in metrics:
+            if not {"test_accuracy", "perplexity"} & set(metrics):  # the test split's headline, either kind
                 run.problems.append(f"mlflow: metrics missing ({sorted(metrics)[:8]})")
         base = self.baselines.get(run.workflow)
         if base is not None and WORKFLOWS[run.workflow]["deterministic"]:
@@ -307,11 +324,10 @@ class Soak:
         while injected < a.faults and time.monotonic() < deadline:
             n += 1
             w = a.workflows[(n - 1) % len(a.workflows)]
-            took = self.runs_seconds(w)
-            faults = [Fault(self.rng.choice(WORKFLOWS[w]["faults"]), self.rng.uniform(2, took * 0.9))
-                      for _ in range(min(a.per_run, a.faults - injected))]
+            kinds = [self.rng.choice(WORKFLOWS[w]["faults"]) for _ in range(min(a.per_run, a.faults - injected))]
+            faults = [Fault(k, self.rng.choice(AIM[k]), self.rng.uniform(0.2, 3.0)) for k in kinds]
             run = Run(n=n, workflow=w)
-            print(f"run {n} ({w}): faults {[f'{f.kind}@{f.at_s:.0f}s' for f in faults]}", file=sys.stderr,
+            print(f"run {n} ({w}): faults {[f'{f.kind}@{f.aim}+{f.delay_s:.1f}s' for f in faults]}", file=sys.stderr,
                   flush=True)
             self.run_one(run, faults)
             injected += len(run.faults)
@@ -323,14 +339,20 @@ class Soak:
         if a.out:
             Path(a.out).write_text(report)
 
-    def runs_seconds(self, workflow: str) -> float:
-        done = [r.seconds for r in self.runs if r.workflow == workflow and r.finished]
-        return max(done[-1] if done else 60.0, 20.0)
+
+def say_fault(fault: Fault) -> None:
+    print(f"  fault {fault.kind} at {fault.at_s:.0f} s ({fault.stage}): {fault.hit or 'nothing to hit'}",
+          file=sys.stderr, flush=True)
 
 
 def current_stage(stderr: str) -> str:
-    stages = re.findall(r"▶ ([a-z][a-z ]*?)(?: [A-Za-z0-9{:/.\[]|$)", stderr, flags=re.MULTILINE)
-    return stages[-1].strip() if stages else "setup"
+    """The stage the run is in: the last "▶ NAME ..." line's NAME, one of STAGES (or the other, e.g. "ray")."""
+    for line in reversed(re.findall(r"▶ ([^\n]*)", stderr)):
+        for name in sorted(STAGES, key=len, reverse=True):
+            if line.startswith(name):
+                return name
+        return line.split(" ")[0]
+    return "setup"
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

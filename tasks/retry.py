@@ -89,27 +89,41 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
+class Patience:
+    """One outage's waiting: each failure either waits (saying so) or gives up with the UserError; the
+    attempts start again after progress (`reset`)."""
+
+    def __init__(self, service: str, retries: Retries, transient: Callable[[BaseException], bool],
+                 where: str | None) -> None:
+        self.service, self.retries, self.transient, self.where = service, retries, transient, where
+        self.reset()
+
+    def reset(self) -> None:
+        self.waits, self.attempt = self.retries.waits(), 1
+
+    def wait_or_give_up(self, exc: Exception, note: str = "") -> None:
+        """Re-raise `exc` if it is not an outage; raise the UserError if the attempts are spent; else wait."""
+        if isinstance(exc, UserError) or not self.transient(exc):
+            raise exc
+        wait = next(self.waits, None)
+        if wait is None:
+            raise UserError(f"{self.service} unreachable after {self.attempt} attempts over "
+                            f"{self.retries.patience_s:.0f} s: {short(exc)}", where=self.where) from None
+        self.attempt += 1
+        say(f"{self.service} unreachable, retrying {self.attempt}/{self.retries.attempts} in {wait:.1f} s{note}")
+        time.sleep(wait)
+
+
 def retried(call: Callable[[], T], *, service: str, retries: Retries,
             transient: Callable[[BaseException], bool] = is_outage, where: str | None = None) -> T:
     """`call()`, retried while it fails with an outage; after the last attempt a UserError naming the
     service (and `where`, the key that configures it). Other errors pass through untouched."""
-    waits = retries.waits()
-    attempt = 1
+    patience = Patience(service, retries, transient, where)
     while True:
         try:
             return call()
-        except UserError:
-            raise
-        except Exception as exc:
-            if not transient(exc):
-                raise
-            wait = next(waits, None)
-            if wait is None:
-                raise UserError(f"{service} unreachable after {attempt} attempts over "
-                                f"{retries.patience_s:.0f} s: {short(exc)}", where=where) from None
-            attempt += 1
-            say(f"{service} unreachable, retrying {attempt}/{retries.attempts} in {wait:.1f} s")
-            time.sleep(wait)
+        except Exception as exc:  # noqa: BLE001 - sorted by wait_or_give_up: outage or re-raised
+            patience.wait_or_give_up(exc)
 
 
 def short(exc: BaseException) -> str:
@@ -125,25 +139,13 @@ def retried_stream(open_from: Callable[[int], Iterator[T]], *, service: str, ret
     twice). The attempts count from the last item that came through: a long read that is cut several
     times, each after progress, is not given up on."""
     given = 0
-    waits = retries.waits()
-    attempt = 1
+    patience = Patience(service, retries, transient, where)
     while True:
         try:
             for item in open_from(given):
                 yield item
                 given += 1
-                waits, attempt = retries.waits(), 1
+                patience.reset()
             return
-        except UserError:
-            raise
-        except Exception as exc:
-            if not transient(exc):
-                raise
-            wait = next(waits, None)
-            if wait is None:
-                raise UserError(f"{service} unreachable after {attempt} attempts over "
-                                f"{retries.patience_s:.0f} s: {short(exc)}", where=where) from None
-            attempt += 1
-            say(f"{service} unreachable, retrying {attempt}/{retries.attempts} in {wait:.1f} s "
-                f"(from item {given})")
-            time.sleep(wait)
+        except Exception as exc:  # noqa: BLE001 - sorted by wait_or_give_up: outage or re-raised
+            patience.wait_or_give_up(exc, f" (from item {given})")

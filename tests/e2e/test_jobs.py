@@ -39,7 +39,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # --block in its own process group: teardown stops this head alone (`ray stop` would end every Ray
     # on the machine, the test session's own included)
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports, "--num-cpus=8",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports, "--num-cpus=4",
                              f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
