@@ -59,6 +59,20 @@ class Registry:
         return fn
 
 
+def classifier_head(first: list[nn.Module], inputs: int, hidden: int, dropout: float,
+                    num_classes: int) -> nn.Sequential:
+    """`first` (pooling, flattening), then an optional hidden layer and dropout, then the class logits: the
+    head the built-in convolutional families share (its module order is their state_dict's keys)."""
+    head = list(first)
+    if hidden:
+        head += [nn.Linear(inputs, hidden), nn.ReLU()]
+        inputs = hidden
+    if dropout:
+        head.append(nn.Dropout(dropout))
+    head.append(nn.Linear(inputs, num_classes))
+    return nn.Sequential(*head)
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

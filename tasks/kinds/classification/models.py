@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
-from tasks.models import Registry
+from tasks.models import Registry, classifier_head
 
 MODELS = Registry("model")
 register_model = MODELS.register
@@ -58,14 +58,7 @@ class CNN1d(nn.Module):
         self.features = nn.Sequential(*convs)
         with torch.no_grad():
             flat = self.features(torch.zeros(1, 1, num_features)).numel()
-        head: list[nn.Module] = [nn.Flatten()]
-        if hidden:
-            head += [nn.Linear(flat, hidden), nn.ReLU()]
-            flat = hidden
-        if dropout:
-            head.append(nn.Dropout(dropout))
-        head.append(nn.Linear(flat, num_classes))
-        self.head = nn.Sequential(*head)
+        self.head = classifier_head([nn.Flatten()], flat, hidden, dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.unsqueeze(1)))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
-from tasks.models import Registry
+from tasks.models import Registry, classifier_head
 
 MODELS = Registry("image model")
 register_model = MODELS.register
@@ -60,15 +60,8 @@ class CNN(nn.Module):
                 h, w = h // 2, w // 2
             prev = c
         self.features = nn.Sequential(*layers)
-        head: list[nn.Module] = [nn.AdaptiveAvgPool2d(2), nn.Flatten()]  # a 2x2 grid keeps where strokes are
-        prev *= 4
-        if hidden:
-            head += [nn.Linear(prev, hidden), nn.ReLU()]
-            prev = hidden
-        if dropout:
-            head.append(nn.Dropout(dropout))
-        head.append(nn.Linear(prev, num_classes))
-        self.head = nn.Sequential(*head)
+        # pooled to a 2x2 grid, which keeps where the strokes are
+        self.head = classifier_head([nn.AdaptiveAvgPool2d(2), nn.Flatten()], prev * 4, hidden, dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
