@@ -60,16 +60,16 @@ def users(workdir: Path, teacher: Path) -> dict[str, Path]:
     """Five users' workflows in one folder: ana and ben share a store root, cat and dan one search study
     (search.study on a shared journal), eve's job runs long enough to be stopped."""
     shared = workdir / "shared"
-    tiny = {"train.epochs": 2, "teacher.train.epochs": 3}
+    # a teacher checkpoint each (no teacher training): the jobs' own stages, not a teacher's, are the test
     ready = {"train.epochs": 2, "teacher": {"model": "mlp", "params": {"hidden": [64]}, "checkpoint": str(teacher)}}
     study = {"trials": 3, "concurrency": 1, "pruner": "none", "study": "team-search",
              "storage": f"journal://{shared / 'team.journal'}", "space": SPACE}
     specs = {
-        "ana": {**tiny, "storage.root": str(shared)},
-        "ben": {**tiny, "storage.root": str(shared), "distill.alpha": 0.5},
+        "ana": {**ready, "storage.root": str(shared)},
+        "ben": {**ready, "storage.root": str(shared), "distill.alpha": 0.5},
         "cat": {**ready, "storage.root": str(workdir / "cat"), "search": study},
         "dan": {**ready, "storage.root": str(workdir / "dan"), "search": study},
-        "eve": {"storage.root": str(workdir / "eve"), "train.epochs": 2000},
+        "eve": {**ready, "storage.root": str(workdir / "eve"), "train.epochs": 2000},
     }
     paths = {}
     for user, spec in specs.items():
