@@ -115,6 +115,7 @@ class Services:
         self.mlflow_port = free_port()
         self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
         self.mlflow: subprocess.Popen | None = None
+        self.restarting = threading.Event()
         self.start_mlflow()
         (root / "cluster").mkdir()
         self.cluster = TwoNodes(root / "cluster", cpus=4).start()
@@ -130,12 +131,24 @@ class Services:
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         wait_for_http(f"{self.mlflow_uri}/health", timeout=300, proc=self.mlflow)
 
-    def kill_mlflow(self, down_s: float) -> None:
+    def kill_mlflow(self, down_s: float) -> bool:
+        """Kill the server and start it again after `down_s`; False when it is still coming back from the
+        last kill (nothing to hit: a second kill then would leave it down for good)."""
+        if self.restarting.is_set():
+            return False
         assert self.mlflow is not None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.mlflow.pid, signal.SIGKILL)
         self.mlflow.wait()
-        threading.Thread(target=lambda: (time.sleep(down_s), self.start_mlflow()), daemon=True).start()
+        self.restarting.set()
+
+        def restart() -> None:
+            time.sleep(down_s)
+            self.start_mlflow()
+            self.restarting.clear()
+
+        threading.Thread(target=restart, daemon=True).start()
+        return True
 
     def stop(self) -> None:
         self.cluster.stop()
@@ -236,8 +249,7 @@ class Soak:
             say_fault(fault)
             return True
         elif fault.kind == "mlflow":
-            self.services.kill_mlflow(down)
-            fault.hit = f"server, {down:.0f} s"
+            fault.hit = f"server, {down:.0f} s" if self.services.kill_mlflow(down) else ""
         elif fault.kind == "s3":
             self.services.s3.away_for(down)
             fault.hit = f"endpoint, {down:.0f} s"
