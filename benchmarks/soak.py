@@ -415,6 +415,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the soak's folder (logs, stores)")
     args = ap.parse_args()
+    # stopped with SIGTERM (kill, timeout): still stop the cluster and the servers it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     soak = Soak(args)
     try:
         soak.main()
