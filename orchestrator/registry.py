@@ -245,10 +245,15 @@ def registered_version(client: Any, name: str, model_uri: str, run_id: str, tags
     deleted, so a run never leaves two versions."""
     import mlflow
 
+    from orchestrator.mlflow_http import outage
+
     def mine() -> list[int]:
         try:
             found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        except mlflow.exceptions.MlflowException:  # no such registered model yet
+        except mlflow.exceptions.MlflowException as exc:  # no such registered model yet, or no server
+            gone = outage(exc, mlflow.get_tracking_uri())
+            if gone is not None:
+                raise gone from None
             return []
         return sorted(int(v.version) for v in found)
 
@@ -257,8 +262,9 @@ def registered_version(client: Any, name: str, model_uri: str, run_id: str, tags
         try:
             with no_mlflow_eprint():
                 mlflow.register_model(model_uri, name, tags=tags)
-        except mlflow.exceptions.MlflowException as exc:
-            raise UserError(f"cannot register {name!r}: {exc.message}", where="registry.model") from None
+        except mlflow.exceptions.MlflowException as exc:  # the server gone is not the model name's fault
+            raise outage(exc, mlflow.get_tracking_uri()) or UserError(
+                f"cannot register {name!r}: {exc.message}", where="registry.model") from None
         versions = mine()
     for extra in versions[1:]:
         client.delete_model_version(name, str(extra))
