@@ -59,6 +59,19 @@ class Registry:
         return fn
 
 
+def call_factory(fn: Callable[..., Any], name: str, params: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    """`fn(**kwargs)`, a model family's or a user's factory; its mistakes exit 2 naming `name` and its params."""
+    try:
+        model = fn(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{name}: bad params {sorted(params)}: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def classifier_head(first: list[nn.Module], inputs: int, hidden: int, dropout: float,
                     num_classes: int) -> nn.Sequential:
     """`first` (pooling, flattening), then an optional hidden layer and dropout, then the class logits: the

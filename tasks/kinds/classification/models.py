@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
-from tasks.models import Registry, classifier_head
+from tasks.models import Registry, call_factory, classifier_head
 
 MODELS = Registry("model")
 register_model = MODELS.register
@@ -121,14 +121,7 @@ def build_model(name: str, params: dict[str, Any], num_features: int, num_classe
     for k, v in (("num_features", num_features), ("num_classes", num_classes)):
         if k in sig.parameters or accepts_any:
             kwargs.setdefault(k, v)
-    try:
-        model = fn(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"{name}: bad params {sorted(params)}: {exc}") from None
-    except ValueError as exc:
-        raise UserError(f"{name}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    model = call_factory(fn, name, params, kwargs)
     check_output_shape(model, name, num_features, num_classes)
     return model
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
-from tasks.models import Registry, classifier_head
+from tasks.models import Registry, call_factory, classifier_head
 
 MODELS = Registry("image model")
 register_model = MODELS.register
@@ -143,14 +143,7 @@ def build_net(name: str, params: Mapping[str, Any], dims: Mapping[str, Any]) -> 
     for k, dim in SHAPE_ARGS.items():
         if k in sig.parameters or accepts_any:
             kwargs.setdefault(k, int(dims[dim]))
-    try:
-        net = fn(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"{name}: bad params {sorted(params)}: {exc}") from None
-    except ValueError as exc:
-        raise UserError(f"{name}: {exc}") from None
-    if not isinstance(net, nn.Module):
-        raise UserError(f"{name} returned {type(net).__name__}, not a torch.nn.Module")
+    net = call_factory(fn, name, params, kwargs)
     return net
 
 
