@@ -42,16 +42,18 @@ def run_watched(wf: Path, cwd: Path, on_line: dict[str, Callable[[], object]], *
             for prefix in [p for p in on_line if p in line]:  # a Ray worker's line can share the line
                 on_line.pop(prefix)()
 
+    # The watcher is stderr's only reader: `communicate()` would read the same pipe and take lines from it.
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    out, _ = proc.communicate(timeout=600)
-    watcher.join(timeout=10)
+    out = proc.stdout.read()
+    proc.wait(timeout=600)
+    watcher.join(timeout=30)
     result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     return proc.returncode, result, "".join(lines)
 
 
-# The end of the student's fit, by whichever of its lines shows first: on a busy machine a stage line can
-# go missing from stderr, and a worker's epoch line can arrive after the run has moved on.
+# The end of the student's fit, by whichever of its lines shows first: a worker's epoch line can arrive after
+# the run has moved on.
 AFTER_STUDENT = ("[student] epoch 1/1", "[student] epoch 2/2", "✓ student", "▶ evaluate", "student 0.", "▶ register")
 
 
