@@ -212,7 +212,7 @@ def train_stage(storage: Any, manifest: dict, task: Any, student_spec: Any, loss
         checkpoint_interval_s=3600.0, epoch_hook=None,
         resources=Resources(workers=1, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0, max_failures=0,
                             placement="pack", torch_threads=threads), hold_share_bytes=hold,
-        online_teacher=None)
+        online_teacher=None, after_epochs=None)
     return fit(config, storage=storage, run_name=f"bench-lm-{time.time_ns()}")
 
 

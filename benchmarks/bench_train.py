@@ -224,7 +224,7 @@ def kdflow_config(storage: Storage, manifest: dict[str, Any], workers: int, **ex
                        val=ShardSource(storage, manifest, "val"), checkpoint_every=None, checkpoint_interval_s=30.0,
                        resources=Resources(workers=workers, use_gpu=False, cpus_per_worker=1.0, gpus_per_worker=0.0,
                                            max_failures=0, placement="pack", torch_threads=None), epoch_hook=None,
-                       hold_share_bytes=2**30, online_teacher=None)
+                       hold_share_bytes=2**30, online_teacher=None, after_epochs=None)
     return dataclasses.replace(config, **extra)
 
 

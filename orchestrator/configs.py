@@ -98,7 +98,7 @@ def teacher_fit_config(spec: Workflow, t: TeacherSpec, data: Dataset) -> FitConf
         loss=None, data=train, val=val,
         early_stopping=None, checkpoint_every=spec.train.checkpoint_every,
         checkpoint_interval_s=spec.train.checkpoint_interval_s, resources=_resources(spec.train), epoch_hook=None,
-        hold_share_bytes=int(spec.train.hold_share_mb * 2**20), online_teacher=None)
+        hold_share_bytes=int(spec.train.hold_share_mb * 2**20), online_teacher=None, after_epochs=None)
 
 
 def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storage,
@@ -116,7 +116,8 @@ def student_fit_config(spec: Workflow, manifest: dict[str, Any], storage: Storag
         early_stopping=EarlyStopping(es.metric, es.patience, es.direction == "max") if es else None,
         checkpoint_every=spec.train.checkpoint_every, checkpoint_interval_s=spec.train.checkpoint_interval_s,
         resources=_resources(spec.train, concurrent), epoch_hook=epoch_hook,
-        hold_share_bytes=int(spec.train.hold_share_mb * 2**20), online_teacher=online_teacher(spec, manifest, storage))
+        hold_share_bytes=int(spec.train.hold_share_mb * 2**20), online_teacher=online_teacher(spec, manifest, storage),
+        after_epochs=kind.after_epochs(spec, manifest))
 
 
 def online_teacher(spec: Workflow, manifest: dict[str, Any], storage: Storage) -> OnlineTeacher | None:

@@ -46,6 +46,8 @@ def train_variants(chosen: Workflow, manifest: dict[str, Any], storage: Storage,
         with progress.stage(v.name, f"{chosen.student.model} {chosen.student.params} {v.detail}"):
             cfg = dataclasses.replace(student_fit_config(chosen, manifest, storage, None), loss=v.loss,
                                       log_prefix=v.name)
+            if cfg.after_epochs is not None:  # a variant is the offline objective alone: no stage after the epochs
+                cfg = dataclasses.replace(cfg, after_epochs=None, online_teacher=None)
             result = run_fit(cfg, storage, f"{v.name}-{run_id}", slot=slot).result
             log_history(result.history, prefix=f"{v.name}_")
             out[v.name] = stages.student_model(chosen, manifest, result)

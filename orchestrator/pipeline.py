@@ -140,12 +140,14 @@ def run_stages(spec: Workflow, started: Started, source: str | None) -> dict[str
         for slot in slots[1:]:  # a search's other slots are done; the run's own actor may train variants
             slot.close()
         log_history(chosen.fit.history)
+        after = tracking.log_after_epochs(chosen.fit.after, functools.partial(spec.kind.render_ids, data))
         if chosen.fit.nodes:  # the Ray node of each rank: where the student's workers ran
             mlflow.set_tag("kdflow.student.nodes", ",".join(chosen.fit.nodes))
         student, teacher, registration = finish(spec, chosen, data, teachers, manifest, storage, run_id, source, warm)
         warm_info = warm.info() if warm is not None else None
     return {"teacher": teacher, "soft_targets": soft_targets_result(spec, manifest, precompute, storage),
             "search": chosen.search, "student": student, "registry": registration,
+            **({"after_epochs": after} if after else {}),
             # the run's warm actor (pid, fits, shards, workers replaced); None when its stages ran on Ray Train
             "warm": warm_info, "mlflow": {"tracking_uri": started.uri, "experiment": spec.experiment, "run_id": run_id}}
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -181,3 +183,23 @@ def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
     for h in history:
         step = int(h["epoch"])
         mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in h.items() if k != "epoch"}, step=step)
+
+
+def log_after_epochs(records: list[dict[str, Any]], render: Callable[[list[int]], str]) -> list[dict[str, float]]:
+    """The records of a kind's stage after the epochs (on-policy distillation's refreshes) on the active MLflow
+    run: their numbers as metrics at their `step`, their `samples` as one table (token ids rendered as text by
+    `render`), so a user sees the student's answers change; returns the numbers (the result's section)."""
+    import mlflow
+
+    numbers, rows = [], []
+    for r in records:
+        step = int(r["step"])
+        values = {k: float(v) for k, v in r.items()
+                  if k not in ("step", "samples") and isinstance(v, int | float) and not math.isnan(v)}
+        mlflow.log_metrics(values, step=step)
+        numbers.append({"step": step, **values})
+        rows += [{"step": step, **{k: render(v) if isinstance(v, list) else v for k, v in s.items()}}
+                 for s in r.get("samples", [])]
+    if rows:
+        mlflow.log_table({k: [row.get(k) for row in rows] for k in rows[0]}, artifact_file="after_epochs_samples.json")
+    return numbers

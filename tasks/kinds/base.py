@@ -230,6 +230,23 @@ class TaskKind:
         very inputs each batch gives the student (`teacher_in_loop`)."""
         raise NotImplementedError(f"{self.name} has no online teacher")
 
+    def after_epochs(self, workflow: Any, manifest: Mapping[str, Any]) -> Any:
+        """A stage the student's workers run after the offline epochs with the in-loop teachers
+        (`teacher_in_loop`: on Ray actors of their own, not in the workers, when a stage takes them): a
+        picklable plan for `run_after_epochs`, or None (the default: no such stage). Causal LMs' on-policy
+        distillation is one (docs/on-policy.md)."""
+        return None
+
+    def run_after_epochs(self, worker: Any, plan: Any) -> list[dict[str, Any]]:
+        """Run `plan` on `worker` (tasks/train/loop.py's Worker: its model, optimizer, rows and FitConfig) and
+        return its records: each a `step` with numeric metrics logged at that step and optionally `samples`, rows
+        of a table of examples (`render_ids` turns token ids in them into text)."""
+        raise NotImplementedError(f"{self.name} has no stage after the epochs")
+
+    def render_ids(self, data: Dataset, ids: list[int]) -> str:
+        """Token ids of a record's samples as text, in the data's terms (default: as they are)."""
+        return str(ids)
+
     # ------------------------------------------------ objective
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor, teacher: Any, loss: LossConfig | None

@@ -93,3 +93,6 @@ class FitConfig:
     epoch_hook: Any  # the search's pruner (`hook.ask(epoch, metrics)() -> stop`, picklable; train.EpochHook), or None
     hold_share_bytes: int  # a worker holds its share when its stored rows take at most this; else it streams
     online_teacher: OnlineTeacher | None  # teachers run on each batch by the workers; None: targets are stored
+    # the kind's stage after the epochs (`TaskKind.after_epochs`: on-policy distillation), run with the online
+    # teachers on actors of its own; None: none
+    after_epochs: Any

@@ -65,6 +65,7 @@ class LoopState:
     checkpoints: int = 0  # checkpoints written before the final one
     checkpoint_s: float = 0.0  # seconds spent writing them
     nodes: list[str] = field(default_factory=list)  # the Ray node id of each rank: this worker group's
+    after: list[dict[str, Any]] = field(default_factory=list)  # the records of the kind's stage after the epochs
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> LoopState:
@@ -142,7 +143,7 @@ def setup_worker(cfg: FitConfig, session: Session | None = None) -> Worker:
     # an online teacher labels the held share's batches (a streamed share is not built for it yet)
     train_stream = None if cfg.online_teacher else stream.streamed(cfg.data, a, b, cfg.hold_share_bytes)
     share = cfg.kind.place(cfg.data.load(a, b), cfg.dims, device) if train_stream is None else None
-    if cfg.online_teacher is not None:
+    if cfg.online_teacher is not None and cfg.after_epochs is None:  # else the stage after the epochs takes them
         share = cfg.kind.with_teacher(share, online_teachers(cfg, device), cfg.online_teacher.rule, cfg.dims)
     val_rows, val_stream = None, None
     if cfg.val is not None:
@@ -336,6 +337,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if asked.early or epoch == cfg.epochs:  # nothing left to train while the answer travels
             with span("stop decision", epoch=epoch):
                 stopped = asked.answer(w)
+            if cfg.after_epochs is not None and stopped is None:
+                with span("after epochs"):
+                    after_epochs(w, state)
             finish(w, state, reporter, asked, stopped or StopReason.COMPLETED)
             break
         if epoch == 1 or time.monotonic() - last_log >= PROGRESS_EVERY_S:
@@ -348,6 +352,13 @@ def train_loop(config: dict[str, Any]) -> None:
             last_ckpt = time.monotonic()
     with span("reporter close"):
         reporter.close()
+
+
+def after_epochs(w: Worker, state: LoopState) -> None:
+    """The kind's stage after the offline epochs (on-policy distillation): it trains on, so the fit keeps its final
+    weights rather than the best epoch's."""
+    state.after = w.cfg.kind.run_after_epochs(w, w.cfg.after_epochs)
+    state.best_state = None
 
 
 def finish(w: Worker, state: LoopState, reporter: Reporter, last: Decision, stopped: StopReason) -> None:

@@ -31,6 +31,7 @@ class FitResult:
     checkpoints: int = 0  # checkpoints written before the final one
     checkpoint_s: float = 0.0  # seconds the loop spent on those
     nodes: list[str] = field(default_factory=list)  # the Ray node id of each rank (the last worker group)
+    after: list[dict[str, Any]] = field(default_factory=list)  # records of the kind's stage after the epochs
 
 
 def steady_samples_per_s(history: list[dict[str, float]]) -> float:
@@ -48,5 +49,5 @@ def fit_result(saved: dict[str, Any], metrics: dict[str, Any], workers: int) -> 
         resumed_from=saved["resumed_from"], best_epoch=saved["best_epoch"],
         samples_per_s=steady_samples_per_s(history), workers=int(metrics.get("world_size", workers)),
         checkpoints=int(saved.get("checkpoints", 0)), checkpoint_s=float(saved.get("checkpoint_s", 0.0)),
-        nodes=list(saved.get("nodes", [])),
+        nodes=list(saved.get("nodes", [])), after=list(saved.get("after", [])),
     )

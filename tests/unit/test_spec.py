@@ -54,7 +54,7 @@ def _model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     """Every dotted key a pydantic model accepts, nested models included (a list of models: its items)."""
     keys = set()
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"  # what a workflow file spells (distill.on_policy.lambda)
         keys.add(key)
         for arg in [field.annotation, *typing.get_args(field.annotation)]:
             for inner in [arg, *typing.get_args(arg)]:

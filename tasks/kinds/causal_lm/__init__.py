@@ -61,7 +61,11 @@ class CausalLM(TaskKind):
         from tasks.kinds.causal_lm.chat import template_hash
 
         template = getattr(data, "chat_template", None)
+        from tasks.kinds.causal_lm.data import EOS
+
+        eos = data.tokenizer.token_to_id(EOS) if hasattr(data.tokenizer, "token_to_id") else None
         return {"seq_len": data.seq_len, "vocab_size": data.vocab_size, "tokenizer_hash": data.tokenizer_hash,
+                "eos_id": 0 if eos is None else int(eos),
                 "chat_template": template_hash(template) if template else None,
                 "tokens": {k: int((v >= 0).sum()) for k, v in data.y.items()}}
 
@@ -120,6 +124,24 @@ class CausalLM(TaskKind):
 
         return LMShare(rows.x.long(), rows.y.long(), dict(rows.targets), int(dims["seq_len"]), int(dims["vocab_size"]),
                        device)
+
+    def teacher_in_loop(self, workflow: Any) -> bool:
+        """On-policy distillation needs the teachers while the student trains (on actors of their own)."""
+        return bool(workflow.distill.mode == "on_policy")
+
+    def after_epochs(self, workflow: Any, manifest: Mapping[str, Any]) -> Any:
+        from tasks.kinds.causal_lm.on_policy import plan_of
+
+        d = workflow.distill
+        return plan_of(d.on_policy, int(manifest.get("eos_id", 0))) if d.mode == "on_policy" else None
+
+    def run_after_epochs(self, worker: Any, plan: Any) -> list[dict[str, Any]]:
+        from tasks.kinds.causal_lm.on_policy import run_on_policy
+
+        return run_on_policy(worker, plan)
+
+    def render_ids(self, data: Any, ids: list[int]) -> str:
+        return str(data.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     # ------------------------------------------------ objective
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from tasks.kinds.base import KindSpec
 from tasks.sections import DataSpec, DistillSpec, ModelSpec, SoftTargetSpec, Strict, TeacherSpec
@@ -63,12 +63,48 @@ class CausalLMTeacher(TeacherSpec):
                                    "models:/NAME@ALIAS (its tokenizer must be the workflow's)")
 
 
+class OnPolicySpec(Strict):
+    """distill.on_policy (docs/on-policy.md): after the offline epochs, `steps` optimizer steps on the student's
+    own samples, graded token by token by the teacher (GKD's generalized JSD over the full vocabulary at every
+    sampled position; beta 1 is the reverse KL)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
+
+    steps: int = Field(50, ge=1, description="on-policy optimizer steps after the offline epochs")
+    lambda_: float = Field(1.0, ge=0, le=1, alias="lambda",
+                           description="GKD's lambda: the share of steps on the student's samples (the rest: offline "
+                                       "batches of stored targets)")
+    beta: float = Field(1.0, ge=0, le=1, description="generalized JSD weight: 1 reverse KL (mode seeking), 0 forward "
+                                                     "KL, between: JSD")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass of the sampling")
+    max_new_tokens: int = Field(16, ge=1, description="tokens the student writes per prompt, at most")
+    refresh_every: int = Field(1, ge=1, description="optimizer steps between rollouts from the newest weights")
+    lr: float | None = Field(None, gt=0, description="constant learning rate of the stage (default train.optimizer.lr)")
+    eval_prompts: int = Field(32, ge=1, description="held-out (val) prompts judged at every refresh")
+    generators: int = Field(1, ge=1, description="Ray actors generating with the student's newest weights")
+    teachers: int = Field(1, ge=1, description="Ray actors scoring the samples (each loads the teachers once)")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs per generator or teacher actor")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per generator or teacher actor (on a cluster)")
+
+
 class CausalLMDistill(DistillSpec):
     """`loss`: kl, reverse_kl, jsd, or 'package.module:function', called per token on the k + 1 bucket
     log-probabilities (the teacher's top-k and its tail) at T = 1 as fn(student [N, k+1], teacher [N, k+1],
     1.0) -> [N]; kdflow applies the temperature's T^2, alpha, the mask and the reduction."""
 
     baseline: bool = Field(False, description="also train the student on next-token CE alone (no KD), to compare")
+    mode: Literal["offline", "on_policy"] = Field(
+        "offline", description="on_policy: after the offline epochs, train on the student's own samples (on_policy)")
+    on_policy: OnPolicySpec | None = Field(None, description="the on-policy stage's settings (mode: on_policy)")
+
+    @model_validator(mode="after")
+    def _on_policy(self) -> CausalLMDistill:
+        if self.on_policy is not None and self.mode != "on_policy":
+            raise ValueError("on_policy: its settings are read with mode: on_policy only")
+        if self.mode == "on_policy" and self.on_policy is None:
+            self.on_policy = OnPolicySpec()
+        return self
 
     @classmethod
     def check_loss(cls, name: str) -> None:
