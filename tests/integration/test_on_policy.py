@@ -64,13 +64,14 @@ def test_generators_sample_with_the_newest_weights_and_a_killed_one_is_replaced(
 
 
 @pytest.mark.slow
-def test_a_tiny_on_policy_run_goes_end_to_end(ray_session: None, workdir: Path) -> None:
+def test_a_tiny_on_policy_run_goes_end_to_end(ray_session: None, mlflow_server: str, workdir: Path) -> None:
     from mlflow import MlflowClient
 
     from orchestrator.pipeline import run_workflow
     from orchestrator.spec import validate
 
     raw = {"name": "t-on-policy", "task": "causal_lm", "seed": 0, "storage": {"root": str(workdir / ".kdflow")},
+           "tracking": {"uri": mlflow_server, "experiment": "t-on-policy"},
            "data": {"source": "arithmetic-chat", "corpus": {"conversations": 60}, "split": {"val": 0.15, "test": 0.1},
                     "seq_len": 80, "tokenizer": {"vocab_size": 280}, "chat_template": TEMPLATE, "truncation": "drop"},
            "teacher": {"model": "llama", "params": {"layers": 1, "width": 32, "heads": 2, "ffn": 64},
