@@ -94,7 +94,7 @@ class EarlyStoppingSpec(Strict):
 
 
 class TrainSpec(Strict):
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(20, ge=0, description="0: none, where the kind trains in a stage after them alone (on-policy)")
     batch_size: int = Field(128, ge=1, description="rows per step on each worker (global: workers x this)")
     optimizer: OptimizerSpec = OptimizerSpec()
     workers: int = Field(1, ge=1)
@@ -370,6 +370,10 @@ class Workflow(Strict):
         if gates is not None and gates.beats_alias and kind.champion is None:
             raise ValueError(f"registry.promote.gates.beats_alias: not available for task {self.task} (gate on its "
                              f"metrics: {', '.join(kind.gate_metrics)})")
+        if self.train.epochs == 0 and (kind.after_epochs(self, {}) is None or self.search is not None):
+            raise ValueError("train.epochs: 0 trains nothing" + (" a search can judge (its trials are judged by their "
+                             "epochs)" if self.search is not None else "; at least 1 (or a stage after the epochs: "
+                             "distill.mode: on_policy for causal_lm)"))
         kind.check_workflow(self)
         return self
 

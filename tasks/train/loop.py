@@ -350,6 +350,10 @@ def train_loop(config: dict[str, Any]) -> None:
             with span("checkpoint", epoch=epoch):
                 checkpoint(w, state, reporter, metrics, StopReason.RUNNING)
             last_ckpt = time.monotonic()
+    if cfg.epochs == 0 and state.epoch == 0:  # the kind's stage alone (on-policy distillation instead of offline KD)
+        with span("after epochs"):
+            after_epochs(w, state)
+        checkpoint(w, state, reporter, {"epoch": 0}, StopReason.COMPLETED)
     with span("reporter close"):
         reporter.close()
 

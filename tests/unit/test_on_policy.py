@@ -90,4 +90,19 @@ def test_the_loss_is_the_per_token_reverse_kl_on_the_samples_and_pulls_towards_t
         opt.zero_grad()
         on_policy_loss(student, pairs, teacher_parts, beta=1.0, eos=0, device=torch.device("cpu")).backward()
         opt.step()
-    assert float(on_policy_loss(student, pairs, teacher_parts, 1.0, 0, torch.device("cpu"))) < before
+    assert float(on_policy_loss(student, pairs, teacher_parts, 1.0, 0, torch.device("cpu")).detach()) < before
+
+
+def test_no_offline_epochs_only_with_the_on_policy_stage() -> None:
+    raw = on_policy_workflow(steps=2)
+    raw["train"] = {"epochs": 0}
+    assert validate(raw).train.epochs == 0  # on-policy instead of offline KD
+    offline = lm_workflow(source="arithmetic-chat")
+    offline["train"] = {"epochs": 0}
+    with pytest.raises(UserError, match=r"train\.epochs: 0 trains nothing"):
+        validate(offline)
+    raw["search"] = {"trials": 2, "space": {"distill.on_policy.lambda": {"type": "float", "low": 0.1, "high": 1.0}}}
+    with pytest.raises(UserError, match=r"train\.epochs: 0 trains nothing a search can judge"):
+        validate(raw)
+    raw["train"] = {"epochs": 1}
+    assert validate(raw).search.space["distill.on_policy.lambda"].high == 1.0  # searched as any other key
