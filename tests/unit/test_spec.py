@@ -122,7 +122,8 @@ def test_example_workflows_validate(path: Path) -> None:
     ("distill.alpha", 1.5, "distill.alpha", "less than or equal to 1"),
     ("distill.alpha", -0.1, "distill.alpha", "greater than or equal to 0"),
     ("soft_targets.shards", 0, "soft_targets.shards", "greater than or equal to 1"),
-    ("train.epochs", 0, "train.epochs", "greater than or equal to 1"),
+    ("train.epochs", -1, "train.epochs", "greater than or equal to 0"),
+    ("train.epochs", 0, "train.epochs", "0 trains nothing"),  # 0 only with a stage after the epochs (on-policy)
     ("teacher.train.epochs", 0, "teacher.train.epochs", "greater than or equal to 1"),
     ("train.batch_size", "big", "train.batch_size", "integer"),
     ("distill.loss", "kld", "distill.loss", "unknown loss"),
@@ -143,7 +144,7 @@ def test_topk_format_needs_k() -> None:
 
 
 def test_all_errors_are_reported_at_once() -> None:
-    message = error_of(workflow(**{"distill.alpha": 2, "train.epochs": 0}))
+    message = error_of(workflow(**{"distill.alpha": 2, "train.epochs": -1}))
     assert "distill.alpha" in message and "train.epochs" in message
 
 
