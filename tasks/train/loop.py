@@ -339,7 +339,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 stopped = asked.answer(w)
             if cfg.after_epochs is not None and stopped is None:
                 with span("after epochs"):
-                    after_epochs(w, state)
+                    after_epochs(w, state, asked.metrics)
             finish(w, state, reporter, asked, stopped or StopReason.COMPLETED)
             break
         if epoch == 1 or time.monotonic() - last_log >= PROGRESS_EVERY_S:
@@ -351,18 +351,25 @@ def train_loop(config: dict[str, Any]) -> None:
                 checkpoint(w, state, reporter, metrics, StopReason.RUNNING)
             last_ckpt = time.monotonic()
     if cfg.epochs == 0 and state.epoch == 0:  # the kind's stage alone (on-policy distillation instead of offline KD)
+        metrics: dict[str, float] = {"epoch": 0}
         with span("after epochs"):
-            after_epochs(w, state)
-        checkpoint(w, state, reporter, {"epoch": 0}, StopReason.COMPLETED)
+            after_epochs(w, state, metrics)
+        checkpoint(w, state, reporter, metrics, StopReason.COMPLETED)
     with span("reporter close"):
         reporter.close()
 
 
-def after_epochs(w: Worker, state: LoopState) -> None:
+def after_epochs(w: Worker, state: LoopState, metrics: dict[str, float]) -> None:
     """The kind's stage after the offline epochs (on-policy distillation): it trains on, so the fit keeps its final
-    weights rather than the best epoch's."""
+    weights rather than the best epoch's, and the last epoch's val_* metrics (what a search judges a trial by, and
+    the last report) become those of the final weights."""
     state.after = w.cfg.kind.run_after_epochs(w, w.cfg.after_epochs)
     state.best_state = None
+    if w.val_rows is not None or w.val_stream is not None:
+        metrics.update(validate(w))
+    if state.history:
+        state.history[-1].update(metrics)
+        state.best_epoch = int(state.history[-1]["epoch"])
 
 
 def finish(w: Worker, state: LoopState, reporter: Reporter, last: Decision, stopped: StopReason) -> None:
