@@ -23,6 +23,30 @@ from tasks.splits import CARVE_VAL, SplitSource
 from tasks.storage import S3_ERRORS, Storage, describe_s3_error, filesystem_for
 
 
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits: features [1797, 64] as float32 (0-16) and labels as int64.
+
+    Read from the CSV that `sklearn.datasets.load_digits` reads, without importing scikit-learn (its import
+    with SciPy's takes ~2 s of every run that uses the built-in set); `load_digits` when the file is not
+    where it has always been.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise UserError("data.source: sklearn:digits needs scikit-learn installed (pip install scikit-learn)")
+    path = os.path.join(next(iter(spec.submodule_search_locations or [""])), "datasets", "data", "digits.csv.gz")
+    if not os.path.exists(path):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.data.astype(np.float32), d.target.astype(np.int64)
+    with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 @dataclass(kw_only=True)
 class Dataset:
     """A split dataset as the driver holds it: sizes, fingerprints and how to get the rows, never a kind's

@@ -133,3 +133,15 @@ def test_columns_keep_the_users_names_and_bad_values_name_their_column_and_row(t
     with pytest.raises(UserError, match="label column 'label' holds 1.5") as err:
         load_dataset(str(tmp_path / "t.parquet"))
     assert err.value.where == "label"
+
+
+def test_builtin_digits_read_from_sklearns_file_are_load_digits() -> None:
+    """kdflow reads the digits CSV itself (importing scikit-learn costs a run seconds): same values, same dtypes."""
+    from sklearn.datasets import load_digits
+
+    from tasks.dataset import sklearn_digits
+
+    x, y = sklearn_digits()
+    d = load_digits()
+    assert x.dtype == np.float32 and y.dtype == np.int64
+    assert np.array_equal(x, d.data.astype(np.float32)) and np.array_equal(y, d.target)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dataset import Dataset, Listed, list_parquet, list_source
+from tasks.dataset import Dataset, Listed, list_parquet, list_source, sklearn_digits
 from tasks.errors import UserError
 from tasks.pieces import (
     SPLIT_CODES,
@@ -89,10 +89,7 @@ class FeatureTable(Dataset):
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.data.astype(np.float32), d.target.astype(np.int64)
+    return sklearn_digits()
 
 
 def _mnist1d_args(seed: int, num_samples: int) -> Any:

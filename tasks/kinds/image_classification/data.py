@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dataset import Dataset, list_parquet, read_table
+from tasks.dataset import Dataset, list_parquet, read_table, sklearn_digits
 from tasks.errors import UserError
 from tasks.pieces import SPLIT_CODES, SPLIT_RULE, split_codes
 from tasks.splits import Layout, resolve
@@ -69,15 +69,14 @@ class Raw:
 
 def _digits() -> Raw:
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    d = load_digits()
+    features, labels = sklearn_digits()
     out = []
-    for img in d.images:  # 0-16 -> 0-255 greys
+    for img in features.reshape(-1, 8, 8):  # 0-16 -> 0-255 greys
         buf = io.BytesIO()
         Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8), mode="L").save(buf, format="PNG", compress_level=1)
         out.append(buf.getvalue())
-    return Raw(out, d.target.tolist(), [f"row {i}" for i in range(len(out))], "image")
+    return Raw(out, labels.tolist(), [f"row {i}" for i in range(len(out))], "image")
 
 
 def _image_bytes(col: Any, column: str) -> list[bytes | None]:
