@@ -5,6 +5,8 @@
     teachers/online/<weights digest>.pt                       a teacher an online student's workers rebuild
     checkpoints/<ray train run>/                              Ray Train checkpoints of a running fit
     search/<study>/trial-<n>.pt                               the best weights of each finished trial
+    rollouts/<key>.pt                                         on-policy rollouts + teacher scores (by weights,
+                                                              prompts, sampling, seed and teachers)
     mlartifacts/                                              MLflow artifacts (embedded tracking only)
 
 The sqlite files of the embedded MLflow and Optuna stores sit in the local state folder: the root
@@ -24,6 +26,7 @@ TEACHERS = "teachers"
 CHECKPOINTS = "checkpoints"
 SEARCH = "search"
 MLARTIFACTS = "mlartifacts"
+ROLLOUTS = "rollouts"
 LOCAL_STATE_FOR_S3 = ".kdflow"
 
 
@@ -38,6 +41,11 @@ def online_teacher_path(storage: Storage, digest: str) -> str:
 
 def checkpoints_path(storage: Storage, run: str = "") -> str:
     return storage.path(CHECKPOINTS, run)
+
+
+def rollouts_path(storage: Storage, key: str) -> str:
+    """One refresh's on-policy rollouts and the teacher's scores of them (tasks/kinds/causal_lm/on_policy.py)."""
+    return storage.path(ROLLOUTS, f"{key}.pt")
 
 
 def trial_weights_path(storage: Storage, study: str, number: int) -> str:

@@ -106,3 +106,33 @@ def test_no_offline_epochs_only_with_the_on_policy_stage() -> None:
         validate(raw)
     raw["train"] = {"epochs": 1}
     assert validate(raw).search.space["distill.on_policy.lambda"].high == 1.0  # searched as any other key
+
+
+def test_rollouts_are_stored_by_weights_prompts_sampling_and_teachers_and_reused(tmp_path) -> None:
+    from tasks.kinds.causal_lm.on_policy import Rollouts, rollout_key, stored_rollouts
+    from tasks.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    torch.manual_seed(0)
+    state = build_lm("llama", {"layers": 1, "width": 16, "heads": 2, "ffn": 32}, DIMS).state_dict()
+    s = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=4, eos=0)
+    key = rollout_key(state, [[1, 2]], s, 7, ["teachers/online/abc.pt"])
+    made = []
+
+    def make() -> Rollouts:
+        made.append(1)
+        return Rollouts(3, [([1, 2], [5, 0])], [torch.randn(2, 40)], 100.0, 200.0)
+
+    first, reused = stored_rollouts(storage, key, make)
+    again, reused_again = stored_rollouts(storage, key, make)
+    assert (reused, reused_again, len(made)) == (False, True, 1)  # generated and scored once
+    assert again.pairs == first.pairs and again.version == 3 and torch.equal(again.teacher[0], first.teacher[0])
+    # anything the rollouts depend on changes the key: the weights, the prompts, the sampling, the seed, the teachers
+    changed = {k: v.clone() for k, v in state.items()}
+    next(iter(changed.values())).view(-1)[0] += 1e-3
+    others = [rollout_key(changed, [[1, 2]], s, 7, ["teachers/online/abc.pt"]),
+              rollout_key(state, [[1, 3]], s, 7, ["teachers/online/abc.pt"]),
+              rollout_key(state, [[1, 2]], Sampling(0.5, 1.0, 4, 0), 7, ["teachers/online/abc.pt"]),
+              rollout_key(state, [[1, 2]], s, 8, ["teachers/online/abc.pt"]),
+              rollout_key(state, [[1, 2]], s, 7, ["teachers/online/def.pt"])]
+    assert len({key, *others}) == 6

@@ -20,7 +20,11 @@ A generator or teacher actor that dies is replaced and its batch redone (tasks/a
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +63,14 @@ class OnPolicyPlan:
     actor_cpus: float
     actor_gpus: float
     sampling: Sampling
+    keep_rollouts: bool
 
 
 def plan_of(on_policy: Any, eos: int) -> OnPolicyPlan:
     p = on_policy
     return OnPolicyPlan(p.steps, p.lambda_, p.beta, p.refresh_every, p.lr, p.eval_prompts, p.generators, p.teachers,
-                        p.actor_cpus, p.actor_gpus, Sampling(p.temperature, p.top_p, p.max_new_tokens, eos))
+                        p.actor_cpus, p.actor_gpus, Sampling(p.temperature, p.top_p, p.max_new_tokens, eos),
+                        p.keep_rollouts)
 
 
 # ---------------------------------------------------------------- prompts
@@ -232,6 +238,38 @@ class Pools:
         self.teach.close()
 
 
+# ---------------------------------------------------------------- stored rollouts
+
+
+def rollout_key(state: dict[str, Tensor], prompts: list[list[int]], s: Sampling, seed: int,
+                teachers: list[str]) -> str:
+    """What a refresh's rollouts and scores are a function of: the student's weights (their bytes), the prompts,
+    the sampling settings and seed, and the teachers (their stored files, named by their weights' digest)."""
+    h = hashlib.sha256(b"on-policy-rollouts-v1")
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps([prompts, dataclasses.asdict(s), seed, sorted(teachers)]).encode())
+    return h.hexdigest()[:32]
+
+
+def stored_rollouts(storage: Any, key: str, make: Callable[[], Rollouts]) -> tuple[Rollouts, bool]:
+    """The rollouts stored under `key`, else `make()`'s, stored there; and whether they were reused."""
+    from tasks.layout import rollouts_path
+
+    path = rollouts_path(storage, key)
+    if storage.exists(path):
+        saved = storage.read_torch(path)
+        return Rollouts(saved["version"], saved["pairs"], list(saved["teacher"]), saved["gen_tokens_per_s"],
+                        saved["score_tokens_per_s"]), True
+    r = make()
+    storage.write_torch(path, {"version": r.version, "pairs": r.pairs, "teacher": r.teacher,
+                               "gen_tokens_per_s": r.gen_tokens_per_s, "score_tokens_per_s": r.score_tokens_per_s})
+    return r, False
+
+
 # ---------------------------------------------------------------- the student's side
 
 
@@ -268,11 +306,25 @@ def judge(model: nn.Module, r: Rollouts, refs: list[list[int]], eos: int, device
             "exact_match": float(np.mean(exact)) if exact else 0.0}
 
 
-def weights_ref(model: nn.Module) -> Any:
-    """The student's weights in Ray's object store (what generators load a new version from)."""
-    import ray
+@dataclass
+class Snapshot:
+    """The student's weights at one refresh (`version`: the optimizer step), on the CPU; put in Ray's object store
+    (what generators load a new version from) only when a generator needs them."""
 
-    return ray.put({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    version: int
+    state: dict[str, Tensor]
+    _ref: Any = None
+
+    @classmethod
+    def of(cls, model: nn.Module, version: int) -> Snapshot:
+        return cls(version, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+
+    def ref(self) -> Any:
+        if self._ref is None:
+            import ray
+
+            self._ref = ray.put(self.state)
+        return self._ref
 
 
 @dataclass
@@ -283,28 +335,46 @@ class Stage:
     plan: OnPolicyPlan
     prompts: list[Pair]
     held: list[Pair]
-    pools: Pools
     rng: np.random.Generator
-    records: list[dict[str, Any]]
-    losses: list[float]
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    pools: Pools | None = None  # started when a refresh's rollouts are not stored already
+    reused: int = 0  # refreshes' rollouts read back from storage
+
+    def rollouts(self, snap: Snapshot, prompts: list[list[int]], seed: int) -> Rollouts:
+        """Rollouts of `prompts` by the weights `snap` and the teacher's scores: stored ones when `keep_rollouts`
+        finds them, else generated and scored by the actor pools (and stored)."""
+        def make() -> Rollouts:
+            if self.pools is None:
+                self.pools = Pools(self.plan, self.w.cfg)
+            return self.pools.rollouts(snap.version, snap.ref(), prompts, self.plan.sampling, seed)
+
+        if not self.plan.keep_rollouts:
+            return make()
+        online = self.w.cfg.online_teacher
+        key = rollout_key(snap.state, prompts, self.plan.sampling, seed, list(online.paths))
+        r, reused = stored_rollouts(online.storage, key, make)
+        self.reused += int(reused)
+        return r
 
     def refresh(self, step: int) -> Rollouts:
         """New rollouts of training prompts from the newest weights; rank 0 judges held-out prompts with them."""
         w, plan = self.w, self.plan
-        state = weights_ref(w.core)
+        snap = Snapshot.of(w.core, step)
         picks = self.rng.choice(len(self.prompts), size=plan.refresh_every * w.cfg.batch_size)
         seed = w.cfg.seed * 1_000_003 + step * 101 + w.rank
-        batch = self.pools.rollouts(step, state, [self.prompts[i][0] for i in picks], plan.sampling, seed)
+        batch = self.rollouts(snap, [self.prompts[i][0] for i in picks], seed)
         if w.rank == 0 and self.held:
-            self.record(step, state, seed)
+            self.record(snap, seed)
         return batch
 
-    def record(self, step: int, state: Any, seed: int) -> None:
-        w = self.w
-        r = self.pools.rollouts(step, state, [p for p, _ in self.held], self.plan.sampling, seed + 7)
+    def record(self, snap: Snapshot, seed: int) -> None:
+        w, step = self.w, snap.version
+        r = self.rollouts(snap, [p for p, _ in self.held], seed + 7)
         m = judge(w.core, r, self.held, self.plan.sampling.eos, w.device)
         refs = {tuple(p): ref for p, ref in self.held}
         numbers = {**m, "gen_tokens_per_s": r.gen_tokens_per_s, "score_tokens_per_s": r.score_tokens_per_s,
+                   "rollouts_reused": float(self.reused),
                    **({"train_loss": float(np.mean(self.losses))} if self.losses else {})}
         rec: dict[str, Any] = {"step": step, "on_policy_weights_version": r.version,
                                **{f"on_policy_{k}": v for k, v in numbers.items()},
@@ -348,7 +418,7 @@ def run_on_policy(w: Any, plan: OnPolicyPlan) -> list[dict[str, Any]]:
     held = prompts_of(w.val_rows.x, w.val_rows.y, eos)[:plan.eval_prompts] if w.val_rows is not None else []
     for group in w.opt.param_groups:  # a constant rate: the offline schedule may have decayed to 0
         group["lr"] = plan.lr or w.cfg.optimizer.lr
-    stage = Stage(w, plan, prompts, held, Pools(plan, w.cfg), np.random.default_rng(w.cfg.seed + 17), [], [])
+    stage = Stage(w, plan, prompts, held, np.random.default_rng(w.cfg.seed + 17))
     try:
         batch = None
         for step in range(plan.steps):
@@ -357,7 +427,8 @@ def run_on_policy(w: Any, plan: OnPolicyPlan) -> list[dict[str, Any]]:
             assert batch is not None
             stage.step(batch, step % plan.refresh_every)
         if w.rank == 0 and held:
-            stage.record(plan.steps, weights_ref(w.core), w.cfg.seed + plan.steps)
+            stage.record(Snapshot.of(w.core, plan.steps), w.cfg.seed + plan.steps)
     finally:
-        stage.pools.close()
+        if stage.pools is not None:
+            stage.pools.close()
     return stage.records

@@ -86,6 +86,9 @@ class OnPolicySpec(Strict):
     teachers: int = Field(1, ge=1, description="Ray actors scoring the samples (each loads the teachers once)")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs per generator or teacher actor")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per generator or teacher actor (on a cluster)")
+    keep_rollouts: bool = Field(True, description="store each refresh's rollouts and teacher scores under the storage "
+                                                  "root, keyed by the weights, prompts, sampling and teachers: a "
+                                                  "rerun or a trial that reaches the same weights reuses them")
 
 
 class CausalLMDistill(DistillSpec):
