@@ -10,8 +10,8 @@ store entry of soft targets:
 (S: optimizer steps per epoch.) Each registered student is judged on the test split's prompts: exact match of
 its greedy answer with the reference, and the mean per-token reverse KL(student || teacher) over the
 vocabulary on its own samples (temperature 1), as the stage's tracking computes it; wall time is the run's.
-Then generation tokens/s of the stage's generator (`sample`: prompts batched by length, KV cache) against
-transformers' `generate` on the same prompts left-padded into one batch.
+Then generation tokens/s of the stage's generator (`sample`: one left-padded batch, KV cache, its answers cut
+at EOS) against a plain transformers `generate` on the same left-padded batch.
 
     .venv/bin/python benchmarks/bench_on_policy.py --conversations 600 --epochs 4 --teacher-epochs 8
 
@@ -57,7 +57,7 @@ def workflow(args: argparse.Namespace, root: Path, name: str, epochs: int, steps
     return raw
 
 
-def judge(result: dict[str, Any], root: Path, name: str) -> dict[str, float]:
+def judge(result: dict[str, Any], root: Path) -> dict[str, float]:
     """Greedy exact match on the test prompts, and the reverse KL to the teacher on the student's own samples."""
     from tasks.kinds.causal_lm.models import build_lm
     from tasks.kinds.causal_lm.on_policy import Sampling, completion_logits, prompts_of, sample
@@ -73,7 +73,9 @@ def judge(result: dict[str, Any], root: Path, name: str) -> dict[str, float]:
     eos = int(manifest.get("eos_id", 0))
     test = store.read(manifest, "test")
     held = prompts_of(test.x, test.y, eos)
-    student = build_lm(f"models:/bench-{name}/1", {}, dims).eval()
+    reg = result["registry"]
+    student = build_lm(f"models:/{reg['model']}/{reg['version']}", {}, dims).eval()
+    # written by the on-policy runs' teacher stage (the offline run is judged after them)
     saved = storage.read_torch(online_teacher_path(storage, manifest["teachers"][0]["digest"]))
     teacher = build_lm(saved["model"], saved["params"], dims)
     teacher.load_state_dict(saved["state_dict"])
@@ -94,7 +96,7 @@ def judge(result: dict[str, Any], root: Path, name: str) -> dict[str, float]:
 
 
 def generation_speed(student: Any, prompts: list[list[int]], eos: int, positions: int) -> dict[str, float]:
-    """The stage's `sample` (batched by prompt length, KV cache) against one left-padded transformers `generate`
+    """The stage's `sample` (one left-padded batch, KV cache) against a plain left-padded transformers `generate`
     on the same prompts, both at temperature 1 for the same number of new tokens (EOS never stops either)."""
     from tasks.kinds.causal_lm.on_policy import Sampling, sample
 
@@ -126,13 +128,15 @@ def main() -> None:
     ap.add_argument("--refresh-every", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--root", default=None, help="storage root to use (a previous run's: its teacher and targets reused)")
     args = ap.parse_args()
 
     from orchestrator.pipeline import run_workflow
     from orchestrator.spec import validate
 
-    root = Path(tempfile.mkdtemp(prefix="bench-on-policy-"))
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bench-on-policy-"))
     rows: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
     spe = None
     for name, epochs in (("offline", args.epochs), ("offline+op", args.epochs // 2), ("on-policy", 0)):
         steps = (args.epochs - epochs) * spe if spe else None  # the offline-only run's steps, all told
@@ -148,8 +152,10 @@ def main() -> None:
             spe = math.ceil(train_rows / 32)
         offline_steps = epochs * spe
         rows[name] = {"offline_steps": offline_steps, "on_policy_steps": steps or 0, "wall_s": round(wall, 1),
-                      "student_stage_s": result["stages"].get("student"),
-                      **judge(result, root, name.replace("+", "-"))}
+                      "student_stage_s": result["stages"].get("student")}
+        results[name] = result
+    for name, result in results.items():
+        rows[name].update(judge(result, root))
         print(f"{name}: {json.dumps({k: v for k, v in rows[name].items() if not k.startswith('_')})}",
               file=sys.stderr)
     last = rows["on-policy"]

@@ -88,6 +88,9 @@ def test_a_tiny_on_policy_run_goes_end_to_end(ray_session: None, mlflow_server: 
     assert all(r["on_policy_reverse_kl"] >= 0 and r["on_policy_teacher_nll"] > 0 for r in result["after_epochs"])
     assert [r["on_policy_weights_version"] for r in result["after_epochs"]] == [0, 2, 3]
     assert result["registry"]["version"] == 1
+    # each refresh's training rollouts (steps 0, 2) and held-out ones (0, 2, 3) stored with the teacher's scores
+    assert len(list((workdir / ".kdflow" / "rollouts").glob("*.pt"))) == 5
+    assert result["after_epochs"][-1]["on_policy_rollouts_reused"] == 0
     client = MlflowClient(result["mlflow"]["tracking_uri"])
     run_id = result["mlflow"]["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "on_policy_reverse_kl")] == [0, 2, 3]

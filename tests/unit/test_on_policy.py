@@ -48,7 +48,7 @@ def test_a_rows_prompt_ends_where_its_first_answer_begins() -> None:
     assert prompts_of(x, y, eos=0) == [([10, 11, 12], [13, 14, 0])]
 
 
-def test_generation_is_batched_by_length_and_stops_at_eos() -> None:
+def test_generation_is_batched_left_padded_and_stops_at_eos() -> None:
     torch.manual_seed(0)
     lm = build_lm("llama", {"layers": 1, "width": 16, "heads": 2, "ffn": 32}, DIMS).eval()
     prompts = [[1, 2, 3], [4, 5], [1, 2, 3]]

@@ -2,7 +2,7 @@
 
 After the offline epochs, the student's worker runs `steps` more optimizer steps. Every `refresh_every`
 steps it puts its newest weights in Ray's object store (`ray.put`, never a file) and a pool of generator
-actors samples completions of training prompts with them (batched by prompt length, the KV cache of
+actors samples completions of training prompts with them (one left-padded batch, the KV cache of
 transformers' `generate`, temperature / top_p, at most `max_new_tokens`, stopping at EOS); a pool of teacher
 actors, each of which loaded the teachers once, returns the teacher's log-probabilities over the whole
 vocabulary at every sampled position. The student is then pushed towards the teacher on its own samples
@@ -96,27 +96,27 @@ def prompts_of(x: Tensor, y: Tensor, eos: int) -> list[Pair]:
 
 
 def sample(lm: nn.Module, prompts: list[list[int]], s: Sampling, seed: int, positions: int) -> list[list[int]]:
-    """Completions of `prompts` by `lm` (a CausalLM): prompts of one length in one batch, transformers'
-    `generate` with its KV cache; each cut after its first EOS (kept: it ends the answer)."""
+    """Completions of `prompts` by `lm` (a CausalLM): one batch, left-padded with an attention mask (transformers
+    derives each row's positions from it), transformers' `generate` with its KV cache; each answer cut after its
+    first EOS (kept: it ends the answer). Prompts and answers fit in `positions` (longer prompts keep their end)."""
     torch.manual_seed(seed)
-    out: list[list[int]] = [[] for _ in prompts]
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for length, idx in by_len.items():
-        n = min(s.max_new_tokens, positions - length)
-        if n < 1:
-            continue
-        ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
-        options: dict[str, Any] = {"do_sample": s.temperature > 0, "use_cache": True, "max_new_tokens": n,
-                                   "eos_token_id": s.eos, "pad_token_id": s.eos}
-        if s.temperature > 0:
-            options.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
-        with torch.inference_mode():
-            gen = lm.lm.generate(ids, attention_mask=torch.ones_like(ids), **options)
-        for row, i in enumerate(idx):
-            new = gen[row, length:].tolist()
-            out[i] = new[:new.index(s.eos) + 1] if s.eos in new else new
+    if not prompts:
+        return []
+    width = min(max(len(p) for p in prompts), positions - 1)
+    n = min(s.max_new_tokens, positions - width)
+    rows = [p[-width:] for p in prompts]
+    pad = max(s.eos, 0)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], dtype=torch.long)
+    options: dict[str, Any] = {"do_sample": s.temperature > 0, "use_cache": True, "max_new_tokens": n,
+                               "eos_token_id": s.eos, "pad_token_id": pad}
+    if s.temperature > 0:
+        options.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
+    with torch.inference_mode():
+        gen = lm.lm.generate(ids, attention_mask=mask, **options)
+    out = []
+    for row in gen[:, width:].tolist():
+        out.append(row[:row.index(s.eos) + 1] if s.eos in row else row)
     return out
 
 
