@@ -46,7 +46,8 @@ def ensure_ray(dashboard: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         # Ray's own INFO line for a join ("Connected to Ray cluster. View the dashboard at ...") carries
         # terminal colour codes wherever stderr goes: kdflow says it in its own words
-        context = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level="WARNING")
+        context = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level="WARNING",
+                           runtime_env=_joined_env(env))
         from rich.markup import escape
 
         from orchestrator import progress
@@ -57,6 +58,21 @@ def ensure_ray(dashboard: bool = True) -> None:
     else:
         _start_local(env, dashboard)
     filter_ray_worker_logs()
+
+
+def _joined_env(env: dict[str, str]) -> dict[str, Any] | None:
+    """What a joined cluster's workers get from this run: RAY_ADDRESS (the GCS address), so that Ray Train's
+    PlacementGroupCleaner, which asks the State API, finds this cluster and not "multiple active Ray instances"
+    when another Ray runs on the same machine (it printed a traceback into successful runs), and Train's
+    health-check interval. A key the job's own runtime_env already sets is left to it (Ray refuses to merge
+    two values of one variable)."""
+    address = os.environ["RAY_ADDRESS"]
+    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+    if ":" in address and "://" not in address:  # a GCS host:port, not "auto" nor a ray:// client address
+        wanted["RAY_ADDRESS"] = address
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+    wanted = {k: v for k, v in wanted.items() if f'"{k}"' not in job}
+    return {"env_vars": wanted} if wanted else None
 
 
 def in_background(fn: Callable[[], T]) -> Future[T]:

@@ -31,11 +31,15 @@ def run_chat_workflow(workdir: Path) -> dict:
                       tokenizer={"path": tokenizer_dir(workdir / "tok")}, split={"val": 0.1, "test": 0.1})
     raw["soft_targets"] = {"format": "sampled", "samples": 12, "shards": 1}
     raw["teacher"]["train"] = {"epochs": 1, "batch_size": 8}
+    raw["distill"]["baseline"] = True  # the no-KD student beside it, in the report (one more 1-worker fit)
     raw.update(train={"epochs": 1, "batch_size": 8, "workers": 1},
                registry={"model": "t-chat", "promote": {"alias": "champion", "gates": {"perplexity_ratio": "<= 1000"}}})
     (workdir / "chat.yaml").write_text(yaml.safe_dump(raw))
     proc = kdflow("run", "chat.yaml", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a successful run prints nothing that looks like an error (MLflow's colour warning about predict's type
+    # hints came with every LM registration)
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -65,6 +69,7 @@ def test_chat_parquet_runs_end_to_end_and_the_student_serves_every_request_form(
     result = run_chat_workflow(workdir)
     check_stored_targets(workdir, result)
     assert "champion" in result["registry"]["aliases"] and result["student"]["perplexity"] > 1
+    assert 1 < result["student"]["baseline_perplexity"] < 1e4 and "baseline_agreement" in result["student"]
     uri_db = result["mlflow"]["tracking_uri"]
     mlflow.set_tracking_uri(uri_db)
     assert mlflow.MlflowClient().get_model_version("t-chat", "1").tags["kdflow.chat_template"]

@@ -63,7 +63,7 @@ def cluster_workflow(folder: Path, bucket: str, data: str, tracking: str, **over
     return write_workflow(folder, **{"storage.root": f"s3://{bucket}/runs", "data.source": data,
                                      "tracking.uri": tracking, "train.workers": 2, "train.placement": "spread",
                                      "train.cpus_per_worker": 1, "train.checkpoint_every": 2,
-                                     "teacher.train.epochs": 6, "registry.model": f"cluster-{bucket}"[:60],
+                                     "teacher.train.epochs": 3, "registry.model": f"cluster-{bucket}"[:60],
                                      **overrides})
 
 

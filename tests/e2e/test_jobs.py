@@ -46,19 +46,16 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         wait_for_http(f"{address}/api/version", timeout=180, proc=proc)
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
+    finally:  # thrown away: the head's process group killed at once (a graceful stop takes many seconds)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def users(workdir: Path, teacher: Path) -> dict[str, Path]:
-    """Five users' workflows in one folder: ana and ben share a store root, cat and dan one search study
-    (search.study on a shared journal), eve's job runs long enough to be stopped."""
+    """Four users' workflows in one folder: ana and ben share a store root (the same soft targets, written by
+    whichever comes first), ben and cat one search study (search.study on a shared journal), eve's job runs
+    long enough to be stopped."""
     shared = workdir / "shared"
     # a teacher checkpoint each (no teacher training): the jobs' own stages, not a teacher's, are the test
     ready = {"train.epochs": 2, "teacher": {"model": "mlp", "params": {"hidden": [64]}, "checkpoint": str(teacher)}}
@@ -66,9 +63,8 @@ def users(workdir: Path, teacher: Path) -> dict[str, Path]:
              "storage": f"journal://{shared / 'team.journal'}", "space": SPACE}
     specs = {
         "ana": {**ready, "storage.root": str(shared)},
-        "ben": {**ready, "storage.root": str(shared), "distill.alpha": 0.5},
+        "ben": {**ready, "storage.root": str(shared), "search": study},
         "cat": {**ready, "storage.root": str(workdir / "cat"), "search": study},
-        "dan": {**ready, "storage.root": str(workdir / "dan"), "search": study},
         "eve": {**ready, "storage.root": str(workdir / "eve"), "train.epochs": 2000},
     }
     paths = {}
@@ -81,7 +77,7 @@ def users(workdir: Path, teacher: Path) -> dict[str, Path]:
 
 def test_users_at_once_share_the_cluster_and_no_secret_leaks(workdir: Path, ray_head: str,
                                                              search_teacher: Path) -> None:
-    """Five workflows submitted at once to one cluster all run (jobs queue for CPUs, none fails for want of
+    """Four workflows submitted at once to one cluster all run (jobs queue for CPUs, none fails for want of
     them); two searches on one study share its trials without failing each other's; `kdflow jobs stop` ends
     eve's job only; and the cluster's secrets appear nowhere: job metadata and logs, MLflow, files."""
     paths = users(workdir, search_teacher)
@@ -108,8 +104,8 @@ def test_users_at_once_share_the_cluster_and_no_secret_leaks(workdir: Path, ray_
         assert time.monotonic() < deadline, states
         time.sleep(2)
     logs = {u: kdflow("jobs", "logs", j, "--address", ray_head, cwd=workdir).stdout for u, j in ids.items()}
-    assert states == {"ana": "SUCCEEDED", "ben": "SUCCEEDED", "cat": "SUCCEEDED", "dan": "SUCCEEDED",
-                      "eve": "STOPPED"}, {u: logs[u][-1500:] for u in ids}
+    assert states == {"ana": "SUCCEEDED", "ben": "SUCCEEDED", "cat": "SUCCEEDED", "eve": "STOPPED"}, \
+        {u: logs[u][-1500:] for u in ids}
     listed = kdflow("jobs", "list", "--address", ray_head, cwd=workdir).stdout
     for user, job in ids.items():
         assert any(job in line and states[user] in line and f"{user}-digits" in line for line in listed.splitlines())

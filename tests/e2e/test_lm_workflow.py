@@ -23,8 +23,9 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path, s3_bucket: str) -> Non
     raw["soft_targets"]["shards"] = 1
     raw.update(train={"epochs": 2, "batch_size": 8, "workers": 2,
                       "optimizer": {"schedule": "cosine", "warmup_steps": 2, "grad_clip": 1.0}})
-    raw["teacher"]["train"] = {"epochs": 2, "batch_size": 8}
-    raw["distill"]["baseline"] = True
+    # one teacher epoch and no baseline student (the chat test has one): each Ray Train fit with two workers
+    # starts a worker group, which costs tens of seconds on two cores
+    raw["teacher"]["train"] = {"epochs": 1, "batch_size": 8}
     raw["registry"] = {"model": "t-lm-student", "promote": {"alias": "champion",
                                                             "gates": {"perplexity_ratio": "<= 1000"}}}
     (workdir / "lm.yaml").write_text(yaml.safe_dump(raw))
@@ -33,7 +34,8 @@ def test_lm_workflow_runs_with_two_workers(workdir: Path, s3_bucket: str) -> Non
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     s, t = result["student"], result["teacher"]
     assert t["trained"] and 1 < t["perplexity"] < 270
-    assert 1 < s["perplexity"] < 270 and 1 < s["baseline_perplexity"] < 270
+    assert 1 < s["perplexity"] < 270
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert s["tokens_per_s"] > 0 and len(s["nodes"]) == 2  # one Ray node id per rank: two workers ran
     st = result["soft_targets"]
     assert st["format"] == "topk" and st["top_k"] == 8 and st["seq_len"] == 16 and st["bytes_per_token"] > 0

@@ -15,6 +15,11 @@ class KdflowLM(PythonModel):
     """Prompts, a DataFrame with a `prompt` column, or conversations in (generation.py); a `completion` column
     out. Params: max_new_tokens, temperature (0: greedy), top_p."""
 
+    # MLflow reads predict's type hints as an input schema and, without hints, warns in colour wherever the
+    # class is defined (every log and every load): the three request forms share no schema, so predict has
+    # none, and this attribute (MLflow's own switch for its ChatModel) tells it not to look
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         from tasks.kinds.causal_lm.serving import load_from_dir
 
