@@ -81,29 +81,30 @@ def test_images_from_parquet_and_folders_distil_register_and_serve_image_bytes(w
     assert st["views"] == 2 and st["bytes_per_view"] <= 40 and st["computed_shards"] >= 2
     assert first["registry"]["promoted"]
 
-    # the same images as a binary column, then as a folder tree: the same rows, so the teacher and its stored
-    # views are reused and the same student comes out
-    for source in ("binary.parquet", "tree"):
-        again = run(workdir, f"data.source={source}")
-        assert again["soft_targets"]["reused"] and again["soft_targets"]["cache_key"] == st["cache_key"], source
-        assert again["student"]["test_accuracy"] == s["test_accuracy"], source
-
-    # an online teacher: the cached teacher runs in the student's loop on fresh views (its weights reach the
-    # worker through storage) and the student clearly beats chance (0.1); registered under another name, so the
-    # champion served below stays the stored-views student
-    online = run(workdir, "soft_targets.mode=online", "soft_targets.views=0", "registry.model=images-online")
-    assert online["soft_targets"]["teacher_in_loop"] and online["soft_targets"]["cache_key"] != st["cache_key"]
-    assert online["student"]["test_accuracy"] > 0.5, online["student"]  # 0.69 here (stored views: 0.74)
-    assert len(list((workdir / ".kdflow" / "teachers" / "online").glob("*.pt"))) == 1
-
     uri = first["mlflow"]["tracking_uri"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     port = free_port()
+    # the server boots while the reruns below go on (it only reads the registry)
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/images-student@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     try:
+        # the same images as a binary column, then as a folder tree: the same rows, so the teacher and its stored
+        # views are reused and the same student comes out
+        for source in ("binary.parquet", "tree"):
+            again = run(workdir, f"data.source={source}")
+            assert again["soft_targets"]["reused"] and again["soft_targets"]["cache_key"] == st["cache_key"], source
+            assert again["student"]["test_accuracy"] == s["test_accuracy"], source
+
+        # an online teacher: the cached teacher runs in the student's loop on fresh views (its weights reach the
+        # worker through storage) and the student clearly beats chance (0.1); registered under another name, so the
+        # champion served below stays the stored-views student
+        online = run(workdir, "soft_targets.mode=online", "soft_targets.views=0", "registry.model=images-online")
+        assert online["soft_targets"]["teacher_in_loop"] and online["soft_targets"]["cache_key"] != st["cache_key"]
+        assert online["student"]["test_accuracy"] > 0.5, online["student"]  # 0.69 here (stored views: 0.74)
+        assert len(list((workdir / ".kdflow" / "teachers" / "online").glob("*.pt"))) == 1
+
         import requests
 
         wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=server)
