@@ -95,7 +95,8 @@ def prompts_of(x: Tensor, y: Tensor, eos: int) -> list[Pair]:
 # ---------------------------------------------------------------- generation and scoring
 
 
-def sample(lm: nn.Module, prompts: list[list[int]], s: Sampling, seed: int, positions: int) -> list[list[int]]:
+def sample(lm: nn.Module, prompts: list[list[int]], s: Sampling, seed: int, positions: int,
+           device: torch.device | None = None) -> list[list[int]]:
     """Completions of `prompts` by `lm` (a CausalLM): one batch, left-padded with an attention mask (transformers
     derives each row's positions from it), transformers' `generate` with its KV cache; each answer cut after its
     first EOS (kept: it ends the answer). Prompts and answers fit in `positions` (longer prompts keep their end)."""
@@ -113,7 +114,7 @@ def sample(lm: nn.Module, prompts: list[list[int]], s: Sampling, seed: int, posi
     if s.temperature > 0:
         options.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
     with torch.inference_mode():
-        gen = lm.lm.generate(ids, attention_mask=mask, **options)
+        gen = lm.lm.generate(ids.to(device or "cpu"), attention_mask=mask.to(device or "cpu"), **options)
     out = []
     for row in gen[:, width:].tolist():
         out.append(row[:row.index(s.eos) + 1] if s.eos in row else row)
@@ -131,7 +132,15 @@ def completion_logits(model: nn.Module, pairs: list[Pair], eos: int, device: tor
         rows += [b] * len(c)
         cols += range(len(p) - 1, len(p) - 1 + len(c))
     logits = model(ids.to(device)).float()
-    return logits[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)]
+    return logits[torch.tensor(rows, dtype=torch.long, device=logits.device),
+                  torch.tensor(cols, dtype=torch.long, device=logits.device)]
+
+
+def actor_device() -> torch.device:
+    """The GPU Ray gave this actor (on_policy.actor_gpus), else the CPU."""
+    import ray
+
+    return torch.device("cuda") if torch.cuda.is_available() and ray.get_gpu_ids() else torch.device("cpu")
 
 
 class Generator:
@@ -144,7 +153,8 @@ class Generator:
 
         torch.set_num_threads(threads)
         quiet_transformers()
-        self.lm = build_lm(model, params, dims).eval()
+        self.device = actor_device()
+        self.lm = build_lm(model, params, dims).eval().to(self.device)
         self.positions = int(dims["seq_len"])
         self.version: int | None = None
 
@@ -156,7 +166,7 @@ class Generator:
             self.lm.load_state_dict(ray.get(state[0]))
             self.version = version
         t0 = time.perf_counter()
-        completions = sample(self.lm, prompts, sampling, seed, self.positions)
+        completions = sample(self.lm, prompts, sampling, seed, self.positions, self.device)
         return {"version": self.version, "completions": completions, "seconds": time.perf_counter() - t0,
                 "tokens": sum(len(c) for c in completions)}
 
@@ -170,12 +180,13 @@ class Scorer:
         from tasks.kinds.causal_lm.models import build_lm
 
         torch.set_num_threads(threads)
+        self.device = actor_device()
         self.teachers = []
         for path in paths:
             saved = storage.read_torch(path)
             model = build_lm(saved["model"], saved["params"], dims)
             model.load_state_dict(saved["state_dict"])
-            self.teachers.append(model.eval())
+            self.teachers.append(model.eval().to(self.device))
         self.rule, self.eos = rule, eos
 
     def score(self, pairs: list[Pair]) -> dict[str, Any]:
@@ -183,8 +194,8 @@ class Scorer:
 
         t0 = time.perf_counter()
         with torch.inference_mode():
-            outs = [completion_logits(t, pairs, self.eos, torch.device("cpu")) for t in self.teachers]
-            logp = torch.log_softmax(ensemble(outs, self.rule), dim=-1)
+            outs = [completion_logits(t, pairs, self.eos, self.device) for t in self.teachers]
+            logp = torch.log_softmax(ensemble(outs, self.rule), dim=-1).cpu()
         return {"logp": logp, "seconds": time.perf_counter() - t0, "tokens": int(logp.shape[0])}
 
 
