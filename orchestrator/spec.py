@@ -372,8 +372,8 @@ class Workflow(Strict):
                              f"metrics: {', '.join(kind.gate_metrics)})")
         if self.train.epochs == 0 and (kind.after_epochs(self, {}) is None or self.search is not None):
             raise ValueError("train.epochs: 0 trains nothing" + (" a search can judge (its trials are judged by their "
-                             "epochs)" if self.search is not None else "; at least 1 (or a stage after the epochs: "
-                             "distill.mode: on_policy for causal_lm)"))
+                             "epochs)" if self.search is not None else f"; at least 1, or a stage after the epochs where task "
+                             f"{self.task} has one (docs/workflow-reference.yaml)"))
         kind.check_workflow(self)
         return self
 
