@@ -39,10 +39,23 @@ def local(state: dict[str, torch.Tensor], prompts: list[list[int]]) -> list[list
 
 def test_generators_sample_with_the_newest_weights_and_a_killed_one_is_replaced(ray_session: None) -> None:
     """One pool (an actor's start costs seconds): versions 1, 2, 3 of the weights, each answered with exactly those
-    weights; then its actor is killed and the next batch is redone on a fresh one."""
+    weights; then its actor is killed and the next batch is redone on a fresh one. Every CPU of the cluster is
+    held meanwhile, as a search's trials can hold them: an actor with the default `actor_cpus` still starts
+    (with 1 CPU each, the stage's actors waited for ever)."""
     import ray
 
-    pool = ActorPool(Generator, 1, ("llama", PARAMS, DIMS, 1), {"num_cpus": 0})
+    from tasks.kinds.causal_lm.spec import OnPolicySpec
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    free = ray.available_resources().get("CPU", 0)
+    holder = Holder.options(num_cpus=free).remote() if free else None
+    if holder is not None:
+        ray.get(holder.ready.remote(), timeout=120)
+    pool = ActorPool(Generator, 1, ("llama", PARAMS, DIMS, 1), {"num_cpus": OnPolicySpec().actor_cpus})
     try:
         answers = []
         for version, silent in ((1, False), (2, True), (3, False)):
@@ -61,6 +74,8 @@ def test_generators_sample_with_the_newest_weights_and_a_killed_one_is_replaced(
         assert [m["version"] for m in out] == [4, 4]
     finally:
         pool.close()
+        if holder is not None:
+            ray.kill(holder)
 
 
 @pytest.mark.slow

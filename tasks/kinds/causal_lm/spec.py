@@ -84,7 +84,9 @@ class OnPolicySpec(Strict):
     eval_prompts: int = Field(32, ge=1, description="held-out (val) prompts judged at every refresh")
     generators: int = Field(1, ge=1, description="Ray actors generating with the student's newest weights")
     teachers: int = Field(1, ge=1, description="Ray actors scoring the samples (each loads the teachers once)")
-    actor_cpus: float = Field(1.0, gt=0, description="CPUs per generator or teacher actor")
+    actor_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per generator or teacher actor. 0: none; "
+                              "they run on the CPUs of the student's worker, which waits while they work, so "
+                              "trials that hold every CPU of a search never wait for a free one")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per generator or teacher actor (on a cluster)")
     keep_rollouts: bool = Field(True, description="store each refresh's rollouts and teacher scores under the storage "
                                                   "root, keyed by the weights, prompts, sampling and teachers: a "
