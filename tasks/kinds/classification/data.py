@@ -88,10 +88,6 @@ class FeatureTable(Dataset):
         return int(self.mean.shape[0])
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    return sklearn_digits()
-
-
 def _mnist1d_args(seed: int, num_samples: int) -> Any:
     from mnist1d.data import get_dataset_args
 
@@ -278,7 +274,7 @@ def _sources(source: str, features: list[str] | str | None, label: str, transfer
         if transfer is not None:
             raise UserError("sklearn:digits has no generator for transfer rows; give a Parquet source",
                             where="transfer")
-        x, y = _digits()
+        x, y = sklearn_digits()
         return Sources(Reader(arrays=(x, y)), _array_pieces(len(y)), None, [])
     if source == "mnist1d":
         if isinstance(transfer, str):
